@@ -1,0 +1,105 @@
+"""Composition root: ``create_app(settings)`` wires settings, hub, auth, transports and metrics.
+
+The lifespan starts the runtime (hub, broker, heartbeat ticker) and publishes it to every
+request through the ASGI lifespan state; WebSocket connections find it the same way, through
+uvicorn's ``app_state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .errors import RateLimited, StreamError, Unauthorized
+from .metrics import Metrics
+from .runtime import Runtime
+from .settings import Settings, load_settings
+from .transports.http import router
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("stream")
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+async def _stream_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StreamError)
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error(exc.status, exc.code, exc.message, headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no such endpoint or file: {request.url.path}"
+    return _error(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    field = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body"))
+    return _error(422, "validation_error", f"{field or 'request'}: {first.get('msg', 'invalid')}")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    runtime = Runtime(settings)
+    metrics = Metrics(runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await runtime.start()
+        try:
+            yield {"stream": runtime, "metrics": metrics}
+        finally:
+            await runtime.drain()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="stream",
+        version=__version__,
+        summary="Real-time push: WebSocket, Server-Sent Events and HTTP over one hub.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.add_exception_handler(StreamError, _stream_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    origins = list(settings.server.allowed_origins)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+    )
+    app.include_router(router)
+    if STATIC.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC, html=True), name="dashboard")
+    return app

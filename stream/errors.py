@@ -1,0 +1,111 @@
+"""One exception tree for everything a user (or an upstream) can get wrong.
+
+    StreamError                     code            HTTP
+    ├── BadRequest                  bad_request     400
+    │   ├── BadTopic                bad_topic       400
+    │   └── TooManySubscriptions    too_many_subscriptions 400
+    ├── Unauthorized                unauthorized    401
+    ├── Forbidden                   forbidden       403
+    ├── NotFound                    not_found       404
+    ├── PayloadTooLarge             payload_too_large 413
+    ├── ValidationFailed            validation_error 422
+    ├── RateLimited                 rate_limited    429
+    └── Unavailable                 not_ready / over_capacity 503
+    ConfigError                     (not a request error: `stream check` / startup)
+
+Every error carries a stable ``code`` and a message that names the field at fault. Foreign
+exceptions (orjson, pydantic, websockets) are translated into these where they enter.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "BadTopic",
+    "ConfigError",
+    "Forbidden",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "StreamError",
+    "TooManySubscriptions",
+    "Unauthorized",
+    "Unavailable",
+    "ValidationFailed",
+]
+
+
+class StreamError(Exception):
+    """A request the service refuses; ``code`` and ``status`` are part of the protocol."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(StreamError):
+    code = "bad_request"
+    status = 400
+
+
+class BadTopic(BadRequest):
+    code = "bad_topic"
+
+
+class TooManySubscriptions(BadRequest):
+    code = "too_many_subscriptions"
+
+
+class Unauthorized(StreamError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(StreamError):
+    code = "forbidden"
+    status = 403
+
+
+class NotFound(StreamError):
+    code = "not_found"
+    status = 404
+
+
+class PayloadTooLarge(StreamError):
+    code = "payload_too_large"
+    status = 413
+
+
+class ValidationFailed(StreamError):
+    code = "validation_error"
+    status = 422
+
+
+class RateLimited(StreamError):
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(StreamError):
+    code = "not_ready"
+    status = 503
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; ``problems`` holds one line per mistake, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

@@ -1,0 +1,225 @@
+"""One subscriber: its patterns, its bounded outbound buffer, and its overflow policy.
+
+The hub calls :meth:`Subscriber.deliver` for every matching event, synchronously, while
+publishing; nothing here ever awaits. Bytes reach the client through a :class:`Sink` that the
+transport supplies (a WebSocket connection, an SSE response, a long-poll waiter):
+
+    hub.publish ──deliver()──▶ Subscriber ──sink.write(bytes)──▶ transport buffer ──▶ socket
+                                 │  ▲
+                 paused/pending ─┘  └─ resume(): the transport drained; flush in one write
+
+While the transport is writable and nothing is pending, an event is written at once. Otherwise
+it waits in ``pending`` (at most ``capacity`` events), and a full buffer applies the event's
+overflow policy. A subscriber that starts from ``since`` reads history itself, chunk by chunk
+as the transport drains, and turns live once it reaches the newest event: live events that
+arrive meanwhile are in history too, so the seam has neither a hole nor a duplicate.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+from ..events import Event, format_id
+
+if TYPE_CHECKING:
+    from .core import Hub
+
+__all__ = ["Policy", "Sink", "State", "Subscriber"]
+
+# How many bytes one flush hands to the transport before checking whether it paused.
+FLUSH_BYTES = 64 * 1024
+
+
+class Policy(enum.Enum):
+    """What a full subscriber buffer does with one more event (SPEC §2.4)."""
+
+    DISCONNECT = "disconnect"
+    DROP = "drop"
+    CONFLATE = "conflate"
+
+
+class State(enum.Enum):
+    CATCHING_UP = "catching_up"  # reading history from ``cursor``; live events are ignored
+    LIVE = "live"
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    State.CATCHING_UP: {State.LIVE, State.CLOSED},
+    State.LIVE: {State.CATCHING_UP, State.CLOSED},
+    State.CLOSED: set(),
+}
+
+
+class Sink(Protocol):
+    """What a transport provides to a subscriber. All calls are synchronous and never block."""
+
+    def encode(self, event: Event) -> bytes: ...
+
+    def encode_snapshot(self, event: Event) -> bytes: ...
+
+    def encode_gap(self, after: str | None, reason: str) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def overflowed(self) -> None:
+        """The buffer overflowed under the ``disconnect`` policy: close as a slow consumer."""
+
+
+class _Want:
+    """One of a subscriber's patterns: from which seq it applies and which symbols it wants."""
+
+    __slots__ = ("pattern", "start", "symbols")
+
+    def __init__(self, pattern, start: int, symbols: frozenset[str] | None) -> None:
+        self.pattern = pattern
+        self.start = start
+        self.symbols = symbols
+
+    def accepts(self, event: Event) -> bool:
+        if event.seq <= self.start or not self.pattern.matches(event.topic):
+            return False
+        return self.symbols is None or event.symbols is None or not self.symbols.isdisjoint(event.symbols)
+
+
+class Subscriber:
+    """A connection's view of the hub. Owned by its transport; registered with one hub."""
+
+    __slots__ = (
+        "hub",
+        "sink",
+        "state",
+        "paused",
+        "last_seq",
+        "cursor",
+        "wants",
+        "pending",
+        "pending_gap",
+        "capacity",
+        "sent",
+        "dropped",
+        "transport_name",
+        "_write",
+        "_encode",
+        "__weakref__",
+    )
+
+    def __init__(self, hub: Hub, sink: Sink, *, capacity: int, transport: str = "") -> None:
+        self.hub = hub
+        self.sink = sink
+        self.state = State.LIVE
+        self.paused = False
+        self.last_seq = hub.head_seq
+        self.cursor = 0
+        self.wants: dict[str, _Want] = {}
+        self.pending: deque[Event] = deque()
+        self.pending_gap: tuple[str | None, str] | None = None
+        self.capacity = capacity
+        self.sent = 0
+        self.dropped = 0
+        self.transport_name = transport
+        self._write = sink.write
+        self._encode = sink.encode
+
+    def _set_state(self, state: State) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"subscriber cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def deliver(self, event: Event, symbols: frozenset[str] | None) -> None:
+        """Called by the hub for each event matching one of this subscriber's patterns."""
+        if event.seq <= self.last_seq or self.state is not State.LIVE:
+            return
+        if symbols is not None and event.symbols is not None and symbols.isdisjoint(event.symbols):
+            return
+        self.last_seq = event.seq
+        if self.paused or self.pending or self.pending_gap is not None:
+            self._enqueue(event)
+        else:
+            self.sent += 1
+            self._write(self._encode(event))
+
+    # -- flow control -----------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """The transport's buffer is above its high-water mark."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """The transport drained: send what waited, in as few writes as possible."""
+        self.paused = False
+        self.flush()
+
+    def flush(self) -> None:
+        while not self.paused and self.state is not State.CLOSED:
+            chunk: list[bytes] = []
+            if self.pending_gap is not None:
+                after, reason = self.pending_gap
+                self.pending_gap = None
+                chunk.append(self.sink.encode_gap(after, reason))
+            if self.pending:
+                size = 0
+                pending, encode = self.pending, self._encode
+                while pending and size < FLUSH_BYTES:
+                    data = encode(pending.popleft())
+                    chunk.append(data)
+                    size += len(data)
+                    self.sent += 1
+            elif self.state is State.CATCHING_UP:
+                self.hub._catch_up(self, chunk, FLUSH_BYTES)
+            if not chunk:
+                return
+            self._write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+
+    # -- overflow ---------------------------------------------------------------------------
+
+    def _enqueue(self, event: Event) -> None:
+        pending = self.pending
+        if len(pending) >= self.capacity:
+            policy = event.policy
+            if policy is Policy.DROP:
+                lost = pending.popleft()
+                self.dropped += 1
+                if self.pending_gap is None:
+                    self.pending_gap = (format_id(self.hub.epoch, lost.seq - 1), "overflow")
+                    self.hub.stats.gap("overflow")
+            elif policy is Policy.CONFLATE and self._conflate(event):
+                pass
+            else:
+                self.close_slow()
+                return
+        pending.append(event)
+
+    def _conflate(self, event: Event) -> bool:
+        """Keep only the newest pending event of each conflated topic; True if room was made."""
+        newest: dict[str, int] = {event.topic: event.seq}
+        for queued in self.pending:
+            if queued.policy is Policy.CONFLATE and queued.topic != event.topic:
+                newest[queued.topic] = queued.seq
+        kept = deque(
+            queued
+            for queued in self.pending
+            if queued.policy is not Policy.CONFLATE or newest.get(queued.topic) == queued.seq
+        )
+        self.dropped += len(self.pending) - len(kept)
+        self.pending = kept
+        return len(kept) < self.capacity
+
+    def close_slow(self) -> None:
+        """Give up on a consumer that cannot keep up: detach, then let the transport close."""
+        self.dropped += len(self.pending)
+        self.pending.clear()
+        self.hub.detach(self)
+        self.hub.stats.slow_consumers += 1
+        self.sink.overflowed()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop receiving; idempotent. The owner calls this when its connection ends."""
+        if self.state is not State.CLOSED:
+            self.hub.detach(self)

@@ -1,0 +1,87 @@
+"""Prometheus metrics (SPEC §9), read from the hub's plain counters at scrape time.
+
+The hot path only bumps integers on objects it already touches; this collector turns them
+into metric families when ``/metrics`` is scraped. The latency histogram is observed once per
+published event, after its fan-out: hub accept -> written to the last live socket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .events import Event
+from .runtime import Runtime
+
+__all__ = ["Metrics"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "stream_delivery_latency_seconds",
+            "Hub accept to written to the socket of the last live subscriber, per event",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_HubCollector(runtime))
+        runtime.hub.on_fanout = self._fanned_out
+
+    def _fanned_out(self, event: Event) -> None:
+        self.latency.observe(max(0.0, time.time() - event.ts / 1000))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _HubCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self):
+        runtime, hub = self.runtime, self.runtime.hub
+        stats = hub.stats
+
+        connections = GaugeMetricFamily("stream_connections", "Open streaming connections", labels=["transport"])
+        by_transport = Counter(c.transport_name for c in runtime.connections)
+        for name in ("ws", "sse"):
+            connections.add_metric([name], by_transport.get(name, 0))
+        yield connections
+
+        yield GaugeMetricFamily(
+            "stream_subscriptions", "Patterns subscribed, over all connections", value=sum(len(s.wants) for s in hub.subscribers)
+        )
+
+        published = CounterMetricFamily("stream_events_published", "Events accepted by the hub", labels=["prefix"])
+        for prefix, count in sorted(stats.published.items()):
+            published.add_metric([prefix], count)
+        yield published
+
+        sent = Counter(stats.sent_by_closed)
+        for sub in hub.subscribers:
+            sent[sub.transport_name] += sub.sent
+        deliveries = CounterMetricFamily("stream_deliveries", "Events written to subscribers", labels=["transport"])
+        for name, count in sorted(sent.items()):
+            deliveries.add_metric([name or "other"], count)
+        yield deliveries
+
+        dropped = stats.dropped_by_closed + sum(s.dropped for s in hub.subscribers)
+        yield CounterMetricFamily("stream_dropped_events", "Events discarded by overflow policies", value=dropped)
+
+        gaps = CounterMetricFamily("stream_gaps", "Gap notices sent to subscribers", labels=["reason"])
+        for reason, count in sorted(stats.gaps.items()):
+            gaps.add_metric([reason], count)
+        yield gaps
+
+        yield CounterMetricFamily(
+            "stream_slow_consumer_disconnects", "Subscribers closed because their buffer overflowed", value=stats.slow_consumers
+        )
+        yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.history))
+        yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.retained))

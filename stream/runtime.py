@@ -1,0 +1,133 @@
+"""The running service's shared state: settings, hub, auth, open connections, readiness.
+
+One ``Runtime`` per app. The transports reach it through the ASGI lifespan state
+(``scope["state"]["stream"]``); the CLI's server calls :meth:`Runtime.drain` on SIGTERM before
+uvicorn closes anything, so clients are told to come back before the process goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Protocol
+
+from .auth import Auth
+from .errors import Unavailable
+from .hub import Hub, HubConfig, Policy
+from .settings import Settings
+
+__all__ = ["Connection", "Runtime"]
+
+log = logging.getLogger("stream")
+
+
+class Connection(Protocol):
+    """An open WebSocket or SSE stream, as the runtime sees it."""
+
+    transport_name: str
+    client_host: str
+
+    def shutdown(self) -> None:
+        """Tell the client the server is going away (WS 1001, SSE retry hint) and close."""
+
+    def tick(self, now: float) -> None:
+        """Periodic housekeeping (SSE heartbeat)."""
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        server = settings.server
+        self.hub = Hub(
+            HubConfig(
+                history_size=server.history_size,
+                history_ttl=server.history_ttl,
+                max_event_bytes=server.max_event_bytes,
+                subscriber_buffer=server.subscriber_buffer,
+                max_patterns=server.max_patterns,
+                overflow=tuple((pattern, Policy(policy)) for pattern, policy in settings.overflow),
+            )
+        )
+        self.auth = Auth(settings.keys, server.public)
+        self.connections: set[Connection] = set()
+        self._per_host: Counter[str] = Counter()
+        self.started = False
+        self.stopping = False
+        self.started_at = time.time()
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.hub.start()
+        if self.settings.server.sse_heartbeat is not None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(self.settings.server.sse_heartbeat))
+        self.started = True
+        log.info("hub ready: epoch %s, broker %s", self.hub.epoch, self.settings.server.broker.split("@")[-1])
+
+    async def drain(self) -> None:
+        """Graceful shutdown, first step: not ready, and every client told to go."""
+        if self.stopping:
+            return
+        self.stopping = True
+        count = len(self.connections)
+        log.info("shutting down: closing %d streaming connections", count)
+        for connection in list(self.connections):
+            try:
+                connection.shutdown()
+            except Exception:
+                log.exception("closing a %s connection failed", connection.transport_name)
+        deadline = time.monotonic() + self.settings.server.shutdown_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.warning("%d connections did not close in time", len(self.connections))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        await self.hub.close()
+
+    def problem(self) -> str | None:
+        """Why the service should not get traffic now (``/readyz``), or None."""
+        if self.stopping:
+            return "shutting down"
+        if not self.started:
+            return "starting"
+        return self.hub.broker.problem()
+
+    async def _tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                try:
+                    connection.tick(now)
+                except Exception:
+                    log.exception("housekeeping of a %s connection failed", connection.transport_name)
+
+    # -- connections ----------------------------------------------------------------------
+
+    def admit(self, connection: Connection) -> None:
+        """Count a new streaming connection in, or refuse it (503 / 1013) when over capacity."""
+        if self.stopping:
+            raise Unavailable("the server is shutting down; reconnect in a moment")
+        limit = self.settings.server.max_connections
+        if len(self.connections) >= limit:
+            raise Unavailable(f"over capacity: {limit} connections are open", code="over_capacity")
+        self.connections.add(connection)
+        self._per_host[connection.client_host] += 1
+
+    def release(self, connection: Connection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._per_host[connection.client_host] -= 1
+            if self._per_host[connection.client_host] <= 0:
+                del self._per_host[connection.client_host]
+
+    def count(self, transport: str) -> int:
+        return sum(1 for connection in self.connections if connection.transport_name == transport)

@@ -1,0 +1,54 @@
+"""Run the app under uvicorn with stream's protocols and a shutdown that tells clients first."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from .runtime import Runtime
+from .transports.http_protocol import HttpProtocol
+from .transports.ws import WebSocketProtocol
+
+__all__ = ["StreamServer", "make_config"]
+
+log = logging.getLogger("stream")
+
+
+def _loop() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=HttpProtocol,
+        ws=WebSocketProtocol,
+        loop=_loop(),
+        lifespan="on",
+        log_config=None,
+        # Our own drain (Runtime.drain) already waited for clients; what is left after it is
+        # cancelled quickly so SIGTERM always ends the process within shutdown_timeout + ~1 s.
+        timeout_graceful_shutdown=1.0,
+        timeout_keep_alive=5,
+        server_header=False,
+    )
+
+
+class StreamServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown first drains stream's connections (SPEC §8)."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.runtime.drain()
+        await super().shutdown(sockets)

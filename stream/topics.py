@@ -1,0 +1,143 @@
+"""Topic names and NATS-style patterns: validation, matching and containment. Pure.
+
+A topic is 1-8 dot-separated segments of ``[A-Za-z0-9_-]``, at most 200 characters. A pattern
+may use ``*`` for exactly one segment and, as its last segment, ``>`` for one or more.
+Topics starting with ``_`` belong to the server: a pattern that starts with a wildcard does
+not match them (subscribe to ``_system.>`` explicitly).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BadTopic
+
+__all__ = [
+    "MAX_SEGMENTS",
+    "MAX_TOPIC_LENGTH",
+    "Pattern",
+    "covers",
+    "is_system",
+    "parse_pattern_list",
+    "validate_pattern",
+    "validate_topic",
+]
+
+MAX_TOPIC_LENGTH = 200
+MAX_SEGMENTS = 8
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def is_system(topic: str) -> bool:
+    """True for the server's own topics (``_system.providers``), which clients never publish to."""
+    return topic.startswith("_")
+
+
+def _check_shape(text: object, field: str, what: str) -> list[str]:
+    if not isinstance(text, str):
+        raise BadTopic(f"{field}: expected a {what} string, got {type(text).__name__}")
+    if not text:
+        raise BadTopic(f"{field}: {what} is empty")
+    if len(text) > MAX_TOPIC_LENGTH:
+        raise BadTopic(f"{field}: {what} is {len(text)} characters long, at most {MAX_TOPIC_LENGTH} allowed")
+    segments = text.split(".")
+    if len(segments) > MAX_SEGMENTS:
+        raise BadTopic(f"{field}: {what} {text!r} has {len(segments)} segments, at most {MAX_SEGMENTS} allowed")
+    return segments
+
+
+def validate_topic(topic: object, field: str = "topic") -> str:
+    """Return ``topic`` if it is a valid concrete topic name, else raise :class:`BadTopic`."""
+    segments = _check_shape(topic, field, "topic")
+    for segment in segments:
+        if not _SEGMENT.match(segment):
+            raise BadTopic(
+                f"{field}: topic {topic!r} has an invalid segment {segment!r}; "
+                "segments are 1+ characters of A-Z a-z 0-9 _ - (no wildcards in a topic)"
+            )
+    return topic  # type: ignore[return-value]
+
+
+def validate_pattern(pattern: object, field: str = "topics") -> str:
+    """Return ``pattern`` if it is a valid subscription pattern, else raise :class:`BadTopic`."""
+    segments = _check_shape(pattern, field, "pattern")
+    last = len(segments) - 1
+    for index, segment in enumerate(segments):
+        if segment == "*" or (segment == ">" and index == last):
+            continue
+        if segment == ">":
+            raise BadTopic(f"{field}: pattern {pattern!r} uses '>' before its last segment")
+        if not _SEGMENT.match(segment):
+            raise BadTopic(
+                f"{field}: pattern {pattern!r} has an invalid segment {segment!r}; "
+                "segments are 1+ characters of A-Z a-z 0-9 _ -, or '*', or a final '>'"
+            )
+    return pattern  # type: ignore[return-value]
+
+
+def parse_pattern_list(value: object, field: str = "topics") -> list[str]:
+    """Patterns from a list of strings or a comma-separated string, validated, duplicates removed."""
+    if isinstance(value, str):
+        items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise BadTopic(f"{field}: expected a list of patterns or a comma-separated string")
+    if not items:
+        raise BadTopic(f"{field}: at least one pattern is required")
+    seen: dict[str, None] = {}
+    for index, item in enumerate(items):
+        seen[validate_pattern(item, f"{field}[{index}]")] = None
+    return list(seen)
+
+
+class Pattern:
+    """A validated pattern, split once, that answers ``matches(topic)``."""
+
+    __slots__ = ("text", "_head", "_tail", "_wild_start", "_literal")
+
+    def __init__(self, text: str) -> None:
+        self.text = validate_pattern(text)
+        segments = text.split(".")
+        self._tail = segments[-1] == ">"
+        self._head = tuple(segments[:-1] if self._tail else segments)
+        self._wild_start = segments[0] in ("*", ">")
+        self._literal = not self._tail and "*" not in segments
+
+    def matches(self, topic: str) -> bool:
+        if self._literal:
+            return topic == self.text
+        if self._wild_start and topic.startswith("_"):
+            return False
+        segments = topic.split(".")
+        head = self._head
+        if self._tail:
+            if len(segments) <= len(head):
+                return False
+        elif len(segments) != len(head):
+            return False
+        for want, got in zip(head, segments):
+            if want != "*" and want != got:
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.text!r})"
+
+
+def covers(outer: str, inner: str) -> bool:
+    """True when every topic ``inner`` can match is matched by ``outer`` (permissions).
+
+    Ignores the rule that wildcards skip ``_`` topics: a grant of ``>`` covers ``_system.>``.
+    """
+    o = outer.split(".")
+    i = inner.split(".")
+    if o[-1] == ">":
+        fixed = o[:-1]
+        if len(i) < len(fixed) + 1:
+            return False
+    else:
+        fixed = o
+        if i[-1] == ">" or len(i) != len(o):
+            return False
+    return all(want == "*" or (got not in ("*", ">") and got == want) for want, got in zip(fixed, i))

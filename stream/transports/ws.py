@@ -1,0 +1,438 @@
+"""``/ws``: a uvicorn WebSocket protocol that serves stream's protocol itself.
+
+uvicorn hands an upgrade request to ``ws_protocol_class``; this class parses frames with the
+``websockets`` Sans-I/O ``ServerProtocol`` and answers ops directly from ``data_received``. There
+is no ASGI task per connection: the connection is this object, its subscriber and its
+transport, and the hub writes pre-built frames straight into the transport.
+
+Lifecycle (``ServerProtocol.state`` drives it):
+    CONNECTING --101--> OPEN --close sent/received--> CLOSING --TCP closed--> CLOSED
+A close we start (slow consumer, shutdown, keepalive) is followed by an abort if the client has
+not finished the closing handshake within ``close_timeout``: a stalled client cannot drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from websockets.datastructures import Headers
+from websockets.frames import Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, State
+from websockets.server import ServerProtocol
+
+from .. import wire
+from ..auth import Principal, bearer_token
+from ..errors import BadRequest, RateLimited, StreamError, Unauthorized, Unavailable
+from ..hub import Subscriber
+from ..limits import TokenBucket
+from ..runtime import Runtime
+from ..topics import parse_pattern_list
+from .params import check_origin, subscribe_request
+
+__all__ = ["WebSocketProtocol"]
+
+log = logging.getLogger("stream.ws")
+access_log = logging.getLogger("uvicorn.access")
+# websockets logs every open/close at INFO; one line per connection is the access log's job.
+_protocol_log = logging.getLogger("stream.ws.protocol")
+_protocol_log.setLevel(logging.WARNING)
+
+PATH = "/ws"
+VERSION = 1
+
+# Close codes (SPEC §5).
+NORMAL, GOING_AWAY, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000, 1001, 1008, 1009, 1011, 1013, 4008
+
+
+class WebSocketProtocol(asyncio.Protocol):
+    transport_name = "ws"
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.server_state = server_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.runtime: Runtime | None = app_state.get("stream")
+        max_size = self.runtime.settings.server.max_frame_bytes if self.runtime else 64 * 1024
+        self.conn = ServerProtocol(max_size=max_size, logger=_protocol_log)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client_host = ""
+        self.sub: Subscriber | None = None
+        self.principal: Principal | None = None
+        self.admitted = False
+        self.fragments: list[bytes] | None = None
+        self.fragments_binary = False
+        self.ping_timer: asyncio.TimerHandle | None = None
+        self.pong_timer: asyncio.TimerHandle | None = None
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.bucket: TokenBucket | None = None
+        self.strikes = 0  # ops refused in a row by the rate limit
+        # The Sink interface the subscriber uses; ``write`` is bound to the transport itself.
+        self.encode = wire.ws_event
+        self.encode_snapshot = wire.ws_snapshot
+        self.encode_gap = wire.ws_gap
+        self.write = self._write_before_open
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server_state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.client_host = peer[0] if peer else ""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        for event in self.conn.events_received():
+            if isinstance(event, Request):
+                self._handshake(event)
+            elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
+                self.fragments_binary = event.opcode is Opcode.BINARY
+                if event.fin:
+                    self._message(event.data)
+                else:
+                    self.fragments = [event.data]
+            elif event.opcode is Opcode.CONT:
+                if self.fragments is not None:
+                    self.fragments.append(event.data)
+                    if event.fin:
+                        data, self.fragments = b"".join(self.fragments), None
+                        self._message(data)
+            elif event.opcode is Opcode.PONG:
+                self._pong()
+            elif event.opcode is Opcode.CLOSE:
+                self._stop_delivery()
+        self._flush()
+        if self.conn.parser_exc is not None:
+            # websockets already queued the close frame (1009 too big, 1002, 1007); stop here.
+            self._stop_delivery()
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_delivery()
+        for timer in (self.ping_timer, self.pong_timer, self.close_timer):
+            if timer is not None:
+                timer.cancel()
+        self.ping_timer = self.pong_timer = self.close_timer = None
+        for task in self.tasks:
+            task.cancel()
+        self.server_state.connections.discard(self)
+        if self.runtime is not None and self.admitted:
+            self.runtime.release(self)
+            self.admitted = False
+
+    def pause_writing(self) -> None:
+        if self.sub is not None:
+            self.sub.pause()
+
+    def resume_writing(self) -> None:
+        if self.sub is not None:
+            self.sub.resume()
+
+    # -- called by uvicorn and the runtime ------------------------------------------------
+
+    def shutdown(self) -> None:
+        if self.conn.state is OPEN:
+            self.close(GOING_AWAY, "server shutting down")
+        elif self.conn.state is State.CONNECTING:
+            self.transport.close()
+
+    def tick(self, now: float) -> None:
+        """Keepalive runs on per-connection timers instead."""
+
+    # -- Sink -----------------------------------------------------------------------------
+
+    def overflowed(self) -> None:
+        log.info("closing slow WebSocket consumer %s (buffer full)", self.client_host)
+        self.close(SLOW, "slow consumer")
+
+    def _write_before_open(self, data: bytes) -> None:
+        raise RuntimeError("write before the WebSocket handshake completed")
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        response = self.conn.accept(request)
+        path, _, query = request.path.partition("?")
+        params = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
+        runtime = self.runtime
+        if response.status_code != 101:
+            self._log_access(path, params, response.status_code)
+            self._respond(response)
+            return
+        if runtime is None:
+            self._reject(Unavailable("the server is starting; retry in a moment"), path, params)
+            return
+        if path != PATH:
+            self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), path, params, 404)
+            return
+        try:
+            check_origin(request.headers.get("Origin"), runtime.settings.server.allowed_origins)
+            token = bearer_token(request.headers.get("Authorization"), params.get("token"))
+            self.principal = runtime.auth.identify(token)
+        except StreamError as exc:
+            self._reject(exc, path, params)
+            return
+
+        self.conn.send_response(response)
+        self._flush()
+        self._log_access(path, params, 101)
+        self.write = self.transport.write
+        try:
+            runtime.admit(self)
+        except Unavailable as exc:
+            self._send_json({"type": "error", "code": exc.code, "message": exc.message, "ref": None})
+            self._flush()
+            self.close(GOING_AWAY if runtime.stopping else TRY_AGAIN, exc.code)
+            return
+        self.admitted = True
+        server = runtime.settings.server
+        self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
+        self.sub = runtime.hub.new_subscriber(self, transport=self.transport_name)
+        self._send_json(
+            {
+                "type": "welcome",
+                "version": VERSION,
+                "heartbeat": _seconds(server.ws_ping_interval),
+                "epoch": runtime.hub.epoch,
+                "limits": {
+                    "max_frame_bytes": server.max_frame_bytes,
+                    "max_event_bytes": server.max_event_bytes,
+                    "max_patterns": server.max_patterns,
+                    "subscriber_buffer": server.subscriber_buffer,
+                },
+            }
+        )
+        self._schedule_ping()
+        if params.get("topics"):
+            self._run_op(WebSocketProtocol._op_subscribe, params, None)
+
+    def _reject(self, exc: StreamError, path: str, params: dict[str, str], status: int | None = None) -> None:
+        status = status or exc.status
+        body = orjson.dumps({"error": exc.to_dict()})
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ]
+        )
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        self._log_access(path, params, status)
+        self._respond(Response(status, _reason(status), headers, body))
+
+    def _respond(self, response: Response) -> None:
+        self.conn.send_response(response)
+        self._flush()
+        self.transport.close()
+
+    def _log_access(self, path: str, params: dict[str, str], status: int) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            shown = "&".join(f"{k}={'***' if k == 'token' else v}" for k, v in params.items())
+            access_log.info('%s - "WebSocket %s%s" %d', self.client_host, path, f"?{shown}" if shown else "", status)
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _message(self, data: bytes) -> None:
+        if self.sub is None or self.conn.state is not OPEN:
+            return
+        if self.fragments_binary:
+            self._send_error(BadRequest("frame: binary frames are not accepted; send JSON text frames"), None)
+            return
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            self._send_error(BadRequest(f"frame: not valid JSON ({exc})"), None)
+            return
+        if not isinstance(message, dict):
+            self._send_error(BadRequest('frame: expected a JSON object like {"op": "subscribe", ...}'), None)
+            return
+        ref = message.get("ref")
+        if not self._allowed(ref):
+            return
+        handler = self._ops.get(message.get("op"))  # type: ignore[arg-type]
+        if handler is None:
+            op = message.get("op")
+            self._send_error(
+                StreamError(f"op: expected one of {', '.join(self._ops)}; got {op!r}", code="unknown_op"), ref
+            )
+            return
+        self._run_op(handler, message, ref)
+
+    def _allowed(self, ref: Any) -> bool:
+        """Spend one op from the bucket; refuse when empty, close 1008 on a sustained flood."""
+        assert self.bucket is not None
+        if self.bucket.take(self.loop.time()):
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        if self.strikes > self.bucket.burst:
+            log.info("closing WebSocket %s: sustained flooding past the op rate limit", self.client_host)
+            self.close(POLICY, "too many messages")
+            return False
+        wait = self.bucket.wait_time()
+        self._send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
+        return False
+
+    def _run_op(self, handler, message: dict[str, Any], ref: Any) -> None:
+        try:
+            handler(self, message, ref)
+        except StreamError as exc:
+            self._send_error(exc, ref)
+        except Exception:
+            log.exception("WebSocket op %r failed", message.get("op"))
+            self._send_error(StreamError("internal error; the connection stays open"), ref)
+
+    def _op_subscribe(self, message: dict[str, Any], ref: Any) -> None:
+        assert self.runtime is not None and self.sub is not None
+        request = subscribe_request(message)
+        self.runtime.auth.check_subscribe(self.principal, request.topics)
+
+        def announce(position: str) -> None:
+            self._send_json({"type": "subscribed", "topics": request.topics, "position": position, "ref": ref})
+
+        self.runtime.hub.subscribe(
+            self.sub,
+            request.topics,
+            since=request.since,
+            snapshot=request.snapshot,
+            symbols=request.symbols,
+            announce=announce,
+        )
+
+    def _op_unsubscribe(self, message: dict[str, Any], ref: Any) -> None:
+        assert self.runtime is not None and self.sub is not None
+        topics = parse_pattern_list(message.get("topics"), "topics")
+        self.runtime.hub.unsubscribe(self.sub, topics)
+        self._send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
+
+    def _op_publish(self, message: dict[str, Any], ref: Any) -> None:
+        assert self.runtime is not None
+        if "data" not in message:
+            raise BadRequest("data: required (any JSON value)")
+        hub = self.runtime.hub
+        draft = hub.draft(message.get("topic"), message["data"])
+        self.runtime.auth.check_publish(self.principal, draft.topic)
+        task = self.loop.create_task(self._publish(draft, ref))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _publish(self, draft, ref: Any) -> None:
+        assert self.runtime is not None
+        try:
+            (event,) = await self.runtime.hub.publish_many([draft])
+        except StreamError as exc:
+            self._send_error(exc, ref)
+        except Exception:
+            log.exception("publish over WebSocket failed")
+            self._send_error(StreamError("internal error: the event was not published"), ref)
+        else:
+            self._send_json({"type": "published", "id": event.id, "ref": ref})
+
+    def _op_ping(self, message: dict[str, Any], ref: Any) -> None:
+        self._send_json({"type": "pong", "ref": ref})
+
+    _ops = {
+        "subscribe": _op_subscribe,
+        "unsubscribe": _op_unsubscribe,
+        "publish": _op_publish,
+        "ping": _op_ping,
+    }
+
+    def _send_json(self, message: dict[str, Any]) -> None:
+        if self.conn.state is OPEN and not self.transport.is_closing():
+            self.transport.write(wire.ws_message(message))
+
+    def _send_error(self, exc: StreamError, ref: Any) -> None:
+        # Over WebSocket a missing credential is reported as forbidden (SPEC §5 error codes).
+        code = "forbidden" if isinstance(exc, Unauthorized) else exc.code
+        self._send_json({"type": "error", "code": code, "message": exc.message, "ref": ref})
+
+    # -- keepalive and closing ------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        interval = self.runtime.settings.server.ws_ping_interval if self.runtime else None
+        if interval is not None:
+            self.ping_timer = self.loop.call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        self.ping_timer = None
+        if self.conn.state is not OPEN:
+            return
+        self.conn.send_ping(os.urandom(4))
+        self._flush()
+        timeout = self.runtime.settings.server.ws_ping_timeout if self.runtime else None
+        if timeout is not None:
+            self.pong_timer = self.loop.call_later(timeout, self._keepalive_timeout)
+        else:
+            self._schedule_ping()
+
+    def _pong(self) -> None:
+        if self.pong_timer is not None:
+            self.pong_timer.cancel()
+            self.pong_timer = None
+            self._schedule_ping()
+
+    def _keepalive_timeout(self) -> None:
+        self.pong_timer = None
+        log.info("closing WebSocket %s: no pong within the keepalive timeout", self.client_host)
+        self.close(INTERNAL, "keepalive ping timeout")
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; abort if the client has not completed it in time."""
+        self._stop_delivery()
+        if self.conn.state is OPEN:
+            self.conn.send_close(code, reason)
+            self._flush()
+        if self.close_timer is None and not self.transport.is_closing():
+            timeout = self.runtime.settings.server.close_timeout if self.runtime else 5.0
+            self.close_timer = self.loop.call_later(timeout, self._abort)
+
+    def _abort(self) -> None:
+        self.close_timer = None
+        self.transport.abort()
+
+    def _stop_delivery(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+        for timer in (self.ping_timer, self.pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self.ping_timer = self.pong_timer = None
+
+    def _flush(self) -> None:
+        for data in self.conn.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif not self.transport.is_closing():
+                # websockets asks for end-of-stream: the server closes the TCP connection.
+                self.transport.close()
+
+
+def _seconds(value: float | None) -> float | int | None:
+    return int(value) if value is not None and value == int(value) else value
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
