@@ -68,6 +68,11 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _error(422, "validation_error", f"{field or 'request'}: {first.get('msg', 'invalid')}")
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal", "internal error; it has been logged")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     runtime = Runtime(settings)
@@ -92,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StreamError, _stream_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
     origins = list(settings.server.allowed_origins)
     app.add_middleware(
         CORSMiddleware,

@@ -316,7 +316,7 @@ class Hub:
         while size < budget:
             event = history.at(index)
             if event is None:
-                sub.last_seq = max(sub.last_seq, sub.cursor)
+                # Caught up: every later event is newer than the head and arrives live.
                 sub._set_state(State.LIVE)
                 return
             index += 1

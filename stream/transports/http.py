@@ -179,7 +179,7 @@ async def publish(request: Request) -> JSON:
     return JSON({"ids": [event.id for event in accepted]}, status_code=202)
 
 
-@router.get("/sse", tags=["streaming"], response_model=None, response_class=EventStream)
+@router.get("/sse", tags=["streaming"], status_code=200, response_model=None, response_class=EventStream)
 async def sse(request: Request) -> EventStream:
     """Server-Sent Events: ``topics`` patterns, ``since`` / ``Last-Event-ID``, ``snapshot``, ``symbols``."""
     runtime = _runtime(request)

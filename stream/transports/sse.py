@@ -44,6 +44,7 @@ class EventStream(Response):
     """
 
     transport_name = "sse"
+    media_type = "text/event-stream"
     encode = staticmethod(wire.sse_event_chunk)
     encode_snapshot = staticmethod(_chunked(wire.sse_snapshot))
 

@@ -1,0 +1,210 @@
+"""Test helpers: a real ``stream serve`` process on a free port, and a raw WebSocket peer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+PUBLISH_KEY = "test-publisher-key"
+KEYS = f"""
+[[keys]]
+name = "tests"
+key = "{PUBLISH_KEY}"
+publish = [">"]
+subscribe = [">"]
+"""
+AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``stream serve`` in a subprocess, with a config written from ``toml``."""
+
+    def __init__(self, toml: str = KEYS, *, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        handle, path = tempfile.mkstemp(suffix=".toml", prefix="stream-test-")
+        os.write(handle, toml.encode())
+        os.close(handle)
+        self.config = Path(path)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("STREAM_CONFIG", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(suffix=".log", prefix="stream-test-")[1])
+
+    def start(self, timeout: float = 20.0) -> Server:
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream", "serve", "--config", str(self.config), "--port", str(self.port)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stream serve exited early:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"stream serve did not become ready:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> float:
+        """Signal the server and wait for it to exit; return how long that took."""
+        assert self.proc is not None
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return time.monotonic() - started
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        self.config.unlink(missing_ok=True)
+
+
+async def publish(client: httpx.AsyncClient, server: Server, items: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
+    response = await client.post(f"{server.url}/api/publish", json=items, headers=AUTH)
+    assert response.status_code == 202, response.text
+    return response.json()["ids"]
+
+
+def publish_sync(server: Server, items: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
+    response = httpx.post(f"{server.url}/api/publish", json=items, headers=AUTH)
+    assert response.status_code == 202, response.text
+    return response.json()["ids"]
+
+
+class RawWebSocket:
+    """A WebSocket peer over a plain socket, so a test can stop reading or ignore pings."""
+
+    def __init__(self, port: int, path: str = "/ws", *, rcvbuf: int | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.sock.sendall(request.encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during handshake")
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x81, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+        self.sock.sendall(header + mask + masked)
+
+    def _read(self, count: int, timeout: float) -> bytes:
+        self.sock.settimeout(timeout)
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
+        """The next frame as (opcode, payload)."""
+        first, second = self._read(2, timeout)
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self._read(2, timeout))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self._read(8, timeout))
+        return first & 0x0F, self._read(length, timeout)
+
+    def messages_until_close(self, timeout: float = 10.0) -> tuple[list[dict[str, Any]], int | None]:
+        """Read every text frame until a close frame; return (messages, close code)."""
+        messages = []
+        while True:
+            try:
+                opcode, payload = self.frame(timeout)
+            except (EOFError, ConnectionResetError):
+                return messages, None
+            if opcode == 0x1:
+                messages.append(orjson.loads(payload))
+            elif opcode == 0x8:
+                return messages, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+class SSEReader:
+    """Reads data-carrying messages from an httpx-sse source, skipping id-only position markers."""
+
+    def __init__(self, source: Any) -> None:
+        self.iterator = source.aiter_sse()
+        self.position: str | None = None  # the Last-Event-ID a browser would now hold
+
+    async def take(self, count: int, timeout: float = 10.0) -> list[Any]:
+        found: list[Any] = []
+
+        async def read() -> None:
+            while len(found) < count:
+                sse = await anext(self.iterator)
+                if sse.id:
+                    self.position = sse.id
+                if sse.data or sse.event != "message":
+                    found.append(sse)
+
+        await asyncio.wait_for(read(), timeout)
+        return found

@@ -1,0 +1,322 @@
+"""The hub and its subscribers (stream/hub/), without a network: order, retained values,
+history bounds, replay joined to live, gaps, the three overflow policies, symbol filters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream.errors import BadRequest, BadTopic, Forbidden, PayloadTooLarge, TooManySubscriptions
+from stream.events import parse_since
+from stream.hub import Hub, HubConfig, Policy, State
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sink:
+    """Records what a transport would have written, one tuple per frame."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.overflows = 0
+
+    def encode(self, event):
+        return f"E {event.id} {event.topic}\n".encode()
+
+    def encode_snapshot(self, event):
+        return f"S {event.id} {event.topic}\n".encode()
+
+    def encode_gap(self, after, reason):
+        return f"G {after} {reason}\n".encode()
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def overflowed(self) -> None:
+        self.overflows += 1
+
+    @property
+    def frames(self) -> list[tuple[str, ...]]:
+        return [tuple(line.split(" ")) for line in b"".join(self.writes).decode().splitlines()]
+
+    def ids(self) -> list[str]:
+        return [frame[1] for frame in self.frames if frame[0] == "E"]
+
+
+def make_hub(**config) -> Hub:
+    return Hub(HubConfig(**config), clock=Clock())
+
+
+def publish(hub: Hub, topic: str, data=None):
+    return asyncio.run(hub.publish(topic, data))
+
+
+def publish_many(hub: Hub, count: int, topic: str = "news.a", data=None):
+    async def run():
+        return [await hub.publish(topic, data if data is not None else {"n": n}) for n in range(count)]
+
+    return asyncio.run(run())
+
+
+def subscriber(hub: Hub, patterns, **options):
+    sink = Sink()
+    sub = hub.new_subscriber(sink, transport="test")
+    hub.subscribe(sub, patterns, **options)
+    return sub, sink
+
+
+def test_ids_are_strictly_increasing_across_topics_and_carry_the_epoch():
+    """One order for all topics; every id names this hub's epoch."""
+    hub = make_hub()
+    events = [publish(hub, topic) for topic in ["a", "b.c", "a", "z"]]
+    seqs = [event.seq for event in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert all(event.id.startswith(hub.epoch + "-") for event in events)
+
+
+def test_event_json_is_encoded_once_with_the_documented_fields():
+    """id, topic, ts (ms) and data, in one JSON object built at accept time."""
+    hub = make_hub()
+    event = publish(hub, "news", {"title": "x"})
+    assert event.json == b'{"id":"%s","topic":"news","ts":%d,"data":{"title":"x"}}' % (event.id.encode(), event.ts)
+    assert event.ts == 1_800_000_000_000
+
+
+def test_pattern_subscribers_get_exactly_the_matching_events_in_order():
+    """A subscriber receives only events matching one of its patterns, once each, in hub order."""
+    hub = make_hub()
+    sub, sink = subscriber(hub, ["news.>", "quotes.AAPL", "news.sec"])
+    expected = []
+    for topic in ["news.sec", "quotes.AAPL", "quotes.MSFT", "news", "news.sec.8k", "_system.x"]:
+        event = asyncio.run(hub.publish(topic, 1, internal=True))
+        if topic in ("news.sec", "quotes.AAPL", "news.sec.8k"):
+            expected.append(event.id)
+    assert sink.ids() == expected
+
+
+def test_publish_validates_topic_size_and_system_prefix():
+    """Bad topics, oversize data and '_' topics from clients are refused with their codes."""
+    hub = make_hub(max_event_bytes=100)
+    with pytest.raises(BadTopic):
+        hub.draft("news.*", 1)
+    with pytest.raises(PayloadTooLarge):
+        hub.draft("news", "x" * 200)
+    with pytest.raises(Forbidden):
+        hub.draft("_system.providers", 1)
+    assert hub.draft("_system.providers", 1, internal=True).topic == "_system.providers"
+
+
+def test_retained_value_is_the_latest_per_topic_and_snapshot_sends_it_first_marked():
+    """snapshot=True writes retained values of matching topics, oldest first, before live events."""
+    hub = make_hub()
+    publish(hub, "quotes.A", 1)
+    last_a = publish(hub, "quotes.A", 2)
+    b = publish(hub, "quotes.B", 3)
+    publish(hub, "news.x", 4)
+    sub, sink = subscriber(hub, ["quotes.*"], snapshot=True)
+    live = publish(hub, "quotes.B", 5)
+    assert hub.retained["quotes.A"] is last_a
+    assert sink.frames == [("S", last_a.id, "quotes.A"), ("S", b.id, "quotes.B"), ("E", live.id, "quotes.B")]
+
+
+def test_history_is_bounded_by_count_and_by_age():
+    """history_size keeps the newest N; history_ttl forgets older events on the next append."""
+    clock = Clock()
+    hub = Hub(HubConfig(history_size=5, history_ttl=10), clock=clock)
+    events = publish_many(hub, 8)
+    assert [e.seq for e in hub.history] == [e.seq for e in events[-5:]]
+    clock.now += 11
+    fresh = publish(hub, "news.b")
+    assert [e.seq for e in hub.history] == [fresh.seq]
+    assert hub.history.trimmed_seq == events[-1].seq
+
+
+def test_replay_from_since_then_live_without_hole_or_duplicate():
+    """since=<id> replays what followed in history, then continues live, each event once."""
+    hub = make_hub()
+    events = publish_many(hub, 10)
+    sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[3].id))
+    more = publish_many(hub, 3)
+    assert sink.ids() == [e.id for e in events[4:] + more]
+
+
+def test_replay_proceeds_as_the_transport_drains_and_publishing_continues():
+    """A paused transport gets replay in chunks; events published meanwhile arrive once, in order."""
+    hub = make_hub()
+    events = publish_many(hub, 5, data={"pad": "x" * 40_000})
+    sink = Sink()
+    sub = hub.new_subscriber(sink)
+    sub.pause()  # the socket is full before replay starts
+    hub.subscribe(sub, ["news.>"], since=parse_since(events[0].id))
+    assert sink.ids() == [] and sub.state is State.CATCHING_UP
+    later = publish_many(hub, 2)
+    # Each resume writes a chunk; the pad makes two events fill one chunk.
+    while sub.state is State.CATCHING_UP:
+        sub.resume()
+        sub.pause()
+    sub.resume()
+    final = publish_many(hub, 2)
+    assert sink.ids() == [e.id for e in events[1:] + later + final]
+
+
+def test_since_older_than_history_sends_a_history_gap_then_everything_kept():
+    """When history no longer reaches back to since, a gap comes first, then what history holds."""
+    hub = make_hub(history_size=5)
+    events = publish_many(hub, 10)
+    sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[1].id))
+    assert sink.frames[0] == ("G", events[1].id, "history")
+    assert sink.ids() == [e.id for e in events[5:]]
+
+
+def test_id_from_another_epoch_sends_an_epoch_gap_then_everything_kept():
+    """An id from an earlier life of the hub is recognised: gap(epoch), then all of history."""
+    hub = make_hub()
+    events = publish_many(hub, 3)
+    sub, sink = subscriber(hub, ["news.>"], since=parse_since("zzzz0-2"))
+    assert sink.frames[0] == ("G", "None", "epoch")
+    assert sink.ids() == [e.id for e in events]
+
+
+def test_since_as_time_replays_from_that_time():
+    """since=-60s or an ISO time starts at the first event at or after that time."""
+    clock = Clock()
+    hub = Hub(HubConfig(), clock=clock)
+    old = publish_many(hub, 2)
+    clock.now += 120
+    recent = publish_many(hub, 2)
+    sub, sink = subscriber(hub, ["news.>"], since=parse_since("-60s", now_ms=int(clock.now * 1000)))
+    assert sink.ids() == [e.id for e in recent]
+    assert old
+
+
+def test_since_newer_than_the_hub_and_since_on_a_busy_connection_are_refused():
+    """A future id is a bad request; so is since on a connection that already subscribes."""
+    hub = make_hub()
+    publish(hub, "a")
+    sink = Sink()
+    sub = hub.new_subscriber(sink)
+    with pytest.raises(BadRequest, match="newer"):
+        hub.subscribe(sub, ["a"], since=parse_since(f"{hub.epoch}-99"))
+    hub.subscribe(sub, ["a"])
+    with pytest.raises(BadRequest, match="first subscribe"):
+        hub.subscribe(sub, ["b"], since=parse_since(f"{hub.epoch}-1"))
+
+
+def test_pattern_limit_per_connection():
+    """More than max_patterns patterns on one connection is too_many_subscriptions."""
+    hub = make_hub(max_patterns=3)
+    sub, _ = subscriber(hub, ["a", "b"])
+    with pytest.raises(TooManySubscriptions):
+        hub.subscribe(sub, ["c", "d"])
+    hub.subscribe(sub, ["a", "c"])  # 'a' is already held: only one new pattern
+    assert set(sub.wants) == {"a", "b", "c"}
+
+
+def test_symbols_filter_passes_matching_and_symbol_less_events():
+    """symbols=AAPL keeps events sharing a symbol and events without a symbols list."""
+    hub = make_hub()
+    sub, sink = subscriber(hub, ["news.>"], symbols=frozenset({"AAPL"}))
+    a = publish(hub, "news.a", {"symbols": ["aapl", "MSFT"]})
+    publish(hub, "news.b", {"symbols": ["TSLA"]})
+    c = publish(hub, "news.c", {"title": "no symbols"})
+    assert sink.ids() == [a.id, c.id]
+
+
+def test_overlapping_patterns_deliver_once_even_if_one_filter_rejects():
+    """Two patterns match: the event arrives once; a filter on one pattern does not hide it from the other."""
+    hub = make_hub()
+    sink = Sink()
+    sub = hub.new_subscriber(sink)
+    hub.subscribe(sub, ["news.>"], symbols=frozenset({"AAPL"}))
+    hub.subscribe(sub, ["news.sec"])
+    event = publish(hub, "news.sec", {"symbols": ["TSLA"]})
+    both = publish(hub, "news.sec", {"symbols": ["AAPL"]})
+    assert sink.ids() == [event.id, both.id]
+
+
+def test_disconnect_policy_closes_a_full_subscriber_and_spares_the_rest():
+    """A paused subscriber whose buffer fills is detached and told to close; others get everything."""
+    hub = make_hub(subscriber_buffer=10)
+    slow, slow_sink = subscriber(hub, ["news.>"])
+    fast, fast_sink = subscriber(hub, ["news.>"])
+    slow.pause()
+    events = publish_many(hub, 50)
+    assert slow_sink.overflows == 1 and slow.state is State.CLOSED
+    assert fast_sink.ids() == [e.id for e in events]
+    assert hub.stats.slow_consumers == 1
+
+
+def test_drop_policy_discards_oldest_and_sends_a_gap_before_the_next_event():
+    """drop: the buffer keeps the newest events; on resume a gap(overflow) precedes them."""
+    hub = make_hub(subscriber_buffer=10, overflow=(("news.>", Policy.DROP),))
+    sub, sink = subscriber(hub, ["news.>"])
+    sub.pause()
+    events = publish_many(hub, 25)
+    sub.resume()
+    assert sink.frames[0] == ("G", hub.id_of(events[0].seq - 1), "overflow")
+    assert sink.ids() == [e.id for e in events[-10:]]
+    assert sub.state is State.LIVE
+
+
+def test_conflate_policy_keeps_the_newest_value_per_topic_without_a_gap():
+    """conflate: a full buffer keeps only the newest pending event of each topic; no gap."""
+    hub = make_hub(subscriber_buffer=10, overflow=(("quotes.>", Policy.CONFLATE),))
+    sub, sink = subscriber(hub, ["quotes.>"])
+    sub.pause()
+    latest = {}
+    for n in range(200):
+        topic = f"quotes.S{n % 4}"
+        latest[topic] = publish(hub, topic, {"n": n}).id
+    sub.resume()
+    assert all(frame[0] == "E" for frame in sink.frames)
+    last_seen = {frame[2]: frame[1] for frame in sink.frames}
+    assert last_seen == latest
+    assert sub.state is State.LIVE
+
+
+def test_a_subscriber_that_raises_is_detached_without_stopping_the_fan_out():
+    """One broken transport does not keep the event from the others."""
+    hub = make_hub()
+
+    class Broken(Sink):
+        def write(self, data):
+            raise OSError("boom")
+
+    broken_sub = hub.new_subscriber(Broken())
+    hub.subscribe(broken_sub, ["a"])
+    sub, sink = subscriber(hub, ["a"])
+    event = publish(hub, "a")
+    assert sink.ids() == [event.id]
+    assert broken_sub.state is State.CLOSED
+
+
+def test_read_for_the_http_history_endpoint():
+    """read(): latest events without since; after since up to limit with a next cursor; gap flag."""
+    hub = make_hub(history_size=6)
+    events = publish_many(hub, 10)
+    latest, position, gap = hub.read(["news.>"], None, 3, None)
+    assert [e.id for e in latest] == [e.id for e in events[-3:]] and not gap
+    page, position, gap = hub.read(["news.>"], parse_since(events[5].id), 2, None)
+    assert [e.id for e in page] == [events[6].id, events[7].id] and position == events[7].id and not gap
+    _, _, gap = hub.read(["news.>"], parse_since(events[0].id), 2, None)
+    assert gap
+
+
+def test_unsubscribe_and_detach_stop_delivery():
+    """After unsubscribe the pattern delivers nothing; after close nothing at all."""
+    hub = make_hub()
+    sub, sink = subscriber(hub, ["a", "b"])
+    hub.unsubscribe(sub, ["a"])
+    publish(hub, "a")
+    b = publish(hub, "b")
+    sub.close()
+    publish(hub, "b")
+    assert sink.ids() == [b.id]
+    assert not hub._patterns

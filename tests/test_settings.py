@@ -1,0 +1,73 @@
+"""Configuration loading (stream/settings.py): defaults, TOML, environment, and problem reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream.errors import ConfigError
+from stream.settings import load_settings
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "stream.toml"
+    path.write_text(text)
+    return path
+
+
+def test_built_in_defaults_match_the_spec():
+    """With no file, the documented defaults apply."""
+    settings = load_settings(None, env={})
+    server = settings.server
+    assert (server.host, server.port, server.broker) == ("127.0.0.1", 8000, "memory://")
+    assert (server.history_size, server.history_ttl, server.max_event_bytes) == (10_000, 3600.0, 65536)
+    assert (server.subscriber_buffer, server.sse_heartbeat, server.ws_ping_interval) == (1000, 15.0, 20.0)
+    assert server.public == (">",) and settings.keys == ()
+
+
+def test_environment_overrides_server_settings(tmp_path):
+    """STREAM_<NAME> beats the file; PORT and REDIS_URL are honoured; 'off' disables a timer."""
+    path = write(tmp_path, "[server]\nport = 9000\nhistory_size = 5\n")
+    env = {"STREAM_HISTORY_SIZE": "7", "PORT": "5555", "REDIS_URL": "redis://h:6379/0", "STREAM_SSE_HEARTBEAT": "off", "STREAM_PUBLIC": "news.>,quotes.>"}
+    server = load_settings(path, env=env).server
+    assert (server.history_size, server.port, server.broker, server.sse_heartbeat) == (7, 5555, "redis://h:6379/0", None)
+    assert server.public == ("news.>", "quotes.>")
+
+
+def test_keys_read_secrets_from_the_environment(tmp_path):
+    """key_env and ${VAR} keep secrets out of the file."""
+    path = write(tmp_path, '[[keys]]\nkey_env = "PUB"\npublish = ["news.>"]\n[[keys]]\nname="b"\nkey = "${OTHER}"\n')
+    keys = load_settings(path, env={"PUB": "s3cret-value", "OTHER": "another-secret"}).keys
+    assert [k.key for k in keys] == ["s3cret-value", "another-secret"]
+    assert "s3cret" not in repr(keys)
+
+
+def test_every_mistake_is_reported_once_with_its_key(tmp_path):
+    """Five different mistakes give five problems, each naming its key path."""
+    path = write(
+        tmp_path,
+        """
+[server]
+port = "eighty"
+history_size = 0
+bogus = 1
+[[keys]]
+key = "short"
+publish = ["news.>.x"]
+[overflow]
+"quotes.>" = "explode"
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    problems = info.value.problems
+    assert len(problems) == 6, problems
+    for key in ["server.port", "server.history_size", "server.bogus", "keys[0].key", "keys[0].publish[0]", "overflow."]:
+        assert any(problem.startswith(key) for problem in problems), (key, problems)
+
+
+def test_unreadable_and_invalid_files_are_one_clear_problem(tmp_path):
+    """A missing file or broken TOML is reported as such, not as a traceback."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml", env={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[server\n"), env={})
