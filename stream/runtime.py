@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 from typing import Protocol
@@ -54,7 +55,8 @@ class Runtime:
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
         self.started = False
-        self.stopping = False
+        self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
+        self._drained = False
         self.started_at = time.time()
         self._ticker: asyncio.Task[None] | None = None
 
@@ -69,9 +71,9 @@ class Runtime:
 
     async def drain(self) -> None:
         """Graceful shutdown, first step: not ready, and every client told to go."""
-        if self.stopping:
+        if self._drained:
             return
-        self.stopping = True
+        self._drained = self.stopping = True
         count = len(self.connections)
         log.info("shutting down: closing %d streaming connections", count)
         for connection in list(self.connections):
@@ -121,6 +123,17 @@ class Runtime:
             raise Unavailable(f"over capacity: {limit} connections are open", code="over_capacity")
         self.connections.add(connection)
         self._per_host[connection.client_host] += 1
+
+    def limit_send_buffer(self, transport) -> None:
+        """Cap the kernel's send buffer so a stalled client shows up as slow after kilobytes, not
+        megabytes (Linux autotunes it up to tcp_wmem's 4 MiB), and kernel memory stays bounded."""
+        size = self.settings.server.socket_send_buffer
+        sock = transport.get_extra_info("socket")
+        if size is not None and sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:
+                log.debug("could not set SO_SNDBUF", exc_info=True)
 
     def release(self, connection: Connection) -> None:
         if connection in self.connections:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from types import FrameType
 
 import uvicorn
 
@@ -48,6 +49,11 @@ class StreamServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the signal handler: only flip the flag, so /readyz answers 503 at once.
+        self.runtime.stopping = True
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.runtime.drain()

@@ -47,6 +47,7 @@ class ServerSettings:
     sse_retry: int = 3000  # milliseconds, the reconnect delay advertised to EventSource
     ws_ping_interval: float | None = 20.0
     ws_ping_timeout: float | None = 20.0
+    socket_send_buffer: int | None = 128 * 1024  # SO_SNDBUF per streaming socket; None = kernel autotuning
     close_timeout: float = 5.0  # seconds a closing client gets to drain its close frame
     shutdown_timeout: float = 8.0  # seconds SIGTERM waits for connections before cancelling
     public: tuple[str, ...] = (">",)  # patterns anyone may subscribe to
@@ -198,6 +199,7 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     for name in ("history_ttl", "sse_heartbeat", "ws_ping_interval", "ws_ping_timeout"):
         value = getattr(s, name)
         need(name, value is None or value > 0, "must be a positive number of seconds, or off")
+    need("socket_send_buffer", s.socket_send_buffer is None or s.socket_send_buffer >= 4096, "must be at least 4096 bytes, or off")
     need("close_timeout", s.close_timeout > 0, "must be a positive number of seconds")
     need("shutdown_timeout", s.shutdown_timeout > 0, "must be a positive number of seconds")
     need("sse_retry", s.sse_retry >= 0, "must be milliseconds >= 0")

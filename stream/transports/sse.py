@@ -96,6 +96,7 @@ class EventStream(Response):
         if protocol is None or not protocol.chunked:
             raise RuntimeError("/sse needs stream's HTTP protocol (run the app with `stream serve`)")
         self.write = protocol.transport.write
+        self.runtime.limit_send_buffer(protocol.transport)
         protocol.stream_sink = self
         hub = self.runtime.hub
         self.sub = hub.new_subscriber(self, transport=self.transport_name)

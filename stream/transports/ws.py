@@ -203,6 +203,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.close(GOING_AWAY if runtime.stopping else TRY_AGAIN, exc.code)
             return
         self.admitted = True
+        runtime.limit_send_buffer(self.transport)
         server = runtime.settings.server
         self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self.sub = runtime.hub.new_subscriber(self, transport=self.transport_name)

@@ -1,0 +1,76 @@
+"""Graceful shutdown (SPEC §8): SIGTERM with 1,000 open streams ends the process within 10 s, and
+every client is told: WebSockets get 1001, SSE streams end with a retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from .support import KEYS, Server
+
+pytestmark = pytest.mark.slow
+
+
+async def _open_sse(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /sse?topics=bye.> HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def _sse_end(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until the chunked body ends (or the socket closes)."""
+    body = b""
+    while not body.endswith(b"0\r\n\r\n"):
+        chunk = await reader.read(65536)
+        if not chunk:
+            break
+        body += chunk
+    return body
+
+
+async def test_sigterm_with_1000_open_streams_exits_within_10_seconds():
+    """500 WebSockets + 500 SSE streams: exit < 10 s, WS close code 1001, SSE ends with retry:."""
+    server = Server(KEYS).start()
+    try:
+        sockets = [await connect(server.ws_url + "?topics=bye.>") for _ in range(500)]
+        streams = [await _open_sse(server.port) for _ in range(500)]
+        for ws in sockets:
+            await ws.recv(), await ws.recv()
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{server.url}/metrics")).text
+        assert 'stream_connections{transport="ws"} 500.0' in metrics
+        assert 'stream_connections{transport="sse"} 500.0' in metrics
+
+        ready_after_sigterm = None
+        started = time.monotonic()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        async with httpx.AsyncClient() as http:
+            try:
+                ready_after_sigterm = (await http.get(f"{server.url}/readyz", timeout=2)).status_code
+            except httpx.HTTPError:
+                ready_after_sigterm = "refused"
+        ws_codes = await asyncio.gather(*(ws.wait_closed() for ws in sockets))
+        sse_ends = await asyncio.gather(*(_sse_end(reader) for reader, _ in streams))
+        exit_code = await asyncio.to_thread(server.proc.wait, 15)
+        elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    print(f"\nSIGTERM -> exit with 1000 open streams: {elapsed:.2f} s")
+    assert elapsed < 10
+    # uvicorn re-raises the signal after a graceful shutdown, so the status says "terminated by SIGTERM".
+    assert exit_code in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.output()
+    assert ready_after_sigterm in (503, "refused")
+    assert ws_codes and all(ws.close_code == 1001 for ws in sockets)
+    assert all(b"retry: " in body and body.endswith(b"0\r\n\r\n") for body in sse_ends)
+    for _, writer in streams:
+        writer.close()
