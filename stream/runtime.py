@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from typing import Protocol
 
-from .auth import Auth
+from .auth import Auth, Principal
 from .errors import Unavailable
 from .hub import Hub, HubConfig, Policy
 from .settings import Settings
@@ -29,6 +29,7 @@ class Connection(Protocol):
 
     transport_name: str
     client_host: str
+    principal: Principal | None
 
     def shutdown(self) -> None:
         """Tell the client the server is going away (WS 1001, SSE retry hint) and close."""
@@ -54,6 +55,7 @@ class Runtime:
         self.auth = Auth(settings.keys, server.public)
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
+        self._per_key: Counter[str] = Counter()
         self.started = False
         self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
         self._drained = False
@@ -118,11 +120,25 @@ class Runtime:
         """Count a new streaming connection in, or refuse it (503 / 1013) when over capacity."""
         if self.stopping:
             raise Unavailable("the server is shutting down; reconnect in a moment")
-        limit = self.settings.server.max_connections
-        if len(self.connections) >= limit:
-            raise Unavailable(f"over capacity: {limit} connections are open", code="over_capacity")
+        server = self.settings.server
+        if len(self.connections) >= server.max_connections:
+            raise Unavailable(f"over capacity: {server.max_connections} connections are open", code="over_capacity")
+        host = connection.client_host
+        if self._per_host[host] >= server.max_connections_per_client:
+            raise Unavailable(
+                f"over capacity: {server.max_connections_per_client} connections from {host} are open",
+                code="over_capacity",
+            )
+        principal = connection.principal
+        if principal is not None and principal.max_connections is not None:
+            if self._per_key[principal.name] >= principal.max_connections:
+                raise Unavailable(
+                    f"over capacity: key {principal.name!r} has its {principal.max_connections} connections open",
+                    code="over_capacity",
+                )
+            self._per_key[principal.name] += 1
         self.connections.add(connection)
-        self._per_host[connection.client_host] += 1
+        self._per_host[host] += 1
 
     def limit_send_buffer(self, transport) -> None:
         """Cap the kernel's send buffer so a stalled client shows up as slow after kilobytes, not
@@ -138,9 +154,15 @@ class Runtime:
     def release(self, connection: Connection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            self._per_host[connection.client_host] -= 1
-            if self._per_host[connection.client_host] <= 0:
-                del self._per_host[connection.client_host]
+            _decrement(self._per_host, connection.client_host)
+            if connection.principal is not None and connection.principal.max_connections is not None:
+                _decrement(self._per_key, connection.principal.name)
 
     def count(self, transport: str) -> int:
         return sum(1 for connection in self.connections if connection.transport_name == transport)
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

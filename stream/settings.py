@@ -41,6 +41,7 @@ class ServerSettings:
     max_patterns: int = 100  # per connection
     max_frame_bytes: int = 64 * 1024  # largest WebSocket message a client may send
     max_connections: int = 10_000  # WebSocket + SSE, whole process
+    max_connections_per_client: int = 1000  # WebSocket + SSE from one client address
     ws_ops_rate: float = 50.0  # client ops per second per WebSocket connection
     ws_ops_burst: int = 100  # ops a connection may send at once before the rate applies
     sse_heartbeat: float | None = 15.0  # seconds between ": ping" comments
@@ -194,7 +195,7 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     for name in ("history_size", "max_event_bytes", "max_batch_bytes", "max_batch_events", "subscriber_buffer"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
     need("ws_ops_rate", s.ws_ops_rate > 0, "must be a positive number of ops per second")
-    for name in ("max_patterns", "max_frame_bytes", "max_connections", "ws_ops_burst"):
+    for name in ("max_patterns", "max_frame_bytes", "max_connections", "max_connections_per_client", "ws_ops_burst"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
     for name in ("history_ttl", "sse_heartbeat", "ws_ping_interval", "ws_ping_timeout"):
         value = getattr(s, name)

@@ -1,0 +1,62 @@
+"""Connection admission (stream/runtime.py): capacity limits per process, client and key."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import websockets
+from websockets.asyncio.client import connect
+
+from .support import PUBLISH_KEY, Server
+
+LIMITED = f"""
+[server]
+max_connections = 5
+max_connections_per_client = 3
+
+[[keys]]
+name = "bot"
+key = "{PUBLISH_KEY}"
+subscribe = [">"]
+max_connections = 1
+"""
+
+
+async def test_over_capacity_websocket_is_closed_1013_and_sse_gets_200_with_retry():
+    """Past max_connections_per_client: WS closes with 1013, SSE answers 200 + retry and ends."""
+    with Server(LIMITED) as server:
+        held = [await connect(server.ws_url) for _ in range(3)]
+        async with connect(server.ws_url) as extra:
+            messages = []
+            try:
+                async for frame in extra:
+                    messages.append(orjson.loads(frame))
+            except websockets.ConnectionClosed:
+                pass
+        assert extra.close_code == 1013
+        assert messages[-1]["code"] == "over_capacity"
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"{server.url}/sse?topics=x")
+        assert response.status_code == 200
+        assert response.text.startswith("retry: ") and "over capacity" in response.text
+        await held[0].close()
+        await asyncio.sleep(0.2)
+        async with connect(server.ws_url) as again:
+            assert orjson.loads(await again.recv())["type"] == "welcome"
+        for ws in held[1:]:
+            await ws.close()
+
+
+async def test_a_key_with_max_connections_gets_no_more():
+    """A key's max_connections caps its open streams; anonymous clients are not affected."""
+    with Server(LIMITED) as server:
+        async with connect(server.ws_url + f"?token={PUBLISH_KEY}") as first:
+            assert orjson.loads(await first.recv())["type"] == "welcome"
+            async with connect(server.ws_url + f"?token={PUBLISH_KEY}") as second:
+                await second.recv()
+                await asyncio.wait_for(second.wait_closed(), 5)
+            assert second.close_code == 1013
+            async with connect(server.ws_url) as anonymous:
+                assert orjson.loads(await anonymous.recv())["type"] == "welcome"
