@@ -24,6 +24,8 @@ class Principal:
     subscribe: tuple[str, ...]
     publish: tuple[str, ...]
     max_connections: int | None = None
+    publish_rate: float | None = None
+    publish_burst: int | None = None
 
 
 def _digest(secret: str) -> bytes:
@@ -34,7 +36,8 @@ class Auth:
     def __init__(self, keys: tuple[KeySettings, ...], public: tuple[str, ...]) -> None:
         self.public = public
         self._by_digest = {
-            _digest(k.key): Principal(k.name, k.subscribe, k.publish, k.max_connections) for k in keys
+            _digest(k.key): Principal(k.name, k.subscribe, k.publish, k.max_connections, k.publish_rate, k.publish_burst)
+            for k in keys
         }
         self.can_anyone_publish = any(k.publish for k in keys)
 
@@ -46,6 +49,10 @@ class Auth:
         if principal is None:
             raise Unauthorized("token: not a known key")
         return principal
+
+    def may_subscribe(self, principal: Principal | None, pattern: str) -> bool:
+        granted = self.public + (principal.subscribe if principal is not None else ())
+        return any(covers(grant, pattern) for grant in granted)
 
     def check_subscribe(self, principal: Principal | None, patterns: list[str], field: str = "topics") -> None:
         for pattern in patterns:

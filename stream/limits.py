@@ -16,14 +16,14 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, count: float = 1.0) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= count:
+            self.tokens -= count
             return True
         return False
 
-    def wait_time(self) -> float:
-        """Seconds until one token is available."""
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+    def wait_time(self, count: float = 1.0) -> float:
+        """Seconds until ``count`` tokens are available."""
+        return max(0.0, (min(count, self.burst) - self.tokens) / self.rate)

@@ -15,8 +15,9 @@ from collections import Counter
 from typing import Protocol
 
 from .auth import Auth, Principal
-from .errors import Unavailable
+from .errors import RateLimited, Unavailable
 from .hub import Hub, HubConfig, Policy
+from .limits import TokenBucket
 from .settings import Settings
 
 __all__ = ["Connection", "Runtime"]
@@ -56,6 +57,7 @@ class Runtime:
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
+        self._publish_buckets: dict[str, TokenBucket] = {}
         self.started = False
         self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
         self._drained = False
@@ -157,6 +159,29 @@ class Runtime:
             _decrement(self._per_host, connection.client_host)
             if connection.principal is not None and connection.principal.max_connections is not None:
                 _decrement(self._per_key, connection.principal.name)
+
+    def charge_publish(self, principal: Principal | None, count: int) -> None:
+        """Spend ``count`` events of the key's publish rate (SPEC §6), or raise RateLimited."""
+        if principal is None:
+            return
+        server = self.settings.server
+        rate = principal.publish_rate or server.publish_rate
+        burst = principal.publish_burst or server.publish_burst
+        now = time.monotonic()
+        bucket = self._publish_buckets.get(principal.name)
+        if bucket is None:
+            bucket = self._publish_buckets[principal.name] = TokenBucket(rate, burst, now)
+        if count > burst:
+            raise RateLimited(
+                f"body: {count} events exceed this key's burst of {burst}; split the batch",
+                retry_after=count / rate,
+            )
+        if not bucket.take(now, count):
+            wait = bucket.wait_time(count)
+            raise RateLimited(
+                f"key {principal.name!r} is over its publish rate of {rate:g} events/s; retry in {wait:.2f} s",
+                retry_after=wait,
+            )
 
     def count(self, transport: str) -> int:
         return sum(1 for connection in self.connections if connection.transport_name == transport)

@@ -44,6 +44,8 @@ class ServerSettings:
     max_connections_per_client: int = 1000  # WebSocket + SSE from one client address
     ws_ops_rate: float = 50.0  # client ops per second per WebSocket connection
     ws_ops_burst: int = 100  # ops a connection may send at once before the rate applies
+    publish_rate: float = 100.0  # events per second one key may publish (HTTP and WebSocket together)
+    publish_burst: int = 100  # events one key may publish at once before the rate applies
     sse_heartbeat: float | None = 15.0  # seconds between ": ping" comments
     sse_retry: int = 3000  # milliseconds, the reconnect delay advertised to EventSource
     ws_ping_interval: float | None = 20.0
@@ -64,6 +66,8 @@ class KeySettings:
     subscribe: tuple[str, ...] = ()
     publish: tuple[str, ...] = ()
     max_connections: int | None = None
+    publish_rate: float | None = None  # None: [server] publish_rate
+    publish_burst: int | None = None  # None: [server] publish_burst
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     for name in ("history_size", "max_event_bytes", "max_batch_bytes", "max_batch_events", "subscriber_buffer"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
     need("ws_ops_rate", s.ws_ops_rate > 0, "must be a positive number of ops per second")
+    need("publish_rate", s.publish_rate > 0, "must be a positive number of events per second")
+    need("publish_burst", s.publish_burst >= 1, "must be at least 1")
     for name in ("max_patterns", "max_frame_bytes", "max_connections", "max_connections_per_client", "ws_ops_burst"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
     for name in ("history_ttl", "sse_heartbeat", "ws_ping_interval", "ws_ping_timeout"):
@@ -204,7 +210,9 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     need("close_timeout", s.close_timeout > 0, "must be a positive number of seconds")
     need("shutdown_timeout", s.shutdown_timeout > 0, "must be a positive number of seconds")
     need("sse_retry", s.sse_retry >= 0, "must be milliseconds >= 0")
-    need("broker", s.broker.startswith(("memory://", "redis://", "rediss://")), "expected memory:// or redis://…")
+    if "broker" in given and not s.broker.startswith(("memory://", "redis://", "rediss://")):
+        # Never echo the URL: it may carry a password.
+        problems.append(f"server.broker: expected memory:// or redis://…, got a {s.broker.split(':', 1)[0]!r} URL")
     need("log_level", s.log_level.lower() in ("debug", "info", "warning", "error"), "expected debug|info|warning|error")
     for index, pattern in enumerate(s.public):
         try:
@@ -224,7 +232,7 @@ def _keys(items: Any, env: Mapping[str, str], problems: list[str]) -> tuple[KeyS
             problems.append(f"{where}: expected a table")
             continue
         for name in item:
-            if name not in ("name", "key", "key_env", "subscribe", "publish", "max_connections"):
+            if name not in ("name", "key", "key_env", "subscribe", "publish", "max_connections", "publish_rate", "publish_burst"):
                 problems.append(f"{where}.{name}: unknown setting")
         secret = item.get("key")
         if "key_env" in item:
@@ -252,12 +260,30 @@ def _keys(items: Any, env: Mapping[str, str], problems: list[str]) -> tuple[KeyS
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             problems.append(f"{where}.max_connections: expected a positive integer, got {limit!r}")
             limit = None
+        rate = item.get("publish_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
+            problems.append(f"{where}.publish_rate: expected a positive number of events per second, got {rate!r}")
+            rate = None
+        burst = item.get("publish_burst")
+        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, int) or burst < 1):
+            problems.append(f"{where}.publish_burst: expected a positive integer, got {burst!r}")
+            burst = None
         name = item.get("name", f"key{index}")
         if not isinstance(name, str):
             problems.append(f"{where}.name: expected a string")
             name = f"key{index}"
         if isinstance(secret, str) and secret:
-            keys.append(KeySettings(name, secret, lists["subscribe"], lists["publish"], limit))
+            keys.append(
+                KeySettings(
+                    name,
+                    secret,
+                    lists["subscribe"],
+                    lists["publish"],
+                    limit,
+                    None if rate is None else float(rate),
+                    burst,
+                )
+            )
     return tuple(keys)
 
 

@@ -25,6 +25,8 @@ name = "tests"
 key = "{PUBLISH_KEY}"
 publish = [">"]
 subscribe = [">"]
+publish_rate = 1000000
+publish_burst = 100000
 """
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
@@ -111,14 +113,14 @@ def publish_sync(server: Server, items: list[dict[str, Any]] | dict[str, Any]) -
 class RawWebSocket:
     """A WebSocket peer over a plain socket, so a test can stop reading or ignore pings."""
 
-    def __init__(self, port: int, path: str = "/ws", *, rcvbuf: int | None = None) -> None:
+    def __init__(self, port: int, path: str = "/ws", *, rcvbuf: int | None = None, headers: str = "") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
         )
         self.sock.sendall(request.encode())
         self.buffer = b""
@@ -131,16 +133,19 @@ class RawWebSocket:
         self.status = int(head.split(b" ", 2)[1])
 
     def send_text(self, text: str) -> None:
-        payload = text.encode()
+        self.send_frame(0x1, text.encode())
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """One masked client frame (0x1 text, 0x8 close, 0x9 ping, 0xA pong)."""
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         length = len(payload)
         if length < 126:
-            header = struct.pack("!BB", 0x81, 0x80 | length)
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
         elif length < 65536:
-            header = struct.pack("!BBH", 0x81, 0x80 | 126, length)
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
         else:
-            header = struct.pack("!BBQ", 0x81, 0x80 | 127, length)
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
         self.sock.sendall(header + mask + masked)
 
     def _read(self, count: int, timeout: float) -> bytes:
@@ -208,3 +213,16 @@ class SSEReader:
 
         await asyncio.wait_for(read(), timeout)
         return found
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def metric(client: httpx.AsyncClient, server: Server, line_prefix: str) -> float:
+    text = (await client.get(f"{server.url}/metrics")).text
+    return float(next(line for line in text.splitlines() if line.startswith(line_prefix)).split()[-1])

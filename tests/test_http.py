@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from .support import AUTH, KEYS, Server, publish
@@ -161,3 +162,36 @@ async def test_dashboard_and_openapi_are_served(server, client):
     assert "<html" in (await client.get(f"{server.url}/")).text
     paths = (await client.get(f"{server.url}/openapi.json")).json()["paths"]
     assert {"/api/publish", "/api/events", "/sse"} <= set(paths)
+
+
+async def test_publish_rate_per_key_answers_429_with_retry_after():
+    """A key past its publish rate gets 429 with Retry-After; a batch over the burst is refused whole."""
+    slow_key = KEYS.replace("publish_rate = 1000000", "publish_rate = 10").replace("publish_burst = 100000", "publish_burst = 20")
+    with Server(slow_key) as limited:
+        async with httpx.AsyncClient() as http:
+            url = f"{limited.url}/api/publish"
+            ok = await http.post(url, json=[{"topic": "r.a", "data": n} for n in range(20)], headers=AUTH)
+            limited_response = await http.post(url, json={"topic": "r.a", "data": 0}, headers=AUTH)
+            too_big = await http.post(url, json=[{"topic": "r.a", "data": n} for n in range(21)], headers=AUTH)
+    assert ok.status_code == 202
+    assert limited_response.status_code == 429 and limited_response.json()["error"]["code"] == "rate_limited"
+    assert int(limited_response.headers["Retry-After"]) >= 1
+    assert too_big.status_code == 429 and "burst" in too_big.json()["error"]["message"]
+
+
+async def test_events_refuses_more_patterns_than_a_connection_may_hold(server, client):
+    """/api/events caps patterns like /ws and /sse do, so one request cannot stall the hub."""
+    response = await client.get(f"{server.url}/api/events", params={"topics": ",".join(f"p{n}" for n in range(101))})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_subscriptions"
+
+
+async def test_topic_listing_hides_what_the_caller_may_not_read():
+    """With public = [], /api/topics lists only what the caller's key may subscribe to."""
+    with Server(KEYS + '\n[server]\npublic = ["open.>"]\n') as private:
+        async with httpx.AsyncClient() as http:
+            await publish(http, private, [{"topic": "open.a", "data": 1}, {"topic": "secret.b", "data": 2}])
+            anonymous = [t["topic"] for t in (await http.get(f"{private.url}/api/topics")).json()]
+            keyed = [t["topic"] for t in (await http.get(f"{private.url}/api/topics", headers=AUTH)).json()]
+            hidden = await http.get(f"{private.url}/api/topics/secret.b")
+    assert anonymous == ["open.a"] and keyed == ["open.a", "secret.b"]
+    assert hidden.status_code == 401

@@ -320,3 +320,66 @@ def test_unsubscribe_and_detach_stop_delivery():
     publish(hub, "b")
     assert sink.ids() == [b.id]
     assert not hub._patterns
+
+
+def test_conflate_with_as_many_topics_as_buffer_slots_stays_bounded_and_exact():
+    """1,000 conflated topics on a 1,000-event buffer: the buffer stays bounded and the client
+    gets exactly the newest value of every topic, each once, in hub order."""
+    hub = make_hub(subscriber_buffer=1000, overflow=(("q.>", Policy.CONFLATE),))
+    sub, sink = subscriber(hub, ["q.>"])
+    sub.pause()
+    newest = {}
+
+    async def run():
+        for n in range(20_000):
+            topic = f"q.T{n % 1000}"
+            newest[topic] = (await hub.publish(topic, n)).id
+            assert len(sub.pending) <= 2 * 1000 + 1
+
+    asyncio.run(run())
+    sub.resume()
+    frames = sink.frames
+    assert sub.state is State.LIVE and len(frames) == 1000
+    assert {frame[2]: frame[1] for frame in frames} == newest
+    seqs = [int(frame[1].rsplit("-", 1)[1]) for frame in frames]
+    assert seqs == sorted(seqs)
+
+
+def test_conflate_and_drop_mixed_in_one_buffer():
+    """Conflated quotes and dropped chatter share a buffer: each follows its own policy."""
+    hub = make_hub(subscriber_buffer=20, overflow=(("q.>", Policy.CONFLATE), ("c.>", Policy.DROP)))
+    sub, sink = subscriber(hub, [">"])
+    sub.pause()
+
+    async def run():
+        for n in range(300):
+            await hub.publish(f"q.T{n % 5}", n)
+            await hub.publish("c.x", n)
+
+    asyncio.run(run())
+    sub.resume()
+    kinds = [frame[0] for frame in sink.frames]
+    assert "G" in kinds and sub.state is State.LIVE
+    assert len([frame for frame in sink.frames if frame[0] == "E"]) <= 20
+
+
+def test_since_is_refused_once_a_connection_has_subscribed_even_after_unsubscribing():
+    """Replaying into a connection that already received live events could duplicate them."""
+    hub = make_hub()
+    publish(hub, "a")
+    sub, _ = subscriber(hub, ["a"])
+    hub.unsubscribe(sub, ["a"])
+    with pytest.raises(BadRequest, match="first subscribe"):
+        hub.subscribe(sub, ["a"], since=parse_since(f"{hub.epoch}-1"))
+
+
+def test_published_metric_prefixes_are_bounded():
+    """Publishers choose topics; the per-prefix counter folds new prefixes into 'other' past 100."""
+    hub = make_hub()
+
+    async def run():
+        for n in range(150):
+            await hub.publish(f"p{n}.x", 1)
+
+    asyncio.run(run())
+    assert len(hub.stats.published) == 101 and hub.stats.published["other"] == 50

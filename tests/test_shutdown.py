@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from .support import KEYS, Server
+from .support import KEYS, RawWebSocket, Server, publish
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +75,31 @@ async def test_sigterm_with_1000_open_streams_exits_within_10_seconds():
     assert all(b"retry: " in body and body.endswith(b"0\r\n\r\n") for body in sse_ends)
     for _, writer in streams:
         writer.close()
+
+
+async def test_sigterm_with_stalled_clients_still_exits_promptly_and_cleanly():
+    """Clients that stopped reading (SSE and WS, with data queued) cannot hold shutdown hostage."""
+    server = Server(KEYS).start()
+    try:
+        stalled_sse = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(f"GET /sse?topics=stall.> HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            stalled_sse.append(sock)
+        stalled_ws = [RawWebSocket(server.port, "/ws?topics=stall.>") for _ in range(3)]
+        async with httpx.AsyncClient() as http:
+            for _ in range(10):
+                await publish(http, server, [{"topic": "stall.a", "data": "x" * 60_000} for _ in range(10)])
+        started = time.monotonic()
+        elapsed = server.stop()
+    finally:
+        server.stop()
+    print(f"\nSIGTERM -> exit with 6 stalled clients: {elapsed:.2f} s")
+    assert elapsed < 10
+    assert time.monotonic() - started < 10
+    output = server.output()
+    assert "Exception in ASGI application" not in output and "Traceback" not in output
+    for sock in stalled_sse:
+        sock.close()
+    for raw in stalled_ws:
+        raw.close()

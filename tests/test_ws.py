@@ -10,7 +10,9 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from .support import AUTH, KEYS, PUBLISH_KEY, RawWebSocket, Server, publish
+import httpx
+
+from .support import AUTH, KEYS, PUBLISH_KEY, RawWebSocket, Server, metric, publish, rss_mb
 
 
 async def recv(ws, timeout: float = 5.0) -> dict:
@@ -114,6 +116,8 @@ async def test_unsubscribe_ping_and_publish_answer_with_ref(server):
         ('"text"', "bad_request"),
         ('{"op": "dance", "ref": 9}', "unknown_op"),
         ('{"ref": 9}', "unknown_op"),
+        ('{"op": [], "ref": 9}', "unknown_op"),
+        ('{"op": {"a": 1}, "ref": 9}', "unknown_op"),
         ('{"op": "subscribe", "topics": ["news..x"], "ref": 9}', "bad_topic"),
         ('{"op": "subscribe", "topics": "news.>.x", "ref": 9}', "bad_topic"),
         ('{"op": "subscribe", "topics": [], "ref": 9}', "bad_topic"),
@@ -223,3 +227,86 @@ async def test_a_client_that_answers_pings_stays_connected():
             await asyncio.sleep(1.5)
             await ws.send('{"op":"ping"}')
             assert (await recv(ws))["type"] == "pong"
+
+
+async def test_an_oversized_ref_is_refused_not_echoed(server):
+    """ref is echoed in every answer, so it is limited to a number or a short string."""
+    async with connect(server.ws_url) as ws:
+        await recv(ws)
+        await ws.send(orjson.dumps({"op": "ping", "ref": "r" * 5000}).decode())
+        error = await recv(ws)
+    assert error["code"] == "bad_request" and error["ref"] is None and "ref:" in error["message"]
+
+
+async def test_unsolicited_pongs_do_not_defeat_the_keepalive():
+    """A peer that sends pongs of its own but never answers the server's ping is closed with 1011."""
+    with Server(KEYS + "\n[server]\nws_ping_interval = 0.3\nws_ping_timeout = 0.5\n") as quick:
+        raw = RawWebSocket(quick.port)
+        deadline = time.monotonic() + 5
+        code = None
+        while code is None and time.monotonic() < deadline:
+            raw.send_frame(0xA, b"fake")
+            try:
+                opcode, payload = await asyncio.to_thread(raw.frame, 0.2)
+            except TimeoutError:
+                continue
+            if opcode == 0x8:
+                code = int.from_bytes(payload[:2], "big")
+        raw.close()
+    assert code == 1011
+
+
+async def test_a_client_that_sends_close_and_stops_reading_is_dropped():
+    """Client-started close behind unread data: the server, which stopped reading this client, still
+    drops it once the keepalive goes unanswered plus close_timeout; it does not linger forever."""
+    with Server(KEYS + "\n[server]\nclose_timeout = 0.5\nws_ping_interval = 0.3\nws_ping_timeout = 0.3\n") as quick:
+        async with httpx.AsyncClient() as http:
+            raw = RawWebSocket(quick.port, "/ws?topics=unread.>")
+            for _ in range(4):
+                await publish(http, quick, [{"topic": "unread.a", "data": "x" * 60_000} for _ in range(10)])
+            raw.send_frame(0x8, (1000).to_bytes(2, "big"))
+            await asyncio.sleep(1.5)
+            connections = await metric(http, quick, 'stream_connections{transport="ws"}')
+            raw.close()
+    assert connections == 0
+
+
+async def test_a_client_that_never_reads_cannot_grow_server_memory():
+    """Snapshot-heavy ops and pings from a client that reads nothing: the server stops reading it
+    and closes it as a slow consumer; its memory stays bounded."""
+    with Server(KEYS) as quick:
+        async with httpx.AsyncClient() as http:
+            for start in range(0, 500, 100):
+                await publish(http, quick, [{"topic": f"big.t{n}", "data": "x" * 1000} for n in range(start, start + 100)])
+            assert quick.proc is not None
+            before = rss_mb(quick.proc.pid)
+            raw = RawWebSocket(quick.port)
+            raw.sock.setblocking(False)
+            sent = 0
+            started = time.monotonic()
+            while time.monotonic() - started < 4:
+                try:
+                    raw.send_text('{"op":"subscribe","topics":["big.>"],"snapshot":true}')
+                    raw.send_text('{"op":"unsubscribe","topics":["big.>"]}')
+                    raw.send_frame(0x9, b"p" * 125)
+                    sent += 1
+                except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                    await asyncio.sleep(0.05)  # the server stopped reading us
+                await asyncio.sleep(0.01)
+            after = rss_mb(quick.proc.pid)
+            raw.close()
+    assert after - before < 100, (before, after, sent)
+
+
+async def test_forwarded_for_from_a_trusted_proxy_names_the_client():
+    """Behind a proxy on loopback, per-client limits count X-Forwarded-For clients, as for SSE."""
+    with Server(KEYS + "\n[server]\nmax_connections_per_client = 1\n") as limited:
+        first = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.1\r\n")
+        second = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.2\r\n")
+        again = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.1\r\n")
+        welcome = orjson.loads((await asyncio.to_thread(second.frame))[1])
+        messages, code = await asyncio.to_thread(again.messages_until_close, 5)
+        for raw in (first, second, again):
+            raw.close()
+    assert welcome["type"] == "welcome"
+    assert code == 1013 and messages[-1]["code"] == "over_capacity"

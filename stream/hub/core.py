@@ -25,6 +25,7 @@ __all__ = ["Hub", "HubConfig", "HubStats"]
 log = logging.getLogger("stream.hub")
 
 _ROUTE_CACHE_LIMIT = 50_000
+_PREFIX_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ class Hub:
             self.history.append(event, now_ms)
             self.retained[event.topic] = event
             prefix = event.topic.split(".", 1)[0]
+            if prefix not in published and len(published) >= _PREFIX_LIMIT:
+                prefix = "other"  # publishers choose topics: keep the metric's label set bounded
             published[prefix] = published.get(prefix, 0) + 1
             self._fanout(event)
 
@@ -226,7 +229,7 @@ class Hub:
                 f"topics: a connection may hold at most {limit} patterns; "
                 f"it has {len(sub.wants)} and asked for {len(new)} more"
             )
-        if since is not None and sub.wants:
+        if since is not None and sub.started:
             raise BadRequest(
                 "since: only a connection's first subscribe can replay history; "
                 "put every pattern in that subscribe, or open a new connection"
@@ -238,6 +241,7 @@ class Hub:
         wants = [_Want(Pattern(text), cursor, symbols) for text in new]
         if snapshot:
             self._send_snapshot(sub, wants, cursor)
+        sub.started = True
         for text, want in zip(new, wants):
             sub.wants[text] = want
             self._join(sub, text, want)
@@ -298,7 +302,7 @@ class Hub:
             self.subscribers.discard(sub)
             closed = self.stats.sent_by_closed
             closed[sub.transport_name] = closed.get(sub.transport_name, 0) + sub.sent
-            self.stats.dropped_by_closed += sub.dropped + len(sub.pending)
+            self.stats.dropped_by_closed += sub.dropped + sub.backlog
         sub.pending.clear()
 
     def _catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
@@ -310,7 +314,7 @@ class Hub:
             self.stats.gap("history")
             sub.cursor = history.trimmed_seq
         index = history.index_after(sub.cursor)
-        wants = list(sub.wants.values())
+        matcher = _Matcher(list(sub.wants.values()))
         encode = sub.sink.encode
         size = 0
         while size < budget:
@@ -321,7 +325,7 @@ class Hub:
                 return
             index += 1
             sub.cursor = event.seq
-            if any(want.accepts(event) for want in wants):
+            if matcher.accepts(event):
                 data = encode(event)
                 chunk.append(data)
                 size += len(data)
@@ -345,12 +349,12 @@ class Hub:
         symbols: frozenset[str] | None = None,
     ) -> tuple[list[Event], str, bool]:
         """History for ``/api/events``: (events oldest first, next position, gap?)."""
-        wants = [_Want(Pattern(text), 0, symbols) for text in patterns]
+        matcher = _Matcher([_Want(Pattern(text), 0, symbols) for text in patterns])
         history = self.history
         if since is None:
             found: list[Event] = []
             for event in reversed(history.after(history.trimmed_seq)):
-                if any(want.accepts(event) for want in wants):
+                if matcher.accepts(event):
                     found.append(event)
                     if len(found) >= limit:
                         break
@@ -360,7 +364,7 @@ class Hub:
         found = []
         position = history.head_seq
         for event in history.after(cursor):
-            if any(want.accepts(event) for want in wants):
+            if matcher.accepts(event):
                 found.append(event)
                 if len(found) >= limit:
                     position = event.seq
@@ -385,6 +389,25 @@ class Hub:
             pass
         finally:
             sub.close()
+
+
+class _Matcher:
+    """Which history events a set of patterns wants; pattern matching is done once per topic."""
+
+    def __init__(self, wants: list[_Want]) -> None:
+        self.wants = wants
+        self._topics: dict[str, list[_Want]] = {}
+
+    def accepts(self, event: Event) -> bool:
+        matching = self._topics.get(event.topic)
+        if matching is None:
+            matching = self._topics[event.topic] = [w for w in self.wants if w.pattern.matches(event.topic)]
+        for want in matching:
+            if event.seq > want.start and (
+                want.symbols is None or event.symbols is None or not want.symbols.isdisjoint(event.symbols)
+            ):
+                return True
+        return False
 
 
 def _symbols_ok(wants: list[_Want], event: Event) -> bool:

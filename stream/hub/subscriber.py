@@ -97,6 +97,9 @@ class Subscriber:
         "wants",
         "pending",
         "pending_gap",
+        "latest",
+        "stale",
+        "started",
         "capacity",
         "sent",
         "dropped",
@@ -116,6 +119,11 @@ class Subscriber:
         self.wants: dict[str, _Want] = {}
         self.pending: deque[Event] = deque()
         self.pending_gap: tuple[str | None, str] | None = None
+        # While conflating: topic -> seq of its newest pending event; superseded entries stay in
+        # ``pending`` (counted by ``stale``) and are skipped when flushed.
+        self.latest: dict[str, int] | None = None
+        self.stale = 0
+        self.started = False  # has ever held a pattern (``since`` is only for a fresh subscriber)
         self.capacity = capacity
         self.sent = 0
         self.dropped = 0
@@ -162,57 +170,102 @@ class Subscriber:
                 self.pending_gap = None
                 chunk.append(self.sink.encode_gap(after, reason))
             if self.pending:
-                size = 0
-                pending, encode = self.pending, self._encode
-                while pending and size < FLUSH_BYTES:
-                    data = encode(pending.popleft())
-                    chunk.append(data)
-                    size += len(data)
-                    self.sent += 1
+                self._take_pending(chunk)
             elif self.state is State.CATCHING_UP:
                 self.hub._catch_up(self, chunk, FLUSH_BYTES)
             if not chunk:
                 return
             self._write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
 
+    def _take_pending(self, chunk: list[bytes]) -> None:
+        size = 0
+        pending, encode, latest = self.pending, self._encode, self.latest
+        while pending and size < FLUSH_BYTES:
+            event = pending.popleft()
+            if latest is not None and event.policy is Policy.CONFLATE:
+                if latest.get(event.topic) != event.seq:
+                    self.stale -= 1  # superseded by a newer pending value
+                    continue
+                del latest[event.topic]
+            data = encode(event)
+            chunk.append(data)
+            size += len(data)
+            self.sent += 1
+        if not pending:
+            self.latest, self.stale = None, 0
+
+    @property
+    def backlog(self) -> int:
+        """Events waiting, not counting superseded conflated values."""
+        return len(self.pending) - self.stale
+
     # -- overflow ---------------------------------------------------------------------------
 
     def _enqueue(self, event: Event) -> None:
-        pending = self.pending
-        if len(pending) >= self.capacity:
+        latest = self.latest
+        if latest is not None and event.policy is Policy.CONFLATE and event.topic in latest:
+            # Conflating: the newest value supersedes the waiting one, so it needs no room.
+            self.stale += 1
+            self.dropped += 1
+            latest[event.topic] = event.seq
+            self.pending.append(event)
+            if self.stale > self.capacity:
+                self._compact()
+            return
+        if len(self.pending) - self.stale >= self.capacity:
             policy = event.policy
             if policy is Policy.DROP:
-                lost = pending.popleft()
-                self.dropped += 1
-                if self.pending_gap is None:
-                    self.pending_gap = (format_id(self.hub.epoch, lost.seq - 1), "overflow")
-                    self.hub.stats.gap("overflow")
-            elif policy is Policy.CONFLATE and self._conflate(event):
-                pass
-            else:
+                self._drop_oldest()
+            elif policy is not Policy.CONFLATE or not self._start_conflating(event):
                 self.close_slow()
                 return
-        pending.append(event)
+        if self.latest is not None and event.policy is Policy.CONFLATE:
+            self.latest[event.topic] = event.seq
+        self.pending.append(event)
 
-    def _conflate(self, event: Event) -> bool:
-        """Keep only the newest pending event of each conflated topic; True if room was made."""
-        newest: dict[str, int] = {event.topic: event.seq}
+    def _drop_oldest(self) -> None:
+        pending, latest = self.pending, self.latest
+        while True:
+            lost = pending.popleft()
+            if latest is not None and lost.policy is Policy.CONFLATE:
+                if latest.get(lost.topic) != lost.seq:
+                    self.stale -= 1
+                    continue
+                del latest[lost.topic]
+            break
+        self.dropped += 1
+        if self.pending_gap is None:
+            self.pending_gap = (format_id(self.hub.epoch, lost.seq - 1), "overflow")
+            self.hub.stats.gap("overflow")
+
+    def _start_conflating(self, event: Event) -> bool:
+        """The buffer is full and a conflated event arrives: from now until the buffer drains, keep
+        only the newest pending event of each conflated topic. True if that made room."""
+        latest = self.latest if self.latest is not None else {}
         for queued in self.pending:
-            if queued.policy is Policy.CONFLATE and queued.topic != event.topic:
-                newest[queued.topic] = queued.seq
+            if queued.policy is Policy.CONFLATE:
+                latest[queued.topic] = queued.seq
+        latest.pop(event.topic, None)  # the incoming event supersedes its topic's waiting one
+        self.latest = latest
+        self._compact()
+        return len(self.pending) < self.capacity
+
+    def _compact(self) -> None:
+        latest = self.latest or {}
         kept = deque(
             queued
             for queued in self.pending
-            if queued.policy is not Policy.CONFLATE or newest.get(queued.topic) == queued.seq
+            if queued.policy is not Policy.CONFLATE or latest.get(queued.topic) == queued.seq
         )
-        self.dropped += len(self.pending) - len(kept)
+        self.dropped += len(self.pending) - len(kept) - self.stale
         self.pending = kept
-        return len(kept) < self.capacity
+        self.stale = 0
 
     def close_slow(self) -> None:
         """Give up on a consumer that cannot keep up: detach, then let the transport close."""
-        self.dropped += len(self.pending)
+        self.dropped += self.backlog
         self.pending.clear()
+        self.latest, self.stale = None, 0
         self.hub.detach(self)
         self.hub.stats.slow_consumers += 1
         self.sink.overflowed()

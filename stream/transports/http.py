@@ -41,6 +41,12 @@ def _principal(request: Request, runtime: Runtime):
     return runtime.auth.identify(token)
 
 
+def _check_pattern_count(runtime: Runtime, patterns: list[str]) -> None:
+    limit = runtime.settings.server.max_patterns
+    if len(patterns) > limit:
+        raise TooManySubscriptions(f"topics: at most {limit} patterns per request, got {len(patterns)}")
+
+
 @router.get("/healthz", tags=["operations"])
 async def healthz() -> JSON:
     """200 while the process serves."""
@@ -68,12 +74,15 @@ def _event_dict(event: Event) -> dict[str, Any]:
 
 @router.get("/api/topics", tags=["api"])
 async def topics(request: Request) -> JSON:
-    """Every topic with a retained value, with its last id and time and its subscriber count."""
-    hub = _runtime(request).hub
+    """Every topic with a retained value the caller may read, with its last id, time and subscribers."""
+    runtime = _runtime(request)
+    hub, auth = runtime.hub, runtime.auth
+    principal = _principal(request, runtime)
     return JSON(
         [
             {"topic": t, "last_id": e.id, "last_ts": e.ts, "subscribers": hub.subscriber_count(t)}
             for t, e in sorted(hub.retained.items())
+            if auth.may_subscribe(principal, t)
         ]
     )
 
@@ -109,6 +118,7 @@ async def events(request: Request) -> JSON:
     runtime = _runtime(request)
     params = request.query_params
     patterns = parse_pattern_list(params.get("topics") or ">", "topics")
+    _check_pattern_count(runtime, patterns)
     runtime.auth.check_subscribe(_principal(request, runtime), patterns)
     since_text = params.get("since")
     since = parse_since(since_text) if since_text else None
@@ -175,6 +185,7 @@ async def publish(request: Request) -> JSON:
         draft = hub.draft(item["topic"], item["data"], field=f"{where}.topic")
         runtime.auth.check_publish(principal, draft.topic, f"{where}.topic")
         drafts.append(draft)
+    runtime.charge_publish(principal, len(drafts))
     accepted = await hub.publish_many(drafts)
     return JSON({"ids": [event.id for event in accepted]}, status_code=202)
 
@@ -188,9 +199,7 @@ async def sse(request: Request) -> EventStream:
     params = dict(request.query_params)
     subscription = subscribe_request(params, since_override=request.headers.get("last-event-id"))
     runtime.auth.check_subscribe(principal, subscription.topics)
-    limit = runtime.settings.server.max_patterns
-    if len(subscription.topics) > limit:
-        raise TooManySubscriptions(f"topics: at most {limit} patterns per connection, got {len(subscription.topics)}")
+    _check_pattern_count(runtime, subscription.topics)
     runtime.hub.resolve(subscription.since)  # a since from the future is a 400 before streaming
     client = request.client.host if request.client else ""
     return EventStream(runtime, subscription, principal, client)

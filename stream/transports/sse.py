@@ -80,16 +80,18 @@ class EventStream(Response):
             self.done = asyncio.get_running_loop().create_future()
             self._subscribe()
             await self.done
+            self._detach()
+            if self.ended != "lost":
+                final = b""
+                if self.ended == "shutdown":
+                    final = wire.sse_retry(server.sse_retry + random.randint(0, server.sse_retry))
+                # May wait for a slow client to drain; the abort timer armed by _end bounds it.
+                await send({"type": "http.response.body", "body": final, "more_body": False})
         finally:
             self._detach()
-        if self.ended == "lost":
-            return
-        final = b""
-        if self.ended == "shutdown":
-            final = wire.sse_retry(server.sse_retry + random.randint(0, server.sse_retry))
-        await send({"type": "http.response.body", "body": final, "more_body": False})
-        if self.abort_timer is not None:
-            self.abort_timer.cancel()
+            if self.abort_timer is not None:
+                self.abort_timer.cancel()
+            self.runtime.release(self)
 
     def _subscribe(self) -> None:
         protocol = self.protocol
@@ -112,22 +114,26 @@ class EventStream(Response):
             )
         except StreamError as exc:
             self.write(wire.sse_chunk(wire.sse_control("error", {"error": exc.to_dict()})))
-            self._end("error")
+            self._end("error", self.runtime.settings.server.close_timeout)
 
     def _detach(self) -> None:
         if self.sub is not None:
             self.sub.close()
         if self.protocol is not None and self.protocol.stream_sink is self:
             self.protocol.stream_sink = None
-        self.runtime.release(self)
 
-    def _end(self, reason: str) -> None:
-        if self.ended is None:
-            self.ended = reason
-            if self.sub is not None:
-                self.sub.close()
-            if self.done is not None and not self.done.done():
-                self.done.set_result(None)
+    def _end(self, reason: str, abort_after: float | None = None) -> None:
+        if self.ended is not None:
+            return
+        self.ended = reason
+        if self.sub is not None:
+            self.sub.close()
+        if abort_after is not None and self.protocol is not None:
+            # The end of the stream may never drain to a stalled client: drop it after a while.
+            transport = self.protocol.transport
+            self.abort_timer = asyncio.get_running_loop().call_later(abort_after, transport.abort)
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
     # -- Sink (called by the subscriber) ---------------------------------------------------
 
@@ -139,11 +145,7 @@ class EventStream(Response):
 
     def overflowed(self) -> None:
         log.info("ending slow SSE consumer %s (buffer full)", self.client_host)
-        self._end("slow")
-        # The final chunk may never drain to a stalled client: abort it after close_timeout.
-        timeout = self.runtime.settings.server.close_timeout
-        transport = self.protocol.transport
-        self.abort_timer = asyncio.get_running_loop().call_later(timeout, transport.abort)
+        self._end("slow", self.runtime.settings.server.close_timeout)
 
     # -- StreamSink (called by the HTTP protocol) -------------------------------------------
 
@@ -161,7 +163,8 @@ class EventStream(Response):
     # -- Connection (called by the runtime) --------------------------------------------------
 
     def shutdown(self) -> None:
-        self._end("shutdown")
+        server = self.runtime.settings.server
+        self._end("shutdown", min(server.close_timeout, server.shutdown_timeout / 2))
 
     def tick(self, now: float) -> None:
         if self.ended is None and self.sub is not None and not self.sub.paused:

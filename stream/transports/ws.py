@@ -14,6 +14,7 @@ not finished the closing handshake within ``close_timeout``: a stalled client ca
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from http import HTTPStatus
@@ -34,7 +35,7 @@ from ..hub import Subscriber
 from ..limits import TokenBucket
 from ..runtime import Runtime
 from ..topics import parse_pattern_list
-from .params import check_origin, subscribe_request
+from .params import TrustedProxies, check_origin, subscribe_request
 
 __all__ = ["WebSocketProtocol"]
 
@@ -46,6 +47,10 @@ _protocol_log.setLevel(logging.WARNING)
 
 PATH = "/ws"
 VERSION = 1
+# Replies and snapshots bypass the subscriber's event buffer; past this much unread output the
+# client is treated as a slow consumer.
+WRITE_BUFFER_CAP = 4 * 1024 * 1024
+MAX_REF_LENGTH = 200
 
 # Close codes (SPEC §5).
 NORMAL, GOING_AWAY, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000, 1001, 1008, 1009, 1011, 1013, 4008
@@ -62,6 +67,7 @@ class WebSocketProtocol(asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.server_state = server_state
+        self.proxies = _proxies(config.forwarded_allow_ips if config.proxy_headers else "")
         self.loop = _loop or asyncio.get_event_loop()
         self.runtime: Runtime | None = app_state.get("stream")
         max_size = self.runtime.settings.server.max_frame_bytes if self.runtime else 64 * 1024
@@ -77,6 +83,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.pong_timer: asyncio.TimerHandle | None = None
         self.close_timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ping_payload = b""
         self.bucket: TokenBucket | None = None
         self.strikes = 0  # ops refused in a row by the rate limit
         # The Sink interface the subscriber uses; ``write`` is bound to the transport itself.
@@ -111,7 +118,7 @@ class WebSocketProtocol(asyncio.Protocol):
                         data, self.fragments = b"".join(self.fragments), None
                         self._message(data)
             elif event.opcode is Opcode.PONG:
-                self._pong()
+                self._pong(event.data)
             elif event.opcode is Opcode.CLOSE:
                 self._stop_delivery()
         self._flush()
@@ -139,10 +146,16 @@ class WebSocketProtocol(asyncio.Protocol):
             self.admitted = False
 
     def pause_writing(self) -> None:
+        # A client that does not read gets no more of our attention either: stop reading its
+        # ops (and pings) until it drains, so it cannot grow our buffers with replies.
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
         if self.sub is not None:
             self.sub.pause()
 
     def resume_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
         if self.sub is not None:
             self.sub.resume()
 
@@ -150,7 +163,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         if self.conn.state is OPEN:
-            self.close(GOING_AWAY, "server shutting down")
+            self.close(GOING_AWAY, "server shutting down", self._shutdown_timeout())
         elif self.conn.state is State.CONNECTING:
             self.transport.close()
 
@@ -183,6 +196,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if path != PATH:
             self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), path, params, 404)
             return
+        self.client_host = self.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
         try:
             check_origin(request.headers.get("Origin"), runtime.settings.server.allowed_origins)
             token = bearer_token(request.headers.get("Authorization"), params.get("token"))
@@ -267,11 +281,14 @@ class WebSocketProtocol(asyncio.Protocol):
             self._send_error(BadRequest('frame: expected a JSON object like {"op": "subscribe", ...}'), None)
             return
         ref = message.get("ref")
+        if not (ref is None or isinstance(ref, (int, float)) or (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH)):
+            self._send_error(BadRequest(f"ref: expected a number or a string of at most {MAX_REF_LENGTH} characters"), None)
+            return
         if not self._allowed(ref):
             return
-        handler = self._ops.get(message.get("op"))  # type: ignore[arg-type]
+        op = message.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is None:
-            op = message.get("op")
             self._send_error(
                 StreamError(f"op: expected one of {', '.join(self._ops)}; got {op!r}", code="unknown_op"), ref
             )
@@ -332,6 +349,7 @@ class WebSocketProtocol(asyncio.Protocol):
         hub = self.runtime.hub
         draft = hub.draft(message.get("topic"), message["data"])
         self.runtime.auth.check_publish(self.principal, draft.topic)
+        self.runtime.charge_publish(self.principal, 1)
         task = self.loop.create_task(self._publish(draft, ref))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -361,6 +379,9 @@ class WebSocketProtocol(asyncio.Protocol):
     def _send_json(self, message: dict[str, Any]) -> None:
         if self.conn.state is OPEN and not self.transport.is_closing():
             self.transport.write(wire.ws_message(message))
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
+                log.info("closing WebSocket %s: %d bytes of replies unread", self.client_host, WRITE_BUFFER_CAP)
+                self.close(SLOW, "slow consumer")
 
     def _send_error(self, exc: StreamError, ref: Any) -> None:
         # Over WebSocket a missing credential is reported as forbidden (SPEC §5 error codes).
@@ -378,7 +399,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ping_timer = None
         if self.conn.state is not OPEN:
             return
-        self.conn.send_ping(os.urandom(4))
+        self.ping_payload = os.urandom(4)
+        self.conn.send_ping(self.ping_payload)
         self._flush()
         timeout = self.runtime.settings.server.ws_ping_timeout if self.runtime else None
         if timeout is not None:
@@ -386,8 +408,9 @@ class WebSocketProtocol(asyncio.Protocol):
         else:
             self._schedule_ping()
 
-    def _pong(self) -> None:
-        if self.pong_timer is not None:
+    def _pong(self, payload: bytes) -> None:
+        # Only the answer to our own ping counts: unsolicited pongs prove nothing.
+        if self.pong_timer is not None and payload == self.ping_payload:
             self.pong_timer.cancel()
             self.pong_timer = None
             self._schedule_ping()
@@ -397,14 +420,25 @@ class WebSocketProtocol(asyncio.Protocol):
         log.info("closing WebSocket %s: no pong within the keepalive timeout", self.client_host)
         self.close(INTERNAL, "keepalive ping timeout")
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, timeout: float | None = None) -> None:
         """Start the closing handshake; abort if the client has not completed it in time."""
         self._stop_delivery()
         if self.conn.state is OPEN:
             self.conn.send_close(code, reason)
             self._flush()
-        if self.close_timer is None and not self.transport.is_closing():
-            timeout = self.runtime.settings.server.close_timeout if self.runtime else 5.0
+        self._arm_abort(self._close_timeout() if timeout is None else timeout)
+
+    def _shutdown_timeout(self) -> float:
+        if self.runtime is None:
+            return 1.0
+        server = self.runtime.settings.server
+        return min(server.close_timeout, server.shutdown_timeout / 2)
+
+    def _close_timeout(self) -> float:
+        return self.runtime.settings.server.close_timeout if self.runtime else 5.0
+
+    def _arm_abort(self, timeout: float) -> None:
+        if self.close_timer is None:
             self.close_timer = self.loop.call_later(timeout, self._abort)
 
     def _abort(self) -> None:
@@ -424,8 +458,20 @@ class WebSocketProtocol(asyncio.Protocol):
             if data:
                 self.transport.write(data)
             elif not self.transport.is_closing():
-                # websockets asks for end-of-stream: the server closes the TCP connection.
+                # websockets asks for end-of-stream: the server closes the TCP connection,
+                # and drops it if unread data keeps it from closing (a peer that stopped reading).
                 self.transport.close()
+                self._arm_abort(self._close_timeout())
+
+
+@functools.lru_cache(maxsize=8)
+def _proxies_from(allowed: str) -> TrustedProxies:
+    return TrustedProxies(allowed)
+
+
+def _proxies(allowed: list[str] | str | None) -> TrustedProxies:
+    """One shared TrustedProxies per setting, not one per connection."""
+    return _proxies_from(allowed if isinstance(allowed, str) else ",".join(allowed or []))
 
 
 def _seconds(value: float | None) -> float | int | None:
