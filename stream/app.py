@@ -25,6 +25,7 @@ from .errors import RateLimited, StreamError, Unauthorized
 from .metrics import Metrics
 from .runtime import Runtime
 from .settings import Settings, load_settings
+from .transports import demo
 from .transports.http import router
 
 __all__ = ["create_app"]
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
     )
     app.include_router(router)
+    app.include_router(demo.router)
     if STATIC.is_dir():
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="dashboard")
     return app

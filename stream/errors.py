@@ -12,6 +12,7 @@
     ├── RateLimited                 rate_limited    429
     └── Unavailable                 not_ready / over_capacity 503
     ConfigError                     (not a request error: `stream check` / startup)
+    UpstreamError                   (a provider's upstream misbehaved; kind = poll outcome)
 
 Every error carries a stable ``code`` and a message that names the field at fault. Foreign
 exceptions (orjson, pydantic, websockets) are translated into these where they enter.
@@ -31,6 +32,7 @@ __all__ = [
     "TooManySubscriptions",
     "Unauthorized",
     "Unavailable",
+    "UpstreamError",
     "ValidationFailed",
 ]
 
@@ -109,3 +111,15 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class UpstreamError(Exception):
+    """An upstream HTTP provider failed one poll. Raised by the poller (which translates httpx
+    errors) and by parsers; never reaches a client. ``kind`` is the poll outcome in metrics:
+    connect, timeout, status, rate_limited, too_large, empty, bad_body."""
+
+    def __init__(self, kind: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after

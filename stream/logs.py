@@ -29,6 +29,14 @@ class _Redacting(logging.Filter):
         return True
 
 
+class _QuietDemo(logging.Filter):
+    """The demo providers poll this process every second or two: keep that out of the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) >= 3 and str(args[2]).startswith("/demo/"))
+
+
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -56,3 +64,7 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    logging.getLogger("uvicorn.access").addFilter(_QuietDemo())
+    # One line per request from httpx would drown the log; pollers log what matters themselves.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -31,11 +31,23 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.poll_seconds = Histogram(
+            "stream_provider_poll_seconds",
+            "Duration of one poll, by provider and outcome",
+            ["provider", "outcome"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
         self.registry.register(_HubCollector(runtime))
+        self.registry.register(_ProviderCollector(runtime))
         runtime.hub.on_fanout = self._fanned_out
+        runtime.pollers.on_poll = self._polled
 
     def _fanned_out(self, event: Event) -> None:
         self.latency.observe(max(0.0, time.time() - event.ts / 1000))
+
+    def _polled(self, provider: str, outcome: str, seconds: float) -> None:
+        self.poll_seconds.labels(provider, outcome).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -85,3 +97,34 @@ class _HubCollector(Collector):
         )
         yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.history))
         yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.retained))
+
+
+class _ProviderCollector(Collector):
+    """Per-provider poll results, items and freshness, read from the pollers at scrape time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self):
+        pollers = self.runtime.pollers.pollers
+        polls = CounterMetricFamily("stream_provider_polls", "Polls by provider and outcome", labels=["provider", "outcome"])
+        published = CounterMetricFamily("stream_provider_items_published", "Items published", labels=["provider"])
+        skipped = CounterMetricFamily("stream_provider_items_skipped", "Malformed items skipped", labels=["provider"])
+        failures = GaugeMetricFamily("stream_provider_consecutive_failures", "Failed polls in a row", labels=["provider"])
+        state = GaugeMetricFamily("stream_provider_state", "1 for the provider's current state", labels=["provider", "state"])
+        fresh = GaugeMetricFamily(
+            "stream_provider_freshness_seconds", "Now minus the newest upstream item's published time", labels=["provider"]
+        )
+        now = time.time()
+        for poller in pollers:
+            name = poller.provider.name
+            for outcome, count in sorted(poller.outcomes.items()):
+                polls.add_metric([name, outcome], count)
+            published.add_metric([name], poller.items_published)
+            skipped.add_metric([name], poller.items_skipped)
+            failures.add_metric([name], poller.consecutive_failures)
+            for value in ("ok", "backoff", "failing", "disabled"):
+                state.add_metric([name, value], 1 if poller.state.value == value else 0)
+            if poller.newest_published is not None:
+                fresh.add_metric([name], max(0.0, now - poller.newest_published))
+        yield from (polls, published, skipped, failures, state, fresh)

@@ -18,6 +18,8 @@ from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
 from .hub import Hub, HubConfig, Policy
 from .limits import TokenBucket
+from .poller import Pollers
+from .providers import DemoMarket
 from .settings import Settings
 
 __all__ = ["Connection", "Runtime"]
@@ -43,6 +45,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         server = settings.server
+        overflow = list(settings.overflow)
+        overflow += [(p.topic_pattern(), p.overflow) for p in settings.providers if p.overflow]
         self.hub = Hub(
             HubConfig(
                 history_size=server.history_size,
@@ -50,9 +54,11 @@ class Runtime:
                 max_event_bytes=server.max_event_bytes,
                 subscriber_buffer=server.subscriber_buffer,
                 max_patterns=server.max_patterns,
-                overflow=tuple((pattern, Policy(policy)) for pattern, policy in settings.overflow),
+                overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
             )
         )
+        self.pollers = Pollers(settings.providers, self.hub)
+        self.demo = DemoMarket(time.time())
         self.auth = Auth(settings.keys, server.public)
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
@@ -78,6 +84,7 @@ class Runtime:
         if self._drained:
             return
         self._drained = self.stopping = True
+        await self.pollers.stop()
         count = len(self.connections)
         log.info("shutting down: closing %d streaming connections", count)
         for connection in list(self.connections):
@@ -91,8 +98,13 @@ class Runtime:
         if self.connections:
             log.warning("%d connections did not close in time", len(self.connections))
 
+    def start_pollers(self, base_url: str) -> None:
+        """Start polling; the server calls this once it listens, since demo providers poll it."""
+        self.pollers.start(base_url)
+
     async def stop(self) -> None:
         self.stopping = True
+        await self.pollers.stop()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

@@ -50,6 +50,20 @@ class StreamServer(uvicorn.Server):
         super().__init__(config)
         self.runtime = runtime
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self.runtime.start_pollers(self.base_url())
+
+    def base_url(self) -> str:
+        """How this process reaches itself (demo providers poll /demo/… over HTTP)."""
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only flip the flag, so /readyz answers 503 at once.
         self.runtime.stopping = True

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadTopic, ConfigError
+from .provider_settings import ProviderSettings, read_providers
 from .topics import validate_pattern
 
-__all__ = ["KeySettings", "ServerSettings", "Settings", "load_settings"]
+__all__ = ["KeySettings", "ProviderSettings", "ServerSettings", "Settings", "load_settings"]
 
 POLICIES = ("disconnect", "drop", "conflate")
 
@@ -75,6 +76,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     keys: tuple[KeySettings, ...] = ()
     overflow: tuple[tuple[str, str], ...] = ()  # (pattern, policy), first match wins
+    providers: tuple[ProviderSettings, ...] = ()
     source: str = "built-in defaults"
 
 
@@ -102,14 +104,15 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError([f"config: {source} is not valid TOML: {exc}"]) from None
 
     for key in document:
-        if key not in ("server", "keys", "overflow"):
-            problems.append(f"{key}: unknown section (expected server, keys, overflow)")
+        if key not in ("server", "keys", "overflow", "providers"):
+            problems.append(f"{key}: unknown section (expected server, keys, overflow, providers)")
     server = _server(document.get("server", {}), env, problems)
     keys = _keys(document.get("keys", []), env, problems)
     overflow = _overflow(document.get("overflow", {}), problems)
+    providers = read_providers(document.get("providers", []), env, problems)
     if problems:
         raise ConfigError(problems)
-    return Settings(server=server, keys=keys, overflow=overflow, source=source)
+    return Settings(server=server, keys=keys, overflow=overflow, providers=providers, source=source)
 
 
 def _server(table: Any, env: Mapping[str, str], problems: list[str]) -> ServerSettings:

@@ -134,6 +134,29 @@ async def events(request: Request) -> JSON:
     return JSON({"events": [_event_dict(e) for e in found], "next": position, "gap": gap})
 
 
+@router.get("/api/providers", tags=["api"])
+async def providers(request: Request) -> JSON:
+    """Poller status, one object per provider."""
+    return JSON(_runtime(request).pollers.statuses())
+
+
+@router.get("/api/news", tags=["api"])
+async def news(request: Request) -> JSON:
+    """Latest headlines across news providers, newest first, from what the hub published."""
+    runtime = _runtime(request)
+    params = request.query_params
+    limit = _int_param(request, "limit", 50, 1, 500)
+    symbols = parse_symbols(params.get("symbols"))
+    words = (params.get("q") or "").strip() or None
+    principal = _principal(request, runtime)
+    found = [
+        event
+        for event in runtime.pollers.news(limit, symbols, words)
+        if runtime.auth.may_subscribe(principal, event.topic)
+    ]
+    return JSON({"headlines": [_event_dict(event) for event in found]})
+
+
 async def _body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:

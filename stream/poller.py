@@ -1,0 +1,485 @@
+"""Pollers: one asyncio task per provider, all over one shared ``httpx.AsyncClient``.
+
+This is the only module that talks to upstreams, and the only place httpx errors exist: they
+become ``UpstreamError`` here. A poll is
+
+    conditional GET (ETag / Last-Modified) ─▶ 304: nothing to do
+        └─▶ body, decoded while streaming and cut at max_bytes ─▶ providers.parse() (pure)
+              └─▶ dedup (ids, or last value per key) ─▶ hub.publish_many()
+
+and its outcome decides the next delay: ``interval`` ± jitter after a success; after a failure
+an exponential backoff with full jitter between ``interval`` and 15 min, or longer if the
+upstream said ``Retry-After``. States (``ProviderState``) follow the run of failures:
+
+    OK ──failure──▶ BACKOFF ──5th failure in a row──▶ FAILING
+     ▲                 │                                 │
+     └────success──────┴─────────────success─────────────┘      DISABLED: enabled = false
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import orjson
+
+from . import __version__
+from .errors import StreamError, UpstreamError
+from .events import Event
+from .hub import Hub
+from .provider_settings import ProviderSettings
+from .providers import Item, Parsed, parse
+from .providers.base import parse_time
+
+__all__ = ["Poller", "Pollers", "ProviderState", "backoff_delay", "parse_retry_after"]
+
+log = logging.getLogger("stream.poller")
+
+FAILING_AFTER = 5  # failures in a row
+MAX_BACKOFF = 900.0  # seconds
+MAX_RETRY_AFTER = 3600.0
+STATUS_TOPIC = "_system.providers"
+HEADLINES_KEPT = 1000
+
+
+class ProviderState(enum.Enum):
+    OK = "ok"
+    BACKOFF = "backoff"
+    FAILING = "failing"
+    DISABLED = "disabled"
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped at 1 hour."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            seconds = parsedate_to_datetime(text).timestamp() - now
+        except (TypeError, ValueError, IndexError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def backoff_delay(interval: float, failures: int, rng: random.Random) -> float:
+    """Full jitter between ``interval`` and a ceiling that doubles per failure, up to 15 min."""
+    ceiling = min(MAX_BACKOFF, interval * 2 ** min(failures, 30))
+    return rng.uniform(min(interval, ceiling), ceiling)
+
+
+async def read_body(response: httpx.Response, limit: int) -> bytes:
+    """The decoded body, refusing more than ``limit`` decoded bytes without ever holding more.
+
+    Decoding is done here, not by httpx, so a gzip bomb is stopped after ``limit`` bytes of
+    output instead of inflating a whole network chunk at once.
+    """
+    encoding = response.headers.get("content-encoding", "identity").lower().strip()
+    if encoding in ("gzip", "x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    elif encoding in ("identity", ""):
+        decoder = None
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise UpstreamError("too_large", f"body of {declared} bytes is over max_bytes ({limit})")
+    else:
+        raise UpstreamError("bad_body", f"unsupported Content-Encoding {encoding!r}")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for raw in response.aiter_raw():
+            piece = raw if decoder is None else decoder.decompress(raw, limit - size + 1)
+            size += len(piece)
+            if size > limit:
+                raise UpstreamError("too_large", f"body is over max_bytes ({limit} bytes decoded)")
+            parts.append(piece)
+    except zlib.error as exc:
+        raise UpstreamError("bad_body", f"cannot decode {encoding} body: {exc}") from None
+    return b"".join(parts)
+
+
+class Poller:
+    """Polls one provider; owns its validators, dedup memory, counters and state."""
+
+    def __init__(
+        self,
+        provider: ProviderSettings,
+        client: httpx.AsyncClient,
+        hub: Hub,
+        *,
+        base_url: str = "",
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        on_change: Callable[[Poller], None] | None = None,
+        on_headlines: Callable[[list[Event]], None] | None = None,
+        on_poll: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.provider = provider
+        self.client = client
+        self.hub = hub
+        self.url = base_url.rstrip("/") + provider.url if provider.url.startswith("/") else provider.url
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_change = on_change
+        self.on_headlines = on_headlines
+        self.on_poll = on_poll
+        self.state = ProviderState.OK if provider.enabled else ProviderState.DISABLED
+        self.etag: str | None = None
+        self.last_modified: str | None = None
+        self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
+        self.primed = False
+        self.polls = 0
+        self.not_modified = 0
+        self.items_published = 0
+        self.items_skipped = 0
+        self.consecutive_failures = 0
+        self.outcomes: dict[str, int] = {}
+        self.last_ok: float | None = None
+        self.last_error: str | None = None
+        self.next_poll: float | None = None
+        self.newest_published: float | None = None
+        self._last_skip_report: tuple[str, ...] = ()
+        self._secrets = [value for _, value in provider.params + provider.headers if len(value) >= 6]
+        self._values = provider.kind == "snapshot" or provider.url == "/demo/quotes"
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        """Poll until cancelled. Never raises: a bug in one poll is logged and backed off."""
+        await sleep(self.rng.uniform(0, min(1.0, self.provider.interval * self.provider.jitter)))
+        while True:
+            try:
+                delay = await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("provider %s: unexpected error while polling", self.provider.name)
+                delay = self._failed(UpstreamError("internal", "unexpected error (see the log)"), time.monotonic())
+            await sleep(delay)
+
+    async def poll_once(self) -> float:
+        """One poll, start to finish; returns the delay in seconds until the next one."""
+        started = time.monotonic()
+        self.polls += 1
+        try:
+            fetched = await self._fetch()
+            if fetched is None:
+                self.not_modified += 1
+                return self._succeeded("not_modified", started)
+            body, content_type, location, validators = fetched
+            if not body:
+                raise UpstreamError("empty", "empty body")
+            parsed = self._parse(body, content_type, location)
+            await self._publish(parsed)
+        except UpstreamError as exc:
+            return self._failed(exc, started)
+        self.etag, self.last_modified = validators
+        return self._succeeded("ok", started)
+
+    def _parse(self, body: bytes, content_type: str | None, location: str) -> Parsed:
+        try:
+            parsed = parse(self.provider, body, content_type=content_type, location=location)
+        except UpstreamError:
+            raise
+        except Exception as exc:  # a parser bug or an input feedparser chokes on
+            log.exception("provider %s: parser failed", self.provider.name)
+            raise UpstreamError("bad_body", f"could not parse the body ({type(exc).__name__})") from None
+        if parsed.warning:
+            log.info("provider %s: document used despite a parse warning: %s", self.provider.name, parsed.warning)
+        return parsed
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def _fetch(self) -> tuple[bytes, str | None, str, tuple[str | None, str | None]] | None:
+        provider = self.provider
+        headers = {"Accept-Encoding": "gzip, deflate", **dict(provider.headers)}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified:
+            headers["If-Modified-Since"] = self.last_modified
+        try:
+            async with asyncio.timeout(provider.timeout):
+                request = self.client.stream("GET", self.url, headers=headers, params=dict(provider.params))
+                async with request as response:
+                    status = response.status_code
+                    if status == 304:
+                        return None
+                    if status in (429, 503):
+                        wait = parse_retry_after(response.headers.get("retry-after"), self.clock())
+                        kind = "rate_limited" if status == 429 else "status"
+                        said = f", Retry-After {wait:.0f} s" if wait is not None else ""
+                        raise UpstreamError(kind, f"HTTP {status}{said}", retry_after=wait)
+                    if not 200 <= status < 300:
+                        raise UpstreamError("status", f"HTTP {status} {response.reason_phrase}".strip())
+                    body = await read_body(response, provider.max_bytes)
+                    validators = (response.headers.get("etag"), response.headers.get("last-modified"))
+                    return body, response.headers.get("content-type"), str(response.url), validators
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no complete answer within {provider.timeout:g} s") from None
+        except httpx.TimeoutException as exc:
+            raise UpstreamError("timeout", f"timed out ({type(exc).__name__})") from None
+        except httpx.ConnectError as exc:
+            raise UpstreamError("connect", f"cannot connect ({self._clean(str(exc)) or 'refused'})") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError("connect", f"{type(exc).__name__}: {self._clean(str(exc))}") from None
+
+    def _clean(self, text: str) -> str:
+        """Remove configured secrets (API keys in params or headers) from a message."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text[:300]
+
+    # -- dedup and publishing -------------------------------------------------------------
+
+    def _fresh(self, items: list[Item]) -> list[Item]:
+        """The items not published before: new ids, or values that changed."""
+        seen, fresh = self.seen, []
+        for item in items:
+            if self._values:
+                value = orjson.dumps(item.data)
+                if seen.get(item.key) == value:
+                    continue
+                seen[item.key] = value
+            elif item.key in seen:
+                seen.move_to_end(item.key)  # still upstream: keep remembering it
+                continue
+            else:
+                seen[item.key] = None
+            fresh.append(item)
+        while len(seen) > self.provider.dedup_size:
+            seen.popitem(last=False)
+        if not self._values:
+            if all(item.published is not None for item in fresh):
+                fresh.sort(key=lambda item: item.published)  # type: ignore[arg-type, return-value]
+            else:
+                fresh.reverse()  # feeds list newest first
+        return fresh
+
+    async def _publish(self, parsed: Parsed) -> None:
+        provider = self.provider
+        self._report_skips(parsed)
+        stamps = [item.published for item in parsed.items if item.published is not None]
+        if stamps:
+            self.newest_published = max(stamps)
+        fresh = self._fresh(parsed.items)
+        if not self.primed:
+            self.primed = True
+            if not provider.backfill:
+                log.info("provider %s: primed with %d items (backfill off)", provider.name, len(parsed.items))
+                return
+        drafts = []
+        for item in fresh:
+            try:
+                drafts.append(self.hub.draft(item.topic, item.data, field="topic"))
+            except StreamError as exc:
+                self.items_skipped += 1
+                log.info("provider %s: item %r not published: %s", provider.name, item.key[:80], exc.message)
+        if not drafts:
+            return
+        events = await self.hub.publish_many(drafts)
+        self.items_published += len(events)
+        if provider.headlines and self.on_headlines is not None:
+            self.on_headlines(events)
+        log.debug("provider %s: published %d new items", provider.name, len(events))
+
+    def _report_skips(self, parsed: Parsed) -> None:
+        self.items_skipped += parsed.skipped
+        report = tuple(parsed.problems)
+        if parsed.skipped and report != self._last_skip_report:
+            log.info(
+                "provider %s: skipped %d malformed item(s): %s",
+                self.provider.name,
+                parsed.skipped,
+                "; ".join(parsed.problems),
+            )
+        self._last_skip_report = report
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _succeeded(self, outcome: str, started: float) -> float:
+        self._count(outcome, started)
+        before = self.state
+        self.consecutive_failures = 0
+        self.last_ok = self.clock()
+        self.state = ProviderState.OK
+        jitter = self.provider.jitter
+        delay = self.provider.interval * (1 + self.rng.uniform(-jitter, jitter))
+        self.next_poll = self.clock() + delay
+        if before is not ProviderState.OK:
+            log.info("provider %s: recovered (%s)", self.provider.name, outcome)
+        self._changed(before)
+        return delay
+
+    def _failed(self, exc: UpstreamError, started: float) -> float:
+        self._count(exc.kind, started)
+        before = self.state
+        self.consecutive_failures += 1
+        failures = self.consecutive_failures
+        self.state = ProviderState.FAILING if failures >= FAILING_AFTER else ProviderState.BACKOFF
+        self.last_error = self._clean(f"{exc.kind}: {exc.message}")
+        delay = backoff_delay(self.provider.interval, failures, self.rng)
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        self.next_poll = self.clock() + delay
+        log.warning(
+            "provider %s: %s; next poll in %.0f s (failure %d in a row, %s)",
+            self.provider.name,
+            self.last_error,
+            delay,
+            failures,
+            self.state.value,
+        )
+        self._changed(before)
+        return delay
+
+    def _count(self, outcome: str, started: float) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if self.on_poll is not None:
+            self.on_poll(self.provider.name, outcome, time.monotonic() - started)
+
+    def _changed(self, before: ProviderState) -> None:
+        first = self.polls == 1
+        if (self.state is not before or first) and self.on_change is not None:
+            self.on_change(self)
+
+    def status(self) -> dict[str, Any]:
+        provider = self.provider
+        return {
+            "name": provider.name,
+            "kind": provider.kind,
+            "state": self.state.value,
+            "last_ok": _iso(self.last_ok),
+            "last_error": self.last_error,
+            "next_poll": _iso(self.next_poll) if self.state is not ProviderState.DISABLED else None,
+            "polls": self.polls,
+            "not_modified": self.not_modified,
+            "items_published": self.items_published,
+            "items_skipped": self.items_skipped,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z"
+
+
+class Pollers:
+    """Every provider's poller, the shared HTTP client, and the latest headlines for /api/news."""
+
+    def __init__(self, providers: tuple[ProviderSettings, ...], hub: Hub, *, clock: Callable[[], float] = time.time):
+        self.providers = providers
+        self.hub = hub
+        self.clock = clock
+        self.pollers: list[Poller] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.client: httpx.AsyncClient | None = None
+        self.started = False
+        self.headlines: deque[tuple[float, Event]] = deque(maxlen=HEADLINES_KEPT)
+        self.on_poll: Callable[[str, str, float], None] | None = None
+        self._status_tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, base_url: str) -> None:
+        """Create the client and one task per enabled provider (call once the server listens)."""
+        if self.started:
+            return
+        self.started = True
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            timeout=httpx.Timeout(30.0),
+            follow_redirects=True,
+            headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
+        )
+        for provider in self.providers:
+            poller = Poller(
+                provider,
+                self.client,
+                self.hub,
+                base_url=base_url,
+                clock=self.clock,
+                on_change=self._announce,
+                on_headlines=self._keep_headlines,
+                on_poll=self.on_poll,
+            )
+            self.pollers.append(poller)
+            if provider.enabled:
+                self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"poll {provider.name}"))
+        if self.pollers:
+            log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
+
+    async def stop(self) -> None:
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _announce(self, poller: Poller) -> None:
+        """Publish a provider's status on _system.providers when its state changes."""
+        try:
+            draft = self.hub.draft(STATUS_TOPIC, poller.status(), internal=True)
+        except StreamError:
+            log.exception("cannot publish the status of provider %s", poller.provider.name)
+            return
+        task = asyncio.get_running_loop().create_task(self.hub.publish_many([draft]))
+        self._status_tasks.add(task)
+        task.add_done_callback(self._status_tasks.discard)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        if self.pollers:
+            return [poller.status() for poller in self.pollers]
+        # Not started (no server yet): report the configuration.
+        return [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "state": "ok" if p.enabled else "disabled",
+                "last_ok": None,
+                "last_error": None,
+                "next_poll": None,
+                "polls": 0,
+                "not_modified": 0,
+                "items_published": 0,
+                "items_skipped": 0,
+                "consecutive_failures": 0,
+            }
+            for p in self.providers
+        ]
+
+    def _keep_headlines(self, events: list[Event]) -> None:
+        for event in events:
+            published = parse_time(event.data.get("published"))
+            self.headlines.append((published.timestamp() if published else event.ts / 1000, event))
+
+    def news(self, limit: int, symbols: frozenset[str] | None, words: str | None) -> list[Event]:
+        """Latest headlines across news providers, newest first (by published time), filtered:
+        ``symbols`` keeps headlines naming one of them, ``words`` searches title and summary."""
+        needle = words.lower() if words else None
+        found = []
+        for stamp, event in self.headlines:
+            if symbols is not None and (event.symbols is None or symbols.isdisjoint(event.symbols)):
+                continue
+            if needle is not None:
+                data = event.data
+                if needle not in f"{data.get('title', '')} {data.get('summary', '')}".lower():
+                    continue
+            found.append((stamp, event.seq, event))
+        found.sort(reverse=True, key=lambda entry: (entry[0], entry[1]))
+        return [event for _, _, event in found[:limit]]
