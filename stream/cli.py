@@ -66,9 +66,12 @@ def _check(args: argparse.Namespace) -> int:
             print(problem)
         return 1
     server = settings.server
+    enabled = [p.name for p in settings.providers if p.enabled]
     print(
         f"ok: {settings.source}: listen {server.host}:{server.port}, broker {server.broker.split('@')[-1]}, "
-        f"{len(settings.keys)} key(s), public {list(server.public)}"
+        f"{len(settings.keys)} key(s), {len(settings.providers)} provider(s)"
+        + (f" ({', '.join(enabled)})" if enabled else "")
+        + f", public {list(server.public)}"
     )
     return 0
 

@@ -40,14 +40,17 @@ def free_port() -> int:
 class Server:
     """``stream serve`` in a subprocess, with a config written from ``toml``."""
 
-    def __init__(self, toml: str = KEYS, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, toml: str | None = KEYS, *, env: dict[str, str] | None = None) -> None:
+        """``toml=None`` runs the built-in config, as `stream serve` with no --config does."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
-        handle, path = tempfile.mkstemp(suffix=".toml", prefix="stream-test-")
-        os.write(handle, toml.encode())
-        os.close(handle)
-        self.config = Path(path)
+        self.config: Path | None = None
+        if toml is not None:
+            handle, path = tempfile.mkstemp(suffix=".toml", prefix="stream-test-")
+            os.write(handle, toml.encode())
+            os.close(handle)
+            self.config = Path(path)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("STREAM_CONFIG", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -55,8 +58,9 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         self._log_file = open(self.log, "wb")
+        config = ["--config", str(self.config)] if self.config is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "serve", "--config", str(self.config), "--port", str(self.port)],
+            [sys.executable, "-m", "stream", "serve", *config, "--port", str(self.port)],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -95,7 +99,8 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-        self.config.unlink(missing_ok=True)
+        if self.config is not None:
+            self.config.unlink(missing_ok=True)
 
 
 async def publish(client: httpx.AsyncClient, server: Server, items: list[dict[str, Any]] | dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -39,3 +40,53 @@ def test_serve_refuses_a_broken_config_with_the_problem():
     result = run("serve", "--config", "/nonexistent.toml")
     assert result.returncode == 1
     assert "cannot read /nonexistent.toml" in result.stderr
+
+
+def test_check_reports_five_provider_mistakes_on_five_lines(tmp_path):
+    """Five different provider mistakes: five lines, each naming providers[i].key, exit 1."""
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        """
+[[providers]]
+name = "edgar"
+kind = "feed"
+url = "ftp://sec.example/feed"          # 1: not http(s)
+interval = 0.5                           # 2: below 1 s
+
+[[providers]]
+name = "news"
+kind = "json"
+url = "https://newsapi.example/v2/top"
+params = { apiKey = "${NEWSAPI_KEY}" }   # 3: variable not set
+topic = "news..{source}"                 # 4: empty segment
+
+[[providers]]
+name = "ticker"
+kind = "snapshot"
+url = "https://ticker.example/prices"
+overflow = "squash"                      # 5: unknown policy
+"""
+    )
+    result = run("check", "--config", str(path), env={"PATH": "/usr/bin:/bin"})
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 5, lines
+    assert [line.split(":")[0] for line in lines] == [
+        "providers[0].url",
+        "providers[0].interval",
+        "providers[1].params.apiKey",
+        "providers[1].topic",
+        "providers[2].overflow",
+    ]
+
+
+def test_the_example_providers_are_valid_config(tmp_path):
+    """examples/providers.toml with every block switched on passes `stream check`."""
+    example = Path(__file__).parent.parent / "examples" / "providers.toml"
+    switched_on = "\n".join(line[2:] if line.startswith("# ") and "=" in line or line.startswith("# [[") else line for line in example.read_text().splitlines())
+    path = tmp_path / "all.toml"
+    path.write_text(switched_on)
+    env = {"PATH": "/usr/bin:/bin", "NEWSAPI_KEY": "k" * 32, "EODHD_API_KEY": "e" * 16, "FINNHUB_API_KEY": "f" * 20}
+    result = run("check", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stdout
+    assert "7 provider(s)" in result.stdout

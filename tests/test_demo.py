@@ -1,0 +1,70 @@
+"""`stream serve` with no arguments: the built-in demo market, polled over HTTP, live at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse
+
+from .support import Server, SSEReader
+
+
+async def test_stream_serve_with_no_config_shows_quotes_and_headlines_within_5_seconds():
+    """/api/news, /api/topics and /sse?topics=> all show demo data within 5 s of start."""
+    server = Server(None)
+    started = time.monotonic()
+    with server.start():
+        async with httpx.AsyncClient(timeout=10) as http:
+            news, topics = [], []
+            wanted = {"quotes.AAPL", "quotes.BTC-USD", "news.newswire", "news.markets"}
+            while time.monotonic() - started < 5 and not (news and wanted <= set(topics)):
+                news = (await http.get(f"{server.url}/api/news?limit=5")).json()["headlines"]
+                topics = [t["topic"] for t in (await http.get(f"{server.url}/api/topics")).json()]
+                await asyncio.sleep(0.1)
+            ready_in = time.monotonic() - started
+            async with aconnect_sse(http, "GET", f"{server.url}/sse?topics=>") as source:
+                live = await SSEReader(source).take(3, timeout=5)
+            providers = (await http.get(f"{server.url}/api/providers")).json()
+            filtered = (await http.get(f"{server.url}/api/news", params={"symbols": "AAPL,MSFT,NVDA,TSLA"})).json()["headlines"]
+            quote = (await http.get(f"{server.url}/api/topics/quotes.AAPL")).json()
+            article = await http.get(news[0]["data"]["url"])
+        lived = time.monotonic() - started
+    print(f"\ndemo data visible {ready_in:.2f} s after starting the process")
+    assert ready_in < 5 + 0.5 and lived < 15
+    headline = news[0]["data"]
+    assert headline["title"] and headline["symbols"] and headline["provider"].startswith("demo-")
+    assert wanted <= set(topics)
+    assert all(orjson.loads(event.data)["topic"] for event in live)
+    assert {p["name"]: p["state"] for p in providers} == {"demo-quotes": "ok", "demo-newswire": "ok", "demo-markets": "ok"}
+    assert all({"AAPL", "MSFT", "NVDA", "TSLA"} & set(h["data"]["symbols"]) for h in filtered)
+    assert quote["data"]["symbol"] == "AAPL" and quote["data"]["price"] > 0
+    assert article.status_code == 200 and headline["title"].split(" ")[0] in article.text
+
+
+async def test_providers_endpoint_and_metrics_report_failures_of_a_real_upstream():
+    """A provider pointing at a dead port shows backoff in /api/providers and in /metrics."""
+    toml = """
+[[providers]]
+name = "dead"
+kind = "json"
+url = "http://127.0.0.1:9/nothing"
+interval = 1
+"""
+    with Server(toml) as server:
+        async with httpx.AsyncClient() as http:
+            deadline = time.monotonic() + 5
+            status = {}
+            while time.monotonic() < deadline and status.get("state") != "backoff":
+                [status] = (await http.get(f"{server.url}/api/providers")).json()
+                await asyncio.sleep(0.1)
+            metrics = (await http.get(f"{server.url}/metrics")).text
+            system = (await http.get(f"{server.url}/api/topics/_system.providers")).json()
+    assert status["state"] == "backoff" and status["last_error"].startswith("connect:")
+    assert 'stream_provider_polls_total{outcome="connect",provider="dead"}' in metrics
+    assert 'stream_provider_state{provider="dead",state="backoff"} 1.0' in metrics
+    assert "stream_provider_poll_seconds_bucket" in metrics
+    assert system["data"]["name"] == "dead" and system["data"]["state"] == "backoff"
+    assert "provider dead: connect: cannot connect" in server.output()
