@@ -1,10 +1,14 @@
-"""The ``stream`` command: serve and check (tail, publish and token arrive with the clients)."""
+"""The ``stream`` command: serve, check, tail and publish."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import os
 import sys
+import time
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError
@@ -76,6 +80,95 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def pretty(topic: str, ts: int, data: Any, width: int = 160) -> str:
+    """One readable line for an event: headlines and quotes get their own shape."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts / 1000))
+    if isinstance(data, dict) and isinstance(data.get("title"), str):
+        symbols = f" [{' '.join(data['symbols'])}]" if data.get("symbols") else ""
+        source = f" — {data['source']}" if data.get("source") else ""
+        text = f"{data['title']}{symbols}{source}"
+    elif isinstance(data, dict) and isinstance(data.get("price"), (int, float)):
+        change = data.get("change_pct")
+        text = f"{data['price']:,}" + (f" ({change:+.2f}%)" if isinstance(change, (int, float)) else "")
+    else:
+        import orjson
+
+        text = orjson.dumps(data).decode()
+    line = f"{stamp} {topic}  {text}"
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _tail(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_tail_loop(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+async def _tail_loop(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .client import Gap, SubscribeError, Subscriber
+
+    def note(state: str, detail: str) -> None:
+        if state == "reconnecting" or sub.reconnects:
+            print(f"stream tail: {state} ({detail})", file=sys.stderr, flush=True)
+
+    token = args.token or os.environ.get("STREAM_TOKEN")
+    sub = Subscriber(args.url, args.patterns, since=args.since, token=token, symbols=args.symbols, on_state=note)
+    try:
+        async with sub:
+            async for item in sub:
+                if isinstance(item, Gap):
+                    print(f"stream tail: gap after {item.after or 'an unknown point'} ({item.reason})", file=sys.stderr, flush=True)
+                    if args.json:
+                        print(orjson.dumps({"type": "gap", "after": item.after, "reason": item.reason}).decode(), flush=True)
+                elif args.json:
+                    event = {"id": item.id, "topic": item.topic, "ts": item.ts, "data": item.data}
+                    print(orjson.dumps(event).decode(), flush=True)
+                else:
+                    print(pretty(item.topic, item.ts, item.data), flush=True)
+    except SubscribeError as exc:
+        print(f"stream tail: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"stream tail: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import httpx
+    import orjson
+
+    try:
+        data = orjson.loads(args.json)
+    except orjson.JSONDecodeError as exc:
+        print(f"stream publish: JSON: not valid JSON ({exc})", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("STREAM_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(f"{args.url.rstrip('/')}/api/publish", json={"topic": args.topic, "data": data}, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"stream publish: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 202:
+        try:
+            error = response.json()["error"]
+            print(f"stream publish: {response.status_code} {error['code']}: {error['message']}", file=sys.stderr)
+        except (ValueError, KeyError, TypeError):
+            print(f"stream publish: HTTP {response.status_code}", file=sys.stderr)
+        return 1
+    print(response.json()["ids"][0])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stream", description="Real-time push service.")
     parser.add_argument("--version", action="version", version=f"stream {__version__}")
@@ -91,6 +184,23 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config file; exit 1 with one line per problem")
     check.add_argument("--config", help="TOML config file (default: $STREAM_CONFIG or the built-in config)")
     check.set_defaults(run=_check)
+
+    url = os.environ.get("STREAM_URL", DEFAULT_URL)
+    tail = commands.add_parser("tail", help="print events as they arrive, reconnecting and resuming by itself")
+    tail.add_argument("patterns", nargs="+", metavar="PATTERN", help="topic patterns, e.g. 'news.>' quotes.AAPL")
+    tail.add_argument("--url", default=url, help=f"server URL (default: $STREAM_URL or {DEFAULT_URL})")
+    tail.add_argument("--since", help="start after this event id, or at a time: 2026-11-25T10:00:00Z, -10m")
+    tail.add_argument("--symbols", type=lambda text: [s for s in text.split(",") if s], help="only events about these symbols: AAPL,MSFT")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line instead of a readable line")
+    tail.add_argument("--token", help="key or token (default: $STREAM_TOKEN)")
+    tail.set_defaults(run=_tail)
+
+    publish = commands.add_parser("publish", help="publish one event; prints its id")
+    publish.add_argument("topic", metavar="TOPIC")
+    publish.add_argument("json", metavar="JSON", help="the event data, as JSON")
+    publish.add_argument("--url", default=url, help=f"server URL (default: $STREAM_URL or {DEFAULT_URL})")
+    publish.add_argument("--token", help="a key with publish rights (default: $STREAM_TOKEN)")
+    publish.set_defaults(run=_publish)
 
     args = parser.parse_args(argv)
     return args.run(args)

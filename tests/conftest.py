@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import httpx
 import pytest
 
@@ -19,3 +24,22 @@ def server():
 async def client():
     async with httpx.AsyncClient(timeout=10) as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for browser tests, installed with apt-get when missing (CI runs as root).
+    Under CI=true a missing browser fails the run instead of skipping the test."""
+    path = shutil.which("chromium")
+    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("\ninstalling chromium with apt-get (once per machine)…", file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env, check=False)
+        path = shutil.which("chromium")
+    if path is None:
+        message = "chromium is not installed and could not be installed (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

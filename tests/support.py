@@ -231,3 +231,47 @@ def rss_mb(pid: int) -> float:
 async def metric(client: httpx.AsyncClient, server: Server, line_prefix: str) -> float:
     text = (await client.get(f"{server.url}/metrics")).text
     return float(next(line for line in text.splitlines() if line.startswith(line_prefix)).split()[-1])
+
+
+class Proxy:
+    """A loopback TCP proxy in front of a server; ``cut()`` drops every connection through it,
+    like a network blip, while the server itself stays up."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> Proxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.pairs.append((writer, up_writer))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def cut(self) -> None:
+        for client, upstream in self.pairs:
+            client.transport.abort()
+            upstream.transport.abort()
+        self.pairs.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

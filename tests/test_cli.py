@@ -90,3 +90,73 @@ def test_the_example_providers_are_valid_config(tmp_path):
     result = run("check", "--config", str(path), env=env)
     assert result.returncode == 0, result.stdout
     assert "7 provider(s)" in result.stdout
+
+
+def test_pretty_lines_for_headlines_quotes_and_anything_else():
+    """Headlines show title, symbols and source; quotes price and change; other data as JSON."""
+    from stream.cli import pretty
+
+    assert pretty("news.x", 0, {"title": "Apple files", "symbols": ["AAPL"], "source": "SEC"}).endswith("news.x  Apple files [AAPL] — SEC")
+    assert pretty("quotes.AAPL", 0, {"price": 1234.5, "change_pct": -0.25}).endswith("quotes.AAPL  1,234.5 (-0.25%)")
+    assert pretty("misc", 0, {"k": [1, 2]}).endswith('misc  {"k":[1,2]}')
+    assert len(pretty("misc", 0, "x" * 500, width=80)) == 80
+
+
+def test_tail_follows_a_real_server_across_a_restart(tmp_path):
+    """`stream tail --json` prints events as JSON lines, notes the reconnect on stderr, reports the
+    restart's gap, and carries on with the new server's events."""
+    import asyncio
+    import json
+    import signal
+    import threading
+
+    from .support import KEYS, Server, publish_sync
+
+    first = Server(KEYS).start()
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "stream", "tail", "clitail.>", "--url", first.url, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr: list[str] = []
+    threading.Thread(target=lambda: stderr.extend(tail.stderr), daemon=True).start()
+    try:
+        lines = []
+        import time
+
+        time.sleep(1.0)  # let tail subscribe
+        ids = publish_sync(first, [{"topic": "clitail.a", "data": {"n": n}} for n in range(3)])
+        lines = [json.loads(tail.stdout.readline()) for _ in range(3)]
+        assert [line["id"] for line in lines] == ids
+        first.stop()
+        second = Server(KEYS)
+        second.port, second.url, second.ws_url = first.port, first.url, first.ws_url
+        with second:
+            time.sleep(2.5)  # tail reconnects with backoff
+            [after] = publish_sync(second, {"topic": "clitail.a", "data": {"n": 3}})
+            gap = json.loads(tail.stdout.readline())
+            event = json.loads(tail.stdout.readline())
+            tail.send_signal(signal.SIGINT)
+            code = tail.wait(10)
+    finally:
+        tail.kill()
+        first.stop()
+    assert gap == {"type": "gap", "after": None, "reason": "epoch"}
+    assert event["id"] == after and event["data"] == {"n": 3}
+    assert any("reconnecting" in line for line in stderr) and any("gap after" in line for line in stderr)
+    assert code == 130
+    assert asyncio
+
+
+def test_publish_prints_the_id_and_reports_errors(tmp_path):
+    """`stream publish` prints the new id; a refused publish exits 1 with the error code."""
+    from .support import KEYS, PUBLISH_KEY, Server
+
+    with Server(KEYS) as server:
+        ok = run("publish", "clipub.a", '{"x": 1}', "--url", server.url, "--token", PUBLISH_KEY)
+        denied = run("publish", "clipub.a", '{"x": 1}', "--url", server.url)
+        bad_json = run("publish", "clipub.a", "{nope", "--url", server.url)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("-1")
+    assert denied.returncode == 1 and "401 unauthorized" in denied.stderr
+    assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr

@@ -1,0 +1,270 @@
+// The dashboard: quotes, headlines and provider health, kept live by one WebSocket.
+
+import { LiveStream } from "./connection.js";
+import { changeText, priceText, relativeTime, sparkline } from "./format.js";
+
+const MAX_HEADLINES = 200;
+const SPARK_POINTS = 60;
+
+const $ = (id) => document.getElementById(id);
+const quotes = new Map(); // symbol -> {row, prices: number[], last: number}
+const headlines = []; // newest first: {key, event, item}
+const seen = new Set(); // headline keys already shown
+const providers = new Map(); // name -> li
+let filterText = "";
+
+// -- quotes ---------------------------------------------------------------------------------
+
+function quoteRow(symbol) {
+  const row = document.createElement("tr");
+  row.dataset.symbol = symbol;
+  row.innerHTML = `<th scope="row" class="symbol"></th><td class="num price"></td><td class="num change"></td><td class="spark-col"></td>`;
+  row.querySelector(".symbol").textContent = symbol;
+  const body = $("quotes").tBodies[0];
+  const after = [...body.rows].find((other) => other.dataset.symbol > symbol);
+  body.insertBefore(row, after || null);
+  $("quotes-empty").hidden = true;
+  return { row, prices: [], last: null };
+}
+
+function showQuote(topic, data) {
+  if (!data || typeof data !== "object") return;
+  const symbol = data.symbol || topic.split(".").slice(1).join(".");
+  const price = Number(data.price);
+  if (!symbol || !Number.isFinite(price)) return;
+  const quote = quotes.get(symbol) || quoteRow(symbol);
+  quotes.set(symbol, quote);
+  const { row } = quote;
+  const head = row.querySelector(".symbol");
+  head.textContent = symbol;
+  if (data.name) {
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = data.name;
+    head.append(name);
+  }
+  const priceCell = row.querySelector(".price");
+  priceCell.textContent = priceText(price);
+  if (quote.last !== null && price !== quote.last) {
+    const direction = price > quote.last ? "flash-up" : "flash-down";
+    priceCell.classList.remove("flash-up", "flash-down");
+    void priceCell.offsetWidth; // restart the animation
+    priceCell.classList.add(direction);
+  }
+  quote.last = price;
+  const change = Number(data.change_pct ?? data.change ?? 0);
+  const changeCell = row.querySelector(".change");
+  changeCell.textContent = changeText(data);
+  changeCell.className = `num change ${change > 0 ? "up" : change < 0 ? "down" : ""}`;
+  quote.prices.push(price);
+  if (quote.prices.length > SPARK_POINTS) quote.prices.shift();
+  row.querySelector(".spark-col").replaceChildren(sparkline(quote.prices, change >= 0));
+}
+
+// -- headlines ------------------------------------------------------------------------------
+
+function headlineKey(event) {
+  const data = event.data || {};
+  return `${data.provider || event.topic}:${data.id || event.id}`;
+}
+
+function matches(data) {
+  if (!filterText) return true;
+  const needle = filterText.toLowerCase();
+  const symbols = (data.symbols || []).map((s) => s.toLowerCase());
+  if (symbols.includes(needle)) return true;
+  return `${data.title || ""} ${data.summary || ""} ${data.source || ""}`.toLowerCase().includes(needle);
+}
+
+function headlineItem(event) {
+  const data = event.data || {};
+  const item = document.createElement("li");
+  const link = document.createElement(data.url ? "a" : "span");
+  link.className = "headline-title";
+  link.textContent = data.title || JSON.stringify(data);
+  if (data.url) {
+    link.href = data.url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+  }
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  for (const symbol of data.symbols || []) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip";
+    chip.textContent = symbol;
+    chip.setAttribute("aria-label", `Show only headlines about ${symbol}`);
+    chip.addEventListener("click", () => setFilter(symbol));
+    meta.append(chip);
+  }
+  const source = document.createElement("span");
+  source.textContent = data.source || event.topic;
+  const time = document.createElement("time");
+  const published = data.published || new Date(event.ts).toISOString();
+  time.dateTime = published;
+  time.title = new Date(published).toLocaleString();
+  time.textContent = relativeTime(published);
+  meta.append(source, time);
+  item.append(link, meta);
+  return item;
+}
+
+function addHeadline(event, { fresh = true } = {}) {
+  const key = headlineKey(event);
+  if (seen.has(key)) return;
+  seen.add(key);
+  const entry = { key, event, item: headlineItem(event), stamp: Date.parse(event.data?.published || "") || event.ts };
+  let index = headlines.findIndex((other) => other.stamp < entry.stamp);
+  if (index === -1) index = headlines.length;
+  headlines.splice(index, 0, entry);
+  const list = $("headlines");
+  list.insertBefore(entry.item, headlines[index + 1]?.item || null);
+  if (fresh) entry.item.classList.add("fresh");
+  entry.item.hidden = !matches(event.data || {});
+  while (headlines.length > MAX_HEADLINES) {
+    const old = headlines.pop();
+    seen.delete(old.key);
+    old.item.remove();
+  }
+  updateCounts();
+}
+
+function forgetHeadlines() {
+  for (const entry of headlines) entry.item.remove();
+  headlines.length = 0;
+  seen.clear();
+  updateCounts();
+}
+
+function updateCounts() {
+  const shown = headlines.filter((entry) => !entry.item.hidden).length;
+  $("headlines-empty").hidden = shown > 0;
+  $("headlines-empty").textContent = headlines.length ? "No headline matches the filter." : "Waiting for headlines…";
+  $("headline-count").textContent = filterText ? `${shown} of ${headlines.length} headlines match “${filterText}”` : "";
+}
+
+function applyFilter() {
+  for (const entry of headlines) entry.item.hidden = !matches(entry.event.data || {});
+  for (const [symbol, quote] of quotes) quote.row.classList.toggle("picked", filterText.toLowerCase() === symbol.toLowerCase());
+  updateCounts();
+}
+
+function setFilter(text) {
+  $("filter").value = text;
+  filterText = text.trim();
+  applyFilter();
+  $("filter").focus();
+}
+
+// -- providers ------------------------------------------------------------------------------
+
+function showProvider(status) {
+  if (!status || !status.name) return;
+  let item = providers.get(status.name);
+  if (!item) {
+    item = document.createElement("li");
+    item.innerHTML = `<span class="state"></span><span class="provider-name"></span><span class="provider-detail"></span><span class="provider-error"></span>`;
+    providers.set(status.name, item);
+    const list = $("providers");
+    const after = [...list.children].find((other) => other.dataset.name > status.name);
+    item.dataset.name = status.name;
+    list.insertBefore(item, after || null);
+    $("providers-empty").hidden = true;
+  }
+  item.dataset.lastOk = status.last_ok || "";
+  const state = item.querySelector(".state");
+  state.textContent = status.state;
+  state.className = `state state-${status.state}`;
+  item.querySelector(".provider-name").textContent = status.name;
+  item.querySelector(".provider-detail").textContent = providerDetail(status);
+  item.querySelector(".provider-error").textContent =
+    status.state === "ok" ? "" : status.last_error ? `${status.last_error} (${status.consecutive_failures} in a row)` : "";
+}
+
+function providerDetail(status) {
+  const last = status.last_ok ? `last poll ok ${relativeTime(status.last_ok)}` : "no successful poll yet";
+  return `${status.kind} · ${last} · ${status.items_published} published`;
+}
+
+// -- state from HTTP (first load, and after a gap) -----------------------------------------
+
+async function getJSON(path) {
+  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+async function refetch() {
+  try {
+    const [news, statuses, topics] = await Promise.all([
+      getJSON("/api/news?limit=100"),
+      getJSON("/api/providers"),
+      getJSON("/api/topics"),
+    ]);
+    for (const event of news.headlines.slice().reverse()) addHeadline(event, { fresh: false });
+    for (const status of statuses) showProvider(status);
+    const quoteTopics = topics.filter((t) => t.topic.startsWith("quotes."));
+    const latest = await Promise.all(quoteTopics.map((t) => getJSON(`/api/topics/${encodeURIComponent(t.topic)}`)));
+    for (const event of latest) showQuote(event.topic, event.data);
+  } catch (error) {
+    console.warn("stream: could not refresh the page state", error);
+  }
+}
+
+// -- wiring ---------------------------------------------------------------------------------
+
+function route(event) {
+  if (event.topic === "_system.providers") showProvider(event.data);
+  else if (event.topic.startsWith("quotes.")) showQuote(event.topic, event.data);
+  else if (event.topic.startsWith("news.")) addHeadline(event, { fresh: !event.snapshot });
+}
+
+function showConnection(state, detail) {
+  const badge = $("connection");
+  badge.dataset.state = state;
+  const words = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline" };
+  badge.textContent = words[state] || state;
+  badge.title = detail || "";
+}
+
+const live = new LiveStream({
+  topics: ["quotes.>", "news.>", "_system.providers"],
+  onEvent: route,
+  onGap: (gap) => {
+    // After a restart the server's ids start over: what the page shows belongs to its old life.
+    if (gap.reason === "epoch") forgetHeadlines();
+    refetch();
+  },
+  onState: showConnection,
+});
+
+$("filter").addEventListener("input", (input) => {
+  filterText = input.target.value.trim();
+  applyFilter();
+});
+$("clear-filter").addEventListener("click", () => setFilter(""));
+
+setInterval(() => {
+  for (const entry of headlines) {
+    const time = entry.item.querySelector("time");
+    time.textContent = relativeTime(time.dateTime);
+  }
+  for (const item of providers.values()) {
+    const detail = item.querySelector(".provider-detail");
+    if (item.dataset.lastOk) detail.textContent = detail.textContent.replace(/last poll ok [^·]+/, `last poll ok ${relativeTime(item.dataset.lastOk)} `);
+  }
+}, 10000);
+
+// Provider status events come only when a state changes; poll counts and times are refreshed here.
+setInterval(async () => {
+  if ($("connection").dataset.state !== "live") return;
+  try {
+    for (const status of await getJSON("/api/providers")) showProvider(status);
+  } catch (error) {
+    console.warn("stream: could not refresh providers", error);
+  }
+}, 15000);
+
+refetch().then(() => live.start());
+window.addEventListener("pagehide", () => live.stop());

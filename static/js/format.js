@@ -1,0 +1,44 @@
+// Small formatting helpers for the dashboard.
+
+const SVG = "http://www.w3.org/2000/svg";
+
+export function priceText(price) {
+  const digits = price >= 1000 ? 0 : 2;
+  return price.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+export function changeText(data) {
+  const pct = Number(data.change_pct);
+  if (Number.isFinite(pct)) return `${pct > 0 ? "+" : ""}${pct.toFixed(2)}%`;
+  const change = Number(data.change);
+  return Number.isFinite(change) ? `${change > 0 ? "+" : ""}${change.toFixed(2)}` : "";
+}
+
+export function relativeTime(iso) {
+  const then = Date.parse(iso);
+  if (!Number.isFinite(then)) return "";
+  const seconds = Math.max(0, Math.round((Date.now() - then) / 1000));
+  if (seconds < 5) return "just now";
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return new Date(then).toLocaleDateString();
+}
+
+export function sparkline(values, rising) {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 84 22");
+  svg.setAttribute("aria-hidden", "true");
+  if (values.length < 2) return svg;
+  const low = Math.min(...values);
+  const high = Math.max(...values);
+  const span = high - low || 1;
+  const step = 84 / (values.length - 1);
+  const points = values.map((v, i) => `${(i * step).toFixed(1)},${(20 - ((v - low) / span) * 18).toFixed(1)}`);
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", points.join(" "));
+  line.setAttribute("stroke", rising ? "var(--up)" : "var(--down)");
+  svg.append(line);
+  return svg;
+}

@@ -1,0 +1,131 @@
+"""stream.client.Subscriber against a real server: resume across drops and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from stream.client import Event, Gap, SubscribeError, Subscriber, ws_url
+
+from .support import KEYS, Proxy, Server, publish
+
+
+def test_urls_are_normalised():
+    """http(s) and ws(s) base URLs, with or without /ws, all reach the WebSocket endpoint."""
+    assert ws_url("http://h:8000") == "ws://h:8000/ws"
+    assert ws_url("https://h/") == "wss://h/ws"
+    assert ws_url("ws://h:1/ws") == "ws://h:1/ws"
+
+
+async def collect(sub: Subscriber, count: int, into: list) -> None:
+    async for item in sub:
+        into.append(item)
+        if sum(isinstance(i, Event) for i in into) >= count:
+            return
+
+
+async def test_a_dropped_connection_resumes_without_loss_or_duplicate(server):
+    """The network drops twice while events keep coming: every event arrives once, in order."""
+    proxy = await Proxy(server.port).start()
+    states: list[str] = []
+    received: list = []
+    try:
+        async with httpx.AsyncClient() as http, Subscriber(
+            proxy.url, ["client.drop.>"], min_delay=0.05, max_delay=0.2, on_state=lambda s, d: states.append(s)
+        ) as sub:
+            reader = asyncio.create_task(collect(sub, 300, received))
+            for n in range(300):
+                await publish(http, server, {"topic": "client.drop.a", "data": {"n": n}})
+                if n in (100, 200):
+                    proxy.cut()
+                await asyncio.sleep(0.002)
+            await asyncio.wait_for(reader, 20)
+    finally:
+        await proxy.stop()
+    events = [item for item in received if isinstance(item, Event)]
+    assert [e.data["n"] for e in events] == list(range(300))
+    assert not any(isinstance(item, Gap) for item in received)
+    assert sub.reconnects == 2 and states.count("reconnecting") >= 2
+
+
+async def test_a_server_restart_is_surfaced_as_an_epoch_gap():
+    """The server restarts (new epoch): the subscriber reconnects, yields Gap(epoch), then the new events."""
+    first = Server(KEYS).start()
+    received: list = []
+    try:
+        async with httpx.AsyncClient() as http, Subscriber(first.url, ["client.restart.>"], min_delay=0.05, max_delay=0.3) as sub:
+            await publish(http, first, {"topic": "client.restart.a", "data": "before"})
+            async for item in sub:
+                received.append(item)
+                break
+            first.stop()
+            second = Server(KEYS)
+            second.port, second.url, second.ws_url = first.port, first.url, first.ws_url
+            with second:
+                after = await publish(http, second, [{"topic": "client.restart.a", "data": "after"}])
+
+                async def rest():
+                    async for item in sub:
+                        received.append(item)
+                        if isinstance(item, Event):
+                            return
+
+                await asyncio.wait_for(rest(), 20)
+    finally:
+        first.stop()
+    assert received[0].data == "before"
+    assert received[1] == Gap(None, "epoch")
+    assert received[2].id == after[0] and received[2].data == "after"
+
+
+async def test_a_refused_subscription_raises_instead_of_retrying(server):
+    """A bad pattern is final: SubscribeError with the server's code, no reconnect loop."""
+    with pytest.raises(SubscribeError) as info:
+        async with Subscriber(server.url, ["bad..pattern"]):
+            pass
+    assert info.value.code == "bad_topic"
+
+
+async def test_since_and_symbols_and_a_clean_close(server):
+    """since replays from an id, symbols filters, and leaving the block closes with 1000."""
+    async with httpx.AsyncClient() as http:
+        ids = await publish(
+            http,
+            server,
+            [{"topic": "client.sym.a", "data": {"n": n, "symbols": ["AAPL" if n % 2 else "MSFT"]}} for n in range(6)],
+        )
+        got: list = []
+        async with Subscriber(server.url, "client.sym.>", since=ids[0], symbols=["aapl"]) as sub:
+            await asyncio.wait_for(collect(sub, 3, got), 10)
+            socket = sub._socket
+        assert [e.data["n"] for e in got] == [1, 3, 5]
+        assert socket is not None and socket.close_code == 1000
+
+
+def test_the_example_bot_runs_against_a_demo_server():
+    """examples/headline_bot.py connects to a real server and prints demo headlines for its symbols."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
+    with Server(None) as demo:
+        process = subprocess.Popen(
+            [sys.executable, str(bot), "--url", demo.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = process.stdout.readline()
+            deadline = time.monotonic() + 20
+            line = ""
+            while not line.startswith("[") and time.monotonic() < deadline:
+                line = process.stdout.readline()
+        finally:
+            process.terminate()
+            process.wait(10)
+    assert first.startswith("watching headlines about AAPL")
+    assert line.startswith("[") and "Demo" in line

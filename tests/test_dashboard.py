@@ -1,0 +1,138 @@
+"""The dashboard (static/) in a real headless Chromium, driven by Playwright, against a real
+server polling the demo market: live data, the filter, the connection badge across a server
+restart, no lost events, no console errors, usable at phone width. Saves a screenshot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import async_playwright
+
+from .support import KEYS, Server, publish
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+# While the server is deliberately down, the browser itself logs each refused reconnect.
+OUTAGE_NOISE = ("ERR_CONNECTION_REFUSED", "WebSocket connection to", "Failed to load resource")
+
+
+def demo_config() -> str:
+    return resources.files("stream").joinpath("default.toml").read_text() + KEYS
+
+
+async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_dashboard_live_filter_reconnect_and_resume(chromium):
+    """Headlines and quotes within 5 s; filter works; badge follows a restart; events published
+    while the page was away appear; no console errors; screenshots saved."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    server = Server(demo_config()).start()
+    console: list[tuple[float, str, str]] = []
+    errors: list[str] = []
+    outage: tuple[float, float] = (0.0, 0.0)
+    try:
+        async with async_playwright() as playwright, httpx.AsyncClient() as http:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: console.append((time.monotonic(), m.type, m.text)))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            opened = time.monotonic()
+            await page.goto(server.url + "/")
+            await wait_until(lambda: _has(page, "#headlines li"), 5, "headlines")
+            await wait_until(lambda: _has(page, "#quotes tbody tr"), 5, "quotes")
+            await wait_until(lambda: _text_is(page, "#connection", "live"), 5, "live badge")
+            assert time.monotonic() - opened < 5
+            assert await page.locator("#quotes tbody tr .price").first.inner_text()
+            assert await page.locator("#providers li").count() == 3
+
+            # The filter: a symbol chip's text narrows the list to that symbol.
+            symbol = (await page.locator("#headlines .chip").first.inner_text()).strip()
+            await page.fill("#filter", symbol)
+            visible = page.locator("#headlines li:visible")
+            assert await visible.count() >= 1
+            for item in await visible.all():
+                chips = [c.strip() for c in await item.locator(".chip").all_inner_texts()]
+                text = await item.inner_text()
+                assert symbol in chips or symbol.lower() in text.lower()
+            assert symbol in await page.inner_text("#headline-count")
+            await page.click("#clear-filter")
+            assert await page.input_value("#filter") == ""
+            await page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+
+            # Stop the server: the badge must say so.
+            outage_start = time.monotonic()
+            server.stop()
+            await wait_until(lambda: _state_in(page, ("reconnecting", "offline")), 10, "badge to leave live")
+            await asyncio.sleep(1.5)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"))
+
+            # Start it again on the same port and publish at once, before the page is back.
+            restarted = Server(demo_config())
+            restarted.port, restarted.url, restarted.ws_url = server.port, server.url, server.ws_url
+            server = restarted.start()
+            titles = [f"Outage headline {n} {time.time_ns()}" for n in range(3)]
+            await publish(http, server, [{"topic": "news.test", "data": {"id": t, "title": t, "source": "test"}} for t in titles])
+            outage = (outage_start, time.monotonic())
+            await wait_until(lambda: _text_is(page, "#connection", "live"), 20, "badge back to live")
+            for title in titles:
+                await wait_until(lambda: _has(page, f"#headlines li:has-text('{title}')"), 10, title)
+
+            # Phone width: no horizontal scrolling, everything still there.
+            await page.set_viewport_size({"width": 390, "height": 844})
+            await asyncio.sleep(0.3)
+            assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"))
+
+            # Accessibility basics: live regions and keyboard reach.
+            assert await page.get_attribute("#headlines", "aria-live") == "polite"
+            assert await page.get_attribute("#connection", "role") == "status"
+            await page.click("h1")  # start keyboard navigation from the top of the page
+            reached = set()
+            for _ in range(40):
+                await page.keyboard.press("Tab")
+                reached.add(await page.evaluate("document.activeElement.id || document.activeElement.className"))
+            assert {"filter", "clear-filter", "headline-title", "chip"} <= reached, reached
+            await browser.close()
+    finally:
+        server.stop()
+
+    unexpected = [
+        text
+        for at, kind, text in console
+        if kind == "error" and not (outage[0] <= at <= outage[1] + 20 and any(noise in text for noise in OUTAGE_NOISE))
+    ]
+    assert errors == [], errors
+    assert unexpected == [], unexpected
+
+
+async def _has(page, selector: str) -> bool:
+    return await page.locator(selector).count() > 0
+
+
+async def _text_is(page, selector: str, text: str) -> bool:
+    return (await page.inner_text(selector)).strip() == text
+
+
+async def _state_in(page, states: tuple[str, ...]) -> bool:
+    return await page.get_attribute("#connection", "data-state") in states
