@@ -60,7 +60,7 @@ async def test_a_server_restart_is_surfaced_as_an_epoch_gap():
             async for item in sub:
                 received.append(item)
                 break
-            first.stop()
+            await asyncio.to_thread(first.stop)  # keep the loop free to answer the close frame
             second = Server(KEYS)
             second.port, second.url, second.ws_url = first.port, first.url, first.ws_url
             with second:
@@ -73,6 +73,7 @@ async def test_a_server_restart_is_surfaced_as_an_epoch_gap():
                             return
 
                 await asyncio.wait_for(rest(), 20)
+                await sub.close()
     finally:
         first.stop()
     assert received[0].data == "before"
