@@ -23,7 +23,6 @@ import enum
 import logging
 import random
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -33,6 +32,7 @@ import httpx
 import orjson
 
 from . import __version__
+from .decoding import BodyDecoder
 from .errors import StreamError, UpstreamError
 from .events import Event
 from .hub import Hub
@@ -47,8 +47,9 @@ log = logging.getLogger("stream.poller")
 FAILING_AFTER = 5  # failures in a row
 MAX_BACKOFF = 900.0  # seconds
 MAX_RETRY_AFTER = 3600.0
+MAX_REDIRECTS = 5
 STATUS_TOPIC = "_system.providers"
-HEADLINES_KEPT = 1000
+HEADLINES_KEPT = 500  # per provider
 
 
 class ProviderState(enum.Enum):
@@ -74,40 +75,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def backoff_delay(interval: float, failures: int, rng: random.Random) -> float:
-    """Full jitter between ``interval`` and a ceiling that doubles per failure, up to 15 min."""
-    ceiling = min(MAX_BACKOFF, interval * 2 ** min(failures, 30))
-    return rng.uniform(min(interval, ceiling), ceiling)
+    """Full jitter between ``interval`` and a ceiling that doubles per failure, up to 15 min
+    (an interval already longer than that is kept: a failure never makes polling faster)."""
+    ceiling = max(interval, min(MAX_BACKOFF, interval * 2 ** min(failures, 30)))
+    return rng.uniform(interval, ceiling)
 
 
 async def read_body(response: httpx.Response, limit: int) -> bytes:
-    """The decoded body, refusing more than ``limit`` decoded bytes without ever holding more.
-
-    Decoding is done here, not by httpx, so a gzip bomb is stopped after ``limit`` bytes of
-    output instead of inflating a whole network chunk at once.
-    """
-    encoding = response.headers.get("content-encoding", "identity").lower().strip()
-    if encoding in ("gzip", "x-gzip"):
-        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif encoding == "deflate":
-        decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
-    elif encoding in ("identity", ""):
-        decoder = None
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise UpstreamError("too_large", f"body of {declared} bytes is over max_bytes ({limit})")
-    else:
-        raise UpstreamError("bad_body", f"unsupported Content-Encoding {encoding!r}")
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for raw in response.aiter_raw():
-            piece = raw if decoder is None else decoder.decompress(raw, limit - size + 1)
-            size += len(piece)
-            if size > limit:
-                raise UpstreamError("too_large", f"body is over max_bytes ({limit} bytes decoded)")
-            parts.append(piece)
-    except zlib.error as exc:
-        raise UpstreamError("bad_body", f"cannot decode {encoding} body: {exc}") from None
+    """The decoded body, refusing more than ``limit`` decoded bytes without ever holding more."""
+    decoder = BodyDecoder(response.headers.get("content-encoding", "identity"), limit)
+    declared = response.headers.get("content-length", "")
+    if decoder.encoding == "identity" and declared.isdigit() and int(declared) > limit:
+        raise UpstreamError("too_large", f"body of {declared} bytes is over max_bytes ({limit})")
+    parts = [decoder.feed(raw) async for raw in response.aiter_raw()]
+    decoder.finish()
     return b"".join(parts)
 
 
@@ -182,7 +163,8 @@ class Poller:
             body, content_type, location, validators = fetched
             if not body:
                 raise UpstreamError("empty", "empty body")
-            parsed = self._parse(body, content_type, location)
+            # Parsing is CPU work (feedparser on a 5 MiB feed takes seconds): off the event loop.
+            parsed = await asyncio.to_thread(self._parse, body, content_type, location)
             await self._publish(parsed)
         except UpstreamError as exc:
             return self._failed(exc, started)
@@ -205,28 +187,9 @@ class Poller:
 
     async def _fetch(self) -> tuple[bytes, str | None, str, tuple[str | None, str | None]] | None:
         provider = self.provider
-        headers = {"Accept-Encoding": "gzip, deflate", **dict(provider.headers)}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        if self.last_modified:
-            headers["If-Modified-Since"] = self.last_modified
         try:
             async with asyncio.timeout(provider.timeout):
-                request = self.client.stream("GET", self.url, headers=headers, params=dict(provider.params))
-                async with request as response:
-                    status = response.status_code
-                    if status == 304:
-                        return None
-                    if status in (429, 503):
-                        wait = parse_retry_after(response.headers.get("retry-after"), self.clock())
-                        kind = "rate_limited" if status == 429 else "status"
-                        said = f", Retry-After {wait:.0f} s" if wait is not None else ""
-                        raise UpstreamError(kind, f"HTTP {status}{said}", retry_after=wait)
-                    if not 200 <= status < 300:
-                        raise UpstreamError("status", f"HTTP {status} {response.reason_phrase}".strip())
-                    body = await read_body(response, provider.max_bytes)
-                    validators = (response.headers.get("etag"), response.headers.get("last-modified"))
-                    return body, response.headers.get("content-type"), str(response.url), validators
+                return await self._get()
         except TimeoutError:
             raise UpstreamError("timeout", f"no complete answer within {provider.timeout:g} s") from None
         except httpx.TimeoutException as exc:
@@ -236,6 +199,44 @@ class Poller:
         except httpx.HTTPError as exc:
             raise UpstreamError("connect", f"{type(exc).__name__}: {self._clean(str(exc))}") from None
 
+    async def _get(self) -> tuple[bytes, str | None, str, tuple[str | None, str | None]] | None:
+        """GET with conditional headers, following redirects by hand: configured headers (API
+        keys) go to the configured origin only, and https is never downgraded to http."""
+        provider = self.provider
+        url = httpx.URL(self.url, params=dict(provider.params))
+        origin = (url.scheme, url.host, url.port)
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"Accept-Encoding": "gzip, deflate"}
+            if (url.scheme, url.host, url.port) == origin:
+                headers.update(provider.headers)
+                if self.etag:
+                    headers["If-None-Match"] = self.etag
+                if self.last_modified:
+                    headers["If-Modified-Since"] = self.last_modified
+            async with self.client.stream("GET", url, headers=headers) as response:
+                status = response.status_code
+                if response.has_redirect_location:
+                    target = url.join(response.headers.get("location", ""))
+                    if url.scheme == "https" and target.scheme != "https":
+                        raise UpstreamError("status", f"HTTP {status}: refusing a redirect from https to {target.scheme}")
+                    url = target
+                    continue
+                if status == 304:
+                    return None
+                if status in (429, 503):
+                    wait = parse_retry_after(response.headers.get("retry-after"), self.clock())
+                    kind = "rate_limited" if status == 429 else "status"
+                    said = f", Retry-After {wait:.0f} s" if wait is not None else ""
+                    raise UpstreamError(kind, f"HTTP {status}{said}", retry_after=wait)
+                if not 200 <= status < 300:
+                    raise UpstreamError("status", f"HTTP {status} {response.reason_phrase}".strip())
+                body = await read_body(response, provider.max_bytes)
+                validators = (response.headers.get("etag"), response.headers.get("last-modified"))
+                # Relative links resolve against the document's URL, never with its query (keys).
+                location = str(url.copy_with(query=None, fragment=None))
+                return body, response.headers.get("content-type"), location, validators
+        raise UpstreamError("status", f"more than {MAX_REDIRECTS} redirects")
+
     def _clean(self, text: str) -> str:
         """Remove configured secrets (API keys in params or headers) from a message."""
         for secret in self._secrets:
@@ -244,40 +245,49 @@ class Poller:
 
     # -- dedup and publishing -------------------------------------------------------------
 
-    def _fresh(self, items: list[Item]) -> list[Item]:
-        """The items not published before: new ids, or values that changed."""
-        seen, fresh = self.seen, []
+    def _fresh(self, items: list[Item]) -> tuple[list[Item], dict[str, bytes | None]]:
+        """The items not published before (new ids, or changed values), and what to remember
+        about them once they are published."""
+        seen, fresh, remember = self.seen, [], {}
+        missing = object()
         for item in items:
-            if self._values:
-                value = orjson.dumps(item.data)
-                if seen.get(item.key) == value:
-                    continue
-                seen[item.key] = value
-            elif item.key in seen:
-                seen.move_to_end(item.key)  # still upstream: keep remembering it
-                continue
-            else:
-                seen[item.key] = None
+            if item.key in seen:
+                seen.move_to_end(item.key)  # still upstream: forget it last
+            value = orjson.dumps(item.data) if self._values else None
+            before = remember.get(item.key, seen.get(item.key, missing))
+            if before is not missing and (not self._values or before == value):
+                continue  # published before (or twice in this document)
+            remember[item.key] = value
             fresh.append(item)
-        while len(seen) > self.provider.dedup_size:
-            seen.popitem(last=False)
         if not self._values:
             if all(item.published is not None for item in fresh):
                 fresh.sort(key=lambda item: item.published)  # type: ignore[arg-type, return-value]
             else:
                 fresh.reverse()  # feeds list newest first
-        return fresh
+        return fresh, remember
+
+    def _remember(self, remember: dict[str, bytes | None], current: int) -> None:
+        seen = self.seen
+        for key, value in remember.items():
+            seen[key] = value
+            seen.move_to_end(key)
+        # Never forget what the current document still lists, whatever dedup_size says.
+        while len(seen) > max(self.provider.dedup_size, current):
+            seen.popitem(last=False)
 
     async def _publish(self, parsed: Parsed) -> None:
         provider = self.provider
         self._report_skips(parsed)
         stamps = [item.published for item in parsed.items if item.published is not None]
         if stamps:
-            self.newest_published = max(stamps)
-        fresh = self._fresh(parsed.items)
+            self.newest_published = min(max(stamps), self.clock())  # a future date is not fresher than now
+        fresh, remember = self._fresh(parsed.items)
         if not self.primed:
+            if not parsed.items:
+                return  # an empty first answer primes nothing: wait for a real one
             self.primed = True
             if not provider.backfill:
+                self._remember(remember, len(parsed.items))
                 log.info("provider %s: primed with %d items (backfill off)", provider.name, len(parsed.items))
                 return
         drafts = []
@@ -287,13 +297,14 @@ class Poller:
             except StreamError as exc:
                 self.items_skipped += 1
                 log.info("provider %s: item %r not published: %s", provider.name, item.key[:80], exc.message)
-        if not drafts:
-            return
-        events = await self.hub.publish_many(drafts)
-        self.items_published += len(events)
-        if provider.headlines and self.on_headlines is not None:
-            self.on_headlines(events)
-        log.debug("provider %s: published %d new items", provider.name, len(events))
+        if drafts:
+            events = await self.hub.publish_many(drafts)
+            self.items_published += len(events)
+            if provider.headlines and self.on_headlines is not None:
+                self.on_headlines(events)
+            log.debug("provider %s: published %d new items", provider.name, len(events))
+        # Only now: an item whose publish failed is tried again at the next poll.
+        self._remember(remember, len(parsed.items))
 
     def _report_skips(self, parsed: Parsed) -> None:
         self.items_skipped += parsed.skipped
@@ -389,7 +400,8 @@ class Pollers:
         self.tasks: list[asyncio.Task[None]] = []
         self.client: httpx.AsyncClient | None = None
         self.started = False
-        self.headlines: deque[tuple[float, Event]] = deque(maxlen=HEADLINES_KEPT)
+        # Per provider, so a chatty source cannot push the others out of /api/news.
+        self.headlines: dict[str, deque[tuple[float, Event]]] = {}
         self.on_poll: Callable[[str, str, float], None] | None = None
         self._status_tasks: set[asyncio.Task[None]] = set()
 
@@ -401,7 +413,7 @@ class Pollers:
         self.client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             timeout=httpx.Timeout(30.0),
-            follow_redirects=True,
+            follow_redirects=False,  # Poller._get follows them, keeping keys on their origin
             headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
         )
         for provider in self.providers:
@@ -422,7 +434,7 @@ class Pollers:
             log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
 
     async def stop(self) -> None:
-        tasks, self.tasks = self.tasks, []
+        tasks, self.tasks = self.tasks + list(self._status_tasks), []
         for task in tasks:
             task.cancel()
         if tasks:
@@ -466,15 +478,27 @@ class Pollers:
     def _keep_headlines(self, events: list[Event]) -> None:
         for event in events:
             published = parse_time(event.data.get("published"))
-            self.headlines.append((published.timestamp() if published else event.ts / 1000, event))
+            # A headline dated in the future (a bad clock, ms read as s) sorts as "just now".
+            stamp = min(published.timestamp(), event.ts / 1000) if published else event.ts / 1000
+            kept = self.headlines.setdefault(event.data.get("provider", ""), deque(maxlen=HEADLINES_KEPT))
+            kept.append((stamp, event))
 
-    def news(self, limit: int, symbols: frozenset[str] | None, words: str | None) -> list[Event]:
+    def news(
+        self,
+        limit: int,
+        symbols: frozenset[str] | None,
+        words: str | None,
+        allowed: Callable[[Event], bool] = lambda event: True,
+    ) -> list[Event]:
         """Latest headlines across news providers, newest first (by published time), filtered:
-        ``symbols`` keeps headlines naming one of them, ``words`` searches title and summary."""
+        ``symbols`` keeps headlines naming one of them, ``words`` searches title and summary,
+        ``allowed`` drops what the caller may not read (before the limit is applied)."""
         needle = words.lower() if words else None
         found = []
-        for stamp, event in self.headlines:
+        for stamp, event in (entry for kept in self.headlines.values() for entry in kept):
             if symbols is not None and (event.symbols is None or symbols.isdisjoint(event.symbols)):
+                continue
+            if not allowed(event):
                 continue
             if needle is not None:
                 data = event.data

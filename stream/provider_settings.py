@@ -3,6 +3,7 @@ config; every mistake becomes one problem line naming ``providers[i].key``."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ __all__ = ["DEMO_PATHS", "KINDS", "ProviderSettings", "read_providers"]
 KINDS = ("feed", "json", "snapshot", "demo")
 DEMO_PATHS = ("/demo/quotes", "/demo/news.rss", "/demo/news.json")
 HEADLINE_FIELDS = ("id", "title", "url", "source", "published", "summary", "symbols")
+HEADLINE_PLACEHOLDERS = frozenset({"id", "title", "source", "provider", "name"})
 POLICIES = ("disconnect", "drop", "conflate")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -115,7 +117,11 @@ def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problem
         if key not in table:
             return
         value = table[key]
-        ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        ok = (
+            isinstance(value, int if integer else (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        )
         if not ok or value < low or (high is not None and value > high):
             span = f"{low:g}-{high:g}" if high is not None else f"at least {low:g}"
             problems.append(f"{where}.{key}: expected {'an integer' if integer else 'a number'} {span}, got {value!r}")
@@ -161,6 +167,12 @@ def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problem
     if not isinstance(topic, str):
         problems.append(f"{where}.topic: expected a topic template string, got {topic!r}")
         return None
+    if kind in ("feed", "json") or (kind == "demo" and url != "/demo/quotes"):
+        # News topics may use headline fields; state topics may name any field of their values.
+        unknown = [name for name in _PLACEHOLDER.findall(topic) if name not in HEADLINE_PLACEHOLDERS]
+        if unknown:
+            allowed = ", ".join(sorted(HEADLINE_PLACEHOLDERS))
+            problems.append(f"{where}.topic: unknown placeholder {{{unknown[0]}}} (allowed here: {allowed})")
     sample = _PLACEHOLDER.sub("x", topic)
     try:
         validate_topic(sample, f"{where}.topic")

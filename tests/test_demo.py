@@ -68,3 +68,20 @@ interval = 1
     assert "stream_provider_poll_seconds_bucket" in metrics
     assert system["data"]["name"] == "dead" and system["data"]["state"] == "backoff"
     assert "provider dead: connect: cannot connect" in server.output()
+
+
+async def test_news_applies_read_rights_before_the_limit():
+    """A caller who may read only news.markets still gets a full page of news.markets headlines."""
+    from importlib import resources
+
+    toml = resources.files("stream").joinpath("default.toml").read_text().replace(
+        'port = 8000', 'port = 8000\npublic = ["quotes.>", "news.markets"]'
+    )
+    with Server(toml) as server:
+        async with httpx.AsyncClient() as http:
+            deadline = time.monotonic() + 10
+            news = []
+            while time.monotonic() < deadline and len(news) < 5:
+                news = (await http.get(f"{server.url}/api/news?limit=5")).json()["headlines"]
+                await asyncio.sleep(0.2)
+    assert len(news) == 5 and {event["topic"] for event in news} == {"news.markets"}

@@ -94,7 +94,7 @@ def test_backoff_grows_exponentially_with_full_jitter_up_to_15_minutes():
         delays = [backoff_delay(10, failures, rng) for _ in range(200)]
         assert all(10 <= d <= ceiling for d in delays)
         assert max(delays) > 10 + 0.8 * (ceiling - 10)  # jitter spans the range
-    assert backoff_delay(1200, 1, rng) == MAX_BACKOFF  # an interval above the cap is capped
+    assert backoff_delay(1200, 3, rng) == 1200  # a failure never makes polling faster than interval
 
 
 def test_failures_back_off_then_fail_and_a_success_resets():
@@ -272,3 +272,75 @@ def test_secrets_from_params_never_reach_status_or_logs(caplog):
     run(poller.poll_once())
     assert "sekrit" not in poller.status()["last_error"] and "***" in poller.status()["last_error"]
     assert "sekrit" not in caplog.text
+
+
+def test_snapshots_with_more_keys_than_dedup_size_do_not_republish_unchanged_values():
+    """Keys still in the document are never forgotten, whatever dedup_size says."""
+    body = orjson.dumps({f"K{n}": n for n in range(5)})
+    script = Script((200, body, {}))
+    poller, hub, _ = make(script, kind="snapshot", split="", topic="v.{key}", backfill=True, dedup_size=2)
+    run(polls(poller, 4))
+    assert len([e for e in hub.history if e.topic.startswith("v.")]) == 5
+
+
+def test_an_empty_first_answer_does_not_prime_dedup():
+    """A first poll that finds nothing (an upstream hiccup) does not make the next full list 'new'."""
+    script = Script((200, b"[]", {}), (200, items("a", "b"), {}), (200, items("c", "b", "a"), {}))
+    poller, hub, _ = make(script)
+    run(polls(poller, 3))
+    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["c"]
+
+
+def test_items_whose_publish_failed_are_tried_again():
+    """Dedup remembers an item only once it was published: a failed publish loses nothing."""
+    script = Script((200, items("a"), {}), (200, items("b", "a"), {}), (200, items("b", "a"), {}))
+    poller, hub, _ = make(script)
+    original = hub.publish_many
+    calls = {"n": 0}
+
+    async def failing_once(drafts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("broker down")
+        return await original(drafts)
+
+    hub.publish_many = failing_once  # type: ignore[method-assign]
+
+    async def scenario():
+        await poller.poll_once()  # primes with a
+        with pytest.raises(RuntimeError):
+            await poller.poll_once()  # b found, publish fails
+        await poller.poll_once()  # b again: published now
+
+    run(scenario())
+    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["b"]
+
+
+def test_redirects_keep_keys_on_their_origin_and_never_downgrade():
+    """A redirect to another host gets no configured headers; https to http is refused."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "upstream.example" and request.url.path == "/items":
+            return httpx.Response(302, headers={"Location": "https://mirror.example/items"}, stream=httpx.ByteStream(b""))
+        if request.url.host == "mirror.example":
+            return httpx.Response(200, stream=httpx.ByteStream(items("m")))
+        return httpx.Response(404, stream=httpx.ByteStream(b""))
+
+    poller = Poller(
+        provider(headers={"X-Api-Key": "sekrit-key-1"}, backfill=True),
+        httpx.AsyncClient(transport=httpx.MockTransport(answer)),
+        Hub(),
+        rng=random.Random(1),
+    )
+    run(poller.poll_once())
+    assert poller.state is ProviderState.OK and poller.items_published == 1
+    assert seen[0].headers["X-Api-Key"] == "sekrit-key-1" and "X-Api-Key" not in seen[1].headers
+
+    def downgrade(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(301, headers={"Location": "http://upstream.example/items"}, stream=httpx.ByteStream(b""))
+
+    poller = Poller(provider(), httpx.AsyncClient(transport=httpx.MockTransport(downgrade)), Hub(), rng=random.Random(1))
+    run(poller.poll_once())
+    assert "refusing a redirect from https to http" in poller.status()["last_error"]

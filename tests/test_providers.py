@@ -192,3 +192,39 @@ def test_demo_market_documents_parse_with_their_providers():
     assert rss.items and all(item.data["symbols"] for item in rss.items)
     wire = parse(provider(kind="demo", url="/demo/news.json"), market.json_feed(1_800_000_005.0, "http://h"))
     assert wire.items and wire.items[0].data["source"] == "Demo Markets API"
+
+
+def test_links_are_web_links_only_and_encoded_tags_are_stripped():
+    """javascript: and relative links are dropped; an entity-encoded tag never reaches the text."""
+    body = orjson.dumps(
+        [
+            {"id": "1", "title": "Click", "url": "javascript:alert(1)", "summary": "&lt;script&gt;alert(1)&lt;/script&gt; fine"},
+            {"id": "2", "title": "Relative", "url": "/x"},
+        ]
+    )
+    first, second = parse(provider(kind="json"), body).items
+    assert first.data["url"] is None and second.data["url"] is None
+    assert "<" not in first.data["summary"] and "fine" in first.data["summary"]
+
+
+def test_time_edge_cases():
+    """Fractional epoch strings, a lowercase z, and zero (missing) are handled."""
+    assert parse_time("1795600800.5").isoformat() == "2026-11-25T10:00:00.500000+00:00"
+    assert parse_time("2026-11-25T10:00:00z").isoformat() == "2026-11-25T10:00:00+00:00"
+    assert parse_time(0) is None and parse_time("0") is None
+
+
+def test_config_rejects_nan_intervals_and_unknown_topic_placeholders():
+    """interval = nan would hang a poller; {category} would send everything to one topic."""
+    problems: list[str] = []
+    read_providers(
+        [
+            {"name": "a", "kind": "json", "url": "https://u/x", "interval": float("nan")},
+            {"name": "b", "kind": "json", "url": "https://u/x", "topic": "news.{category}"},
+            {"name": "c", "kind": "snapshot", "url": "https://u/x", "topic": "px.{symbol}", "split": ""},
+        ],
+        {},
+        problems,
+    )
+    assert len(problems) == 2
+    assert problems[0].startswith("providers[0].interval") and "unknown placeholder {category}" in problems[1]

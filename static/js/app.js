@@ -79,10 +79,11 @@ function matches(data) {
 function headlineItem(event) {
   const data = event.data || {};
   const item = document.createElement("li");
-  const link = document.createElement(data.url ? "a" : "span");
+  const safe = typeof data.url === "string" && /^https?:\/\//i.test(data.url);
+  const link = document.createElement(safe ? "a" : "span");
   link.className = "headline-title";
   link.textContent = data.title || JSON.stringify(data);
-  if (data.url) {
+  if (safe) {
     link.href = data.url;
     link.target = "_blank";
     link.rel = "noopener noreferrer";

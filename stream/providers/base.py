@@ -88,19 +88,25 @@ def template_fields(template: str) -> list[str]:
     return _PLACEHOLDER.findall(template)
 
 
+_NUMBER = re.compile(r"\d+(?:\.\d+)?\Z")
+
+
 def parse_time(value: Any) -> datetime | None:
-    """ISO-8601, RFC 822 or a Unix timestamp (seconds or milliseconds) as an aware UTC datetime."""
+    """ISO-8601, RFC 822 or a Unix timestamp (seconds or milliseconds) as an aware UTC datetime;
+    None when absent, unreadable, or zero."""
     if value is None or value == "" or isinstance(value, bool):
         return None
     try:
         if isinstance(value, (int, float)):
+            if value <= 0:
+                return None
             seconds = value / 1000 if value > 1e11 else value
             return datetime.fromtimestamp(seconds, timezone.utc)
         text = str(value).strip()
-        if text.isdigit():
-            return parse_time(int(text))
+        if _NUMBER.match(text):
+            return parse_time(float(text))
         try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            moment = datetime.fromisoformat(re.sub(r"[zZ]\Z", "+00:00", text))
         except ValueError:
             moment = parsedate_to_datetime(text)
     except (TypeError, ValueError, OverflowError, OSError):
@@ -118,7 +124,8 @@ def plain_text(value: Any, limit: int = SUMMARY_LIMIT) -> str:
     """HTML to one line of text, at most ``limit`` characters."""
     if not isinstance(value, str):
         return ""
-    text = _SPACE.sub(" ", html.unescape(_TAG.sub(" ", value))).strip()
+    # Tags out, entities decoded, then tags out again: an encoded "&lt;script&gt;" stays out too.
+    text = _SPACE.sub(" ", _TAG.sub(" ", html.unescape(_TAG.sub(" ", value)))).strip()
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
@@ -166,8 +173,8 @@ def headline(raw: Any, *, provider: str, fields: dict[str, str], source: str, pa
     title = plain_text(pick(raw, "title", fields), 500)
     ident = pick(raw, "id", fields)
     url = pick(raw, "url", fields)
-    if not isinstance(url, str):
-        url = None
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        url = None  # only web links: never javascript:, data: or a relative path
     if ident in (None, ""):
         ident = url
     if ident in (None, "") or isinstance(ident, (dict, list)):

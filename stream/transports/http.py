@@ -149,11 +149,7 @@ async def news(request: Request) -> JSON:
     symbols = parse_symbols(params.get("symbols"))
     words = (params.get("q") or "").strip() or None
     principal = _principal(request, runtime)
-    found = [
-        event
-        for event in runtime.pollers.news(limit, symbols, words)
-        if runtime.auth.may_subscribe(principal, event.topic)
-    ]
+    found = runtime.pollers.news(limit, symbols, words, lambda event: runtime.auth.may_subscribe(principal, event.topic))
     return JSON({"headlines": [_event_dict(event) for event in found]})
 
 

@@ -1,0 +1,452 @@
+"""Fan-out benchmark: stream against the usual Python patterns (and Node's ws), in one run.
+
+    .venv/bin/python bench/run.py                 # everything, ~4 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick         # a few seconds: correctness smoke test
+    .venv/bin/python bench/run.py --only ws,idle  # some scenarios
+
+For each server it starts the server, opens the subscribers in separate client processes
+(bench/client.py), publishes at a fixed rate through POST /api/publish with the publish time in
+the payload, and reports deliveries, loss, latency (p50/p99/max), the server's user and system
+CPU per delivery (from /proc/PID/stat), its RSS per idle connection, and connect time.
+Results are printed as tables and written as JSON (bench/results/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+KEY = "bench-publisher-key"
+TICK = os.sysconf("SC_CLK_TCK")
+PAD = "x" * 150  # makes a published message about 250 bytes on the wire, as in the issue
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    ws_path: str | None
+    sse_path: str | None
+
+    def command(self, port: int) -> list[str]:
+        if self.name == "stream":
+            return [PYTHON, "-m", "stream", "serve", "--config", str(BENCH / "stream.toml"), "--port", str(port)]
+        if self.name == "fastapi-connection-manager":
+            return [PYTHON, str(BENCH / "baselines" / "connection_manager.py"), "--port", str(port)]
+        if self.name == "sse-starlette-queues":
+            return [PYTHON, str(BENCH / "baselines" / "sse_queue.py"), "--port", str(port)]
+        if self.name == "node-ws":
+            return ["node", str(BENCH / "baselines" / "node_ws" / "server.js"), str(port)]
+        raise ValueError(self.name)
+
+
+STREAM = ServerSpec("stream", "/ws?topics=bench.>", "/sse?topics=bench.>")
+CONNECTION_MANAGER = ServerSpec("fastapi-connection-manager", "/ws", None)
+SSE_QUEUES = ServerSpec("sse-starlette-queues", None, "/sse")
+NODE_WS = ServerSpec("node-ws", "/ws", None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, spec: ServerSpec) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"{spec.name} did not start:\n{self.log.read().decode(errors='replace')}")
+            time.sleep(0.05)
+
+    def cpu(self) -> tuple[float, float]:
+        """(user, system) CPU seconds used by the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- subscribers --------------------------------------------------------------------------
+
+
+class Clients:
+    """Client processes holding ``total`` connections between them."""
+
+    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0) -> None:
+        path = server.spec.ws_path if transport == "ws" else server.spec.sse_path
+        self.files: list[str] = []
+        self.procs: list[subprocess.Popen[str]] = []
+        started = time.monotonic()
+        sizes = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
+        for index, count in enumerate(sizes):
+            latencies = tempfile.mktemp(prefix="stream-bench-", suffix=".f64")
+            self.files.append(latencies)
+            command = [PYTHON, str(BENCH / "client.py"), "--transport", transport, "--url", server.url, "--path", path,
+                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % 8}"]
+            if stall and index == 0:
+                command += ["--stall", str(stall)]
+            self.procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        for proc in self.procs:
+            line = proc.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"client failed to connect: {line!r}")
+        self.connect_seconds = time.monotonic() - started
+
+    def finish(self) -> tuple[dict, array]:
+        results = []
+        for proc in self.procs:
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+        for proc in self.procs:
+            results.append(orjson.loads(proc.stdout.readline()))
+            proc.wait(30)
+        latencies = array("d")
+        for path in self.files:
+            with open(path, "rb") as handle:
+                latencies.frombytes(handle.read())
+            os.unlink(path)
+        merged = {
+            "received": sum(r["received"] for r in results),
+            "min_per_connection": min(r["min_per_connection"] for r in results),
+            "max_per_connection": max(r["max_per_connection"] for r in results),
+            "out_of_order": sum(r["out_of_order"] for r in results),
+            "duplicates": sum(r["duplicates"] for r in results),
+            "closed": sum(r["closed"] for r in results),
+        }
+        return merged, latencies
+
+    def received_so_far(self) -> None:  # pragma: no cover - the harness only needs finish()
+        raise NotImplementedError
+
+
+# -- publishing ---------------------------------------------------------------------------
+
+
+async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tuple[int, float]:
+    """Publish ``rate`` messages per second for ``seconds``, ``batch`` per request, on schedule.
+    Returns (messages published, seconds behind schedule at the end)."""
+    requests = int(rate * seconds / batch)
+    interval = batch / rate
+    seq = 0
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        start = time.monotonic()
+        for number in range(requests):
+            due = start + number * interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            items = []
+            for _ in range(batch):
+                items.append({"topic": "bench.a", "data": {"seq": seq, "t": time.time(), "pad": PAD}})
+                seq += 1
+            response = await http.post(f"{url}/api/publish", content=orjson.dumps(items if batch > 1 else items[0]), headers={"content-type": "application/json"})
+            if response.status_code != 202:
+                raise RuntimeError(f"publish failed: {response.status_code} {response.text[:200]}")
+        behind = time.monotonic() - (start + requests * interval)
+    return seq, max(0.0, behind)
+
+
+# -- one measured run ---------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    server: str
+    transport: str
+    subscribers: int
+    rate: float
+    seconds: float
+    published: int = 0
+    expected: int = 0
+    delivered: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    behind_schedule_s: float = 0.0
+    kept_up: bool = False
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    user_us: float = 0.0
+    system_us: float = 0.0
+    kb_per_idle_connection: float = 0.0
+    connect_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[index]
+
+
+def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seconds: float, *, scenario: str,
+           batch: int = 1, processes: int = 2, stall: int = 0) -> Result:
+    result = Result(scenario, spec.name, transport, subscribers, rate, seconds)
+    server = RunningServer(spec)
+    try:
+        time.sleep(0.5)
+        rss_before = server.rss_kb()
+        clients = Clients(server, transport, subscribers, processes, stall)
+        result.connect_s = round(clients.connect_seconds, 2)
+        time.sleep(1.0)
+        result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
+        user0, system0 = server.cpu()
+        published, behind = asyncio.run(publish(server.url, rate, seconds, batch))
+        live = subscribers - stall
+        expected = published * live
+        # Drain: wait for the last messages (bounded), then stop the clients.
+        deadline = time.monotonic() + max(5.0, seconds)
+        time.sleep(0.5)
+        user1, system1 = server.cpu()
+        merged, latencies = clients.finish()
+        while False and time.monotonic() < deadline:  # finish() already waited for the stop line
+            pass
+        result.published = published
+        result.expected = expected
+        result.delivered = merged["received"]
+        result.lost = max(0, expected - merged["received"])
+        result.duplicates = merged["duplicates"]
+        result.out_of_order = merged["out_of_order"]
+        result.behind_schedule_s = round(behind, 3)
+        result.kept_up = result.lost == 0 and behind < 0.05 * seconds + 0.2
+        ordered = sorted(latencies)
+        result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
+        result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
+        result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
+        delivered = max(1, result.delivered)
+        result.user_us = round((user1 - user0) * 1e6 / delivered, 2)
+        result.system_us = round((system1 - system0) * 1e6 / delivered, 2)
+        if merged["closed"] and not stall:
+            result.notes.append(f"{merged['closed']} connections closed")
+    finally:
+        server.stop()
+    return result
+
+
+def idle(spec: ServerSpec, subscribers: int, processes: int) -> Result:
+    """Hold many idle WebSocket subscribers; RSS per connection; then one message to all of them."""
+    result = Result("idle", spec.name, "ws", subscribers, 0, 0)
+    server = RunningServer(spec)
+    try:
+        time.sleep(0.5)
+        rss_before = server.rss_kb()
+        clients = Clients(server, "ws", subscribers, processes)
+        result.connect_s = round(clients.connect_seconds, 2)
+        time.sleep(2.0)
+        result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
+        user0, system0 = server.cpu()
+        published, _ = asyncio.run(publish(server.url, 1, 1))
+        time.sleep(2.0)
+        user1, system1 = server.cpu()
+        merged, latencies = clients.finish()
+        result.published = published
+        result.expected = published * subscribers
+        result.delivered = merged["received"]
+        result.lost = max(0, result.expected - result.delivered)
+        result.duplicates = merged["duplicates"]
+        result.kept_up = result.lost == 0
+        ordered = sorted(latencies)
+        result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
+        result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
+        result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
+        result.user_us = round((user1 - user0) * 1e6 / max(1, result.delivered), 2)
+        result.system_us = round((system1 - system0) * 1e6 / max(1, result.delivered), 2)
+    finally:
+        server.stop()
+    return result
+
+
+# -- reporting ----------------------------------------------------------------------------
+
+
+COLUMNS = [
+    ("server", "server", "{}"),
+    ("subs", "subscribers", "{}"),
+    ("rate", "rate", "{:g}"),
+    ("delivered", "delivered", "{}"),
+    ("lost", "lost", "{}"),
+    ("dup", "duplicates", "{}"),
+    ("kept up", "kept_up", "{}"),
+    ("user µs", "user_us", "{:.2f}"),
+    ("sys µs", "system_us", "{:.2f}"),
+    ("p50 ms", "p50_ms", "{:.1f}"),
+    ("p99 ms", "p99_ms", "{:.1f}"),
+    ("max ms", "max_ms", "{:.1f}"),
+    ("KB/idle", "kb_per_idle_connection", "{:.1f}"),
+    ("connect s", "connect_s", "{:.2f}"),
+]
+
+
+def table(title: str, results: list[Result]) -> str:
+    rows = [[fmt.format(getattr(r, key)) for _, key, fmt in COLUMNS] for r in results]
+    heads = [head for head, _, _ in COLUMNS]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
+    lines = [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(heads, widths))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    for r in results:
+        for note in r.notes:
+            lines.append(f"  note ({r.server}): {note}")
+    return "\n".join(lines)
+
+
+def ratios(stream: Result, others: list[Result]) -> list[str]:
+    lines = []
+    for other in others:
+        if not other.user_us or not stream.delivered:
+            continue
+        total_stream = stream.user_us + stream.system_us
+        total_other = other.user_us + other.system_us
+        lines.append(
+            f"  stream / {other.server}: user CPU {stream.user_us / other.user_us:.2f}x, "
+            f"total CPU {total_stream / total_other:.2f}x, p99 {stream.p99_ms / max(other.p99_ms, 0.01):.2f}x, "
+            f"memory per idle connection {stream.kb_per_idle_connection / max(other.kb_per_idle_connection, 0.01):.2f}x"
+        )
+    return lines
+
+
+def ensure_node_ws() -> bool:
+    """Node's ws baseline runs when node is installed; ws is fetched into bench/ once."""
+    if shutil.which("node") is None:
+        return False
+    folder = BENCH / "baselines" / "node_ws"
+    if not (folder / "node_modules" / "ws").is_dir():
+        print("installing the ws package for the Node baseline (npm install, once)…", flush=True)
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=folder, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  npm install failed, skipping node-ws: {done.stderr.strip()[:200]}", flush=True)
+            return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow", help="scenarios: ws,sse,burst,idle,slow")
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=50)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--idle", type=int, default=10_000, help="connections in the idle scenario")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.subscribers, args.seconds, args.idle, args.no_baselines = 200, 2, 500, True
+    only = set(args.only.split(","))
+    results: list[Result] = []
+    report: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    say(f"stream fan-out benchmark — {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    say(f"{args.subscribers} subscribers, {args.rate:g} msg/s for {args.seconds:g} s, ~250-byte messages")
+
+    if "ws" in only:
+        servers = [STREAM] if args.no_baselines else [STREAM, CONNECTION_MANAGER] + ([NODE_WS] if ensure_node_ws() else [])
+        runs = []
+        for spec in servers:
+            print(f"… WebSocket fan-out: {spec.name}", flush=True)
+            runs.append(fanout(spec, "ws", args.subscribers, args.rate, args.seconds, scenario="ws"))
+        results += runs
+        say(table("WebSocket fan-out", runs))
+        for line in ratios(runs[0], runs[1:]):
+            say(line)
+
+    if "sse" in only:
+        servers = [STREAM] if args.no_baselines else [STREAM, SSE_QUEUES]
+        runs = []
+        for spec in servers:
+            print(f"… SSE fan-out: {spec.name}", flush=True)
+            runs.append(fanout(spec, "sse", args.subscribers, args.rate, args.seconds, scenario="sse"))
+        results += runs
+        say(table("Server-Sent Events fan-out", runs))
+        for line in ratios(runs[0], runs[1:]):
+            say(line)
+
+    if "burst" in only:
+        subscribers = max(10, args.subscribers // 10)
+        print("… bursts: one event per write vs batches", flush=True)
+        steady = fanout(STREAM, "ws", subscribers, 200, args.seconds / 2, scenario="burst-steady")
+        burst = fanout(STREAM, "ws", subscribers, 2000, args.seconds / 2, scenario="burst", batch=20)
+        results += [steady, burst]
+        say(table(f"Bursts: {subscribers} subscribers, 200 msg/s one per request vs 2,000 msg/s in batches of 20", [steady, burst]))
+        say(f"  system CPU per delivery in bursts: {burst.system_us:.2f} µs vs {steady.system_us:.2f} µs one write per event "
+            f"({burst.system_us / max(steady.system_us, 0.01):.2f}x)")
+
+    if "idle" in only:
+        processes = max(1, (args.idle + 4999) // 5000)
+        print(f"… {args.idle} idle WebSocket subscribers", flush=True)
+        run = idle(STREAM, args.idle, processes)
+        results.append(run)
+        say(table(f"{args.idle} idle WebSocket subscribers, then one message to all", [run]))
+
+    if "slow" in only:
+        print("… one stalled subscriber among the others", flush=True)
+        clean = fanout(STREAM, "ws", args.subscribers, args.rate, args.seconds, scenario="slow-baseline")
+        stalled = fanout(STREAM, "ws", args.subscribers, args.rate, args.seconds, scenario="slow", stall=1)
+        results += [clean, stalled]
+        say(table("One subscriber stops reading", [clean, stalled]))
+        change = (stalled.p99_ms - clean.p99_ms) / max(clean.p99_ms, 0.01) * 100
+        say(f"  p99 of the others with one stalled subscriber: {stalled.p99_ms:.1f} ms vs {clean.p99_ms:.1f} ms ({change:+.1f} %)")
+
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                              "results": [asdict(r) for r in results], "report": report}, option=orjson.OPT_INDENT_2))
+    print(f"\nJSON: {args.json}")
+    bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
