@@ -21,12 +21,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .errors import RateLimited, StreamError, Unauthorized
+from .errors import StreamError
 from .metrics import Metrics
 from .runtime import Runtime
 from .settings import Settings, load_settings
 from .transports import demo
-from .transports.http import router
+from .transports.http import error_parts, router
 
 __all__ = ["create_app"]
 
@@ -42,12 +42,8 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
 
 async def _stream_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StreamError)
-    headers = {}
-    if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return _error(exc.status, exc.code, exc.message, headers)
+    status, headers, body = error_parts(exc)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}

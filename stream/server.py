@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 
 from .runtime import Runtime
+from .transports.http import PublishShortcut
 from .transports.http_protocol import HttpProtocol
 from .transports.ws import WebSocketProtocol
 
@@ -27,7 +28,7 @@ def _loop() -> str:
 
 def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicorn.Config:
     return uvicorn.Config(
-        app,
+        PublishShortcut(app, app.state.runtime),
         host=host,
         port=port,
         http=HttpProtocol,

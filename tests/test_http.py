@@ -195,3 +195,12 @@ async def test_topic_listing_hides_what_the_caller_may_not_read():
             hidden = await http.get(f"{private.url}/api/topics/secret.b")
     assert anonymous == ["open.a"] and keyed == ["open.a", "secret.b"]
     assert hidden.status_code == 401
+
+
+async def test_publish_from_a_browser_origin_takes_the_full_path_with_cors(server, client):
+    """Requests with an Origin skip the publish shortcut, so CORS headers are there; same answer."""
+    response = await client.post(
+        f"{server.url}/api/publish", json={"topic": "cors.a", "data": 1}, headers={**AUTH, "Origin": "https://app.example"}
+    )
+    assert response.status_code == 202 and len(response.json()["ids"]) == 1
+    assert response.headers["access-control-allow-origin"] in ("*", "https://app.example")

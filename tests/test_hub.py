@@ -383,3 +383,17 @@ def test_published_metric_prefixes_are_bounded():
 
     asyncio.run(run())
     assert len(hub.stats.published) == 101 and hub.stats.published["other"] == 50
+
+
+def test_a_batch_leaves_in_one_write_per_subscriber():
+    """Events accepted together reach each subscriber in one write, in order, each once."""
+    hub = make_hub()
+    sub, sink = subscriber(hub, ["a.>", "a.x"])
+    other, other_sink = subscriber(hub, ["a.y"])
+
+    async def run():
+        return await hub.publish_many([hub.draft("a.x", n) for n in range(3)] + [hub.draft("a.y", 9)])
+
+    events = asyncio.run(run())
+    assert len(sink.writes) == 1 and sink.ids() == [e.id for e in events]
+    assert len(other_sink.writes) == 1 and other_sink.ids() == [events[-1].id]

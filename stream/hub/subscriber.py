@@ -100,6 +100,7 @@ class Subscriber:
         "latest",
         "stale",
         "started",
+        "direct",
         "capacity",
         "sent",
         "dropped",
@@ -124,6 +125,9 @@ class Subscriber:
         self.latest: dict[str, int] | None = None
         self.stale = 0
         self.started = False  # has ever held a pattern (``since`` is only for a fresh subscriber)
+        # The hot path's one question: live, writable and nothing waiting? Kept current by
+        # _refresh() whenever any of those changes (enum comparisons cost ~0.2 µs each).
+        self.direct = True
         self.capacity = capacity
         self.sent = 0
         self.dropped = 0
@@ -135,27 +139,44 @@ class Subscriber:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"subscriber cannot go from {self.state.value} to {state.value}")
         self.state = state
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.direct = self.state is State.LIVE and not self.paused and not self.pending and self.pending_gap is None
 
     # -- the hot path ---------------------------------------------------------------------
 
-    def deliver(self, event: Event, symbols: frozenset[str] | None) -> None:
-        """Called by the hub for each event matching one of this subscriber's patterns."""
-        if event.seq <= self.last_seq or self.state is not State.LIVE:
-            return
+    def deliver(self, event: Event, symbols: frozenset[str] | None, batch: dict | None = None) -> None:
+        """Called by the hub for each event matching one of this subscriber's patterns. With
+        ``batch`` (several events accepted at once) frames are collected there, so the hub can
+        write each subscriber's share of the batch in one write."""
+        seq = event.seq
+        if seq <= self.last_seq:
+            return  # already delivered through another pattern
         if symbols is not None and event.symbols is not None and symbols.isdisjoint(event.symbols):
             return
-        self.last_seq = event.seq
-        if self.paused or self.pending or self.pending_gap is not None:
-            self._enqueue(event)
-        else:
+        if self.direct:
+            self.last_seq = seq
             self.sent += 1
-            self._write(self._encode(event))
+            if batch is None:
+                self._write(self._encode(event))
+            else:
+                frames = batch.get(self)
+                if frames is None:
+                    batch[self] = [self._encode(event)]
+                else:
+                    frames.append(self._encode(event))
+        elif self.state is State.LIVE:
+            self.last_seq = seq
+            self._enqueue(event)
+        # CATCHING_UP reads this event from history itself; CLOSED wants nothing.
 
     # -- flow control -----------------------------------------------------------------------
 
     def pause(self) -> None:
         """The transport's buffer is above its high-water mark."""
         self.paused = True
+        self.direct = False
 
     def resume(self) -> None:
         """The transport drained: send what waited, in as few writes as possible."""
@@ -163,6 +184,12 @@ class Subscriber:
         self.flush()
 
     def flush(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self._refresh()
+
+    def _flush(self) -> None:
         while not self.paused and self.state is not State.CLOSED:
             chunk: list[bytes] = []
             if self.pending_gap is not None:
@@ -202,6 +229,7 @@ class Subscriber:
     # -- overflow ---------------------------------------------------------------------------
 
     def _enqueue(self, event: Event) -> None:
+        self.direct = False
         latest = self.latest
         if latest is not None and event.policy is Policy.CONFLATE and event.topic in latest:
             # Conflating: the newest value supersedes the waiting one, so it needs no room.
