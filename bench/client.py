@@ -163,6 +163,8 @@ class Connection(asyncio.Protocol):
             self.chunk_left -= take
             if self.chunk_left == 0:
                 del self.text[-2:]  # the CRLF after the chunk data
+        if b"\r" in self.text:  # sse-starlette separates lines with CRLF
+            self.text = bytearray(self.text.replace(b"\r\n", b"\n"))
         while True:
             end = self.text.find(b"\n\n")
             if end < 0:

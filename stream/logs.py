@@ -64,7 +64,12 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    logging.getLogger("uvicorn.access").addFilter(_QuietDemo())
+    access = logging.getLogger("uvicorn.access")
+    access.addFilter(_QuietDemo())
+    if root.level > logging.INFO:
+        # uvicorn builds each access line's arguments before asking whether INFO is on; with no
+        # handler in reach it skips the work entirely (~0.1 ms of CPU per request here).
+        access.propagate = False
     # One line per request from httpx would drown the log; pollers log what matters themselves.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,35 @@
+"""The benchmark itself (bench/run.py --quick): it must run and stream must deliver every
+message exactly once, so the benchmark cannot rot. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_quick_benchmark_delivers_everything_once(tmp_path):
+    """A few seconds, 200 subscribers over WebSocket and SSE: no loss, no duplicate, in order."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {(r["scenario"], r["transport"]) for r in results} == {("ws", "ws"), ("sse", "sse")}
+    for result in results:
+        assert result["published"] > 0
+        assert result["delivered"] == result["expected"] == result["published"] * result["subscribers"]
+        assert result["lost"] == result["duplicates"] == result["out_of_order"] == 0
+    assert "WebSocket fan-out" in done.stdout and "user µs" in done.stdout
