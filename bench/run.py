@@ -408,6 +408,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--idle", type=int, default=10_000, help="connections in the idle scenario")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per server in the WS/SSE scenarios (median reported)")
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
     if args.quick:
@@ -425,12 +426,28 @@ def main() -> int:
     say(f"stream fan-out benchmark — {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     say(f"{args.subscribers} subscribers, {args.rate:g} msg/s for {args.seconds:g} s, ~250-byte messages")
 
+    def repeated(servers: list[ServerSpec], transport: str) -> list[Result]:
+        """Each server ``--repeat`` times, interleaved so drift hits all alike; the median run each."""
+        runs: dict[str, list[Result]] = {spec.name: [] for spec in servers}
+        for round_ in range(args.repeat):
+            for spec in servers:
+                print(f"… {transport} fan-out: {spec.name} (run {round_ + 1}/{args.repeat})", flush=True)
+                runs[spec.name].append(fanout(spec, transport, args.subscribers, args.rate, args.seconds, scenario=transport))
+        chosen = []
+        for name, rounds in runs.items():
+            rounds.sort(key=lambda r: r.user_us)
+            median = rounds[len(rounds) // 2]
+            if len(rounds) > 1:
+                median.notes.append(
+                    f"median of {len(rounds)} runs; user µs {rounds[0].user_us}-{rounds[-1].user_us}, "
+                    f"p99 ms {min(r.p99_ms for r in rounds)}-{max(r.p99_ms for r in rounds)}"
+                )
+            chosen.append(median)
+        return chosen
+
     if "ws" in only:
         servers = [STREAM] if args.no_baselines else [STREAM, CONNECTION_MANAGER] + ([NODE_WS] if ensure_node_ws() else [])
-        runs = []
-        for spec in servers:
-            print(f"… WebSocket fan-out: {spec.name}", flush=True)
-            runs.append(fanout(spec, "ws", args.subscribers, args.rate, args.seconds, scenario="ws"))
+        runs = repeated(servers, "ws")
         results += runs
         say(table("WebSocket fan-out", runs))
         for line in ratios(runs[0], runs[1:]):
@@ -438,10 +455,7 @@ def main() -> int:
 
     if "sse" in only:
         servers = [STREAM] if args.no_baselines else [STREAM, SSE_QUEUES]
-        runs = []
-        for spec in servers:
-            print(f"… SSE fan-out: {spec.name}", flush=True)
-            runs.append(fanout(spec, "sse", args.subscribers, args.rate, args.seconds, scenario="sse"))
+        runs = repeated(servers, "sse")
         results += runs
         say(table("Server-Sent Events fan-out", runs))
         for line in ratios(runs[0], runs[1:]):

@@ -77,6 +77,7 @@ class _HubCollector(Collector):
         yield published
 
         sent = Counter(stats.sent_by_closed)
+        sent.update(stats.delivered)
         for sub in hub.subscribers:
             sent[sub.transport_name] += sub.sent
         deliveries = CounterMetricFamily("stream_deliveries", "Events written to subscribers", labels=["transport"])

@@ -42,6 +42,7 @@ class HubConfig:
 @dataclass
 class HubStats:
     published: dict[str, int] = field(default_factory=dict)  # by first topic segment
+    delivered: dict[str, int] = field(default_factory=dict)  # by transport, written on the fast path
     slow_consumers: int = 0
     gaps: dict[str, int] = field(default_factory=dict)  # by reason
     sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers
@@ -51,21 +52,28 @@ class HubStats:
         self.gaps[reason] = self.gaps.get(reason, 0) + 1
 
 
-class _Route:
-    """The subscribers of one pattern, with their symbol filters."""
+_Group = tuple[Callable[[Event], bytes], str, tuple[tuple[Subscriber, "frozenset[str] | None"], ...]]
 
-    __slots__ = ("pattern", "members", "_items")
+
+class _Route:
+    """The subscribers of one pattern, with their symbol filters, grouped by wire format."""
+
+    __slots__ = ("pattern", "members", "_groups")
 
     def __init__(self, pattern: Pattern) -> None:
         self.pattern = pattern
         self.members: dict[Subscriber, frozenset[str] | None] = {}
-        self._items: tuple[tuple[Subscriber, frozenset[str] | None], ...] | None = None
+        self._groups: tuple[_Group, ...] | None = None
 
-    def items(self) -> tuple[tuple[Subscriber, frozenset[str] | None], ...]:
-        # A frozen copy: a delivery may detach a subscriber while fan-out iterates.
-        if self._items is None:
-            self._items = tuple(self.members.items())
-        return self._items
+    def groups(self) -> tuple[_Group, ...]:
+        """(encode, transport, members) per wire format: each event is framed once per group.
+        A frozen copy, rebuilt after a change: a delivery may detach a subscriber mid-fan-out."""
+        if self._groups is None:
+            grouped: dict[tuple[Callable[[Event], bytes], str], list] = {}
+            for sub, symbols in self.members.items():
+                grouped.setdefault((sub._encode, sub.transport_name), []).append((sub, symbols))
+            self._groups = tuple((encode, name, tuple(members)) for (encode, name), members in grouped.items())
+        return self._groups
 
 
 class Hub:
@@ -178,14 +186,29 @@ class Hub:
         routes = self._routes.get(event.topic)
         if routes is None:
             routes = self._route(event.topic)
+        seq = event.seq
+        delivered = self.stats.delivered
         for route in routes:
-            for sub, symbols in route.items():
-                try:
-                    sub.deliver(event, symbols, batch)
-                except Exception:
-                    # A broken connection must not stop the fan-out to everyone else.
-                    log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
-                    self.detach(sub)
+            for encode, transport, members in route.groups():
+                frame = None
+                sent = 0
+                for sub, symbols in members:
+                    try:
+                        # The hot path, inlined: live, writable, nothing waiting, no filter.
+                        if sub.direct and symbols is None and seq > sub.last_seq and batch is None:
+                            if frame is None:
+                                frame = encode(event)
+                            sub.last_seq = seq
+                            sub._write(frame)
+                            sent += 1
+                        else:
+                            sub.deliver(event, symbols, batch)
+                    except Exception:
+                        # A broken connection must not stop the fan-out to everyone else.
+                        log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
+                        self.detach(sub)
+                if sent:
+                    delivered[transport] = delivered.get(transport, 0) + sent
         if self.on_fanout is not None:
             self.on_fanout(event)
 
@@ -288,14 +311,14 @@ class Hub:
             route = self._patterns[text] = _Route(want.pattern)
             self._routes.clear()
         route.members[sub] = want.symbols
-        route._items = None
+        route._groups = None
 
     def _leave(self, sub: Subscriber, text: str) -> None:
         route = self._patterns.get(text)
         if route is None or sub not in route.members:
             return
         del route.members[sub]
-        route._items = None
+        route._groups = None
         if not route.members:
             del self._patterns[text]
             self._routes.clear()
