@@ -1,7 +1,8 @@
 """One subscriber: its patterns, its bounded outbound buffer, and its overflow policy.
 
-The hub calls :meth:`Subscriber.deliver` for every matching event, synchronously, while
-publishing; nothing here ever awaits. Bytes reach the client through a :class:`Sink` that the
+The hub delivers every matching event synchronously while publishing; nothing here ever
+awaits. It writes the common case itself (a live, writable subscriber with nothing waiting and
+no symbol filter: ``direct``), and calls :meth:`Subscriber.deliver` for everything else. Bytes reach the client through a :class:`Sink` that the
 transport supplies (a WebSocket connection, an SSE response, a long-poll waiter):
 
     hub.publish ──deliver()──▶ Subscriber ──sink.write(bytes)──▶ transport buffer ──▶ socket
@@ -144,7 +145,7 @@ class Subscriber:
     def _refresh(self) -> None:
         self.direct = self.state is State.LIVE and not self.paused and not self.pending and self.pending_gap is None
 
-    # -- the hot path ---------------------------------------------------------------------
+    # -- delivery (the hub inlines the direct case, see Hub._fanout) ----------------------
 
     def deliver(self, event: Event, symbols: frozenset[str] | None, batch: dict | None = None) -> None:
         """Called by the hub for each event matching one of this subscriber's patterns. With
