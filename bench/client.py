@@ -220,6 +220,12 @@ async def run(args: argparse.Namespace) -> None:
     await asyncio.sleep(0.2)
     print(f"ready {time.monotonic() - started:.3f}", flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)
+    # Drain: report once nothing has arrived for 0.3 s (at most 10 s), not while still behind.
+    deadline = time.monotonic() + 10
+    seen = -1
+    while stats.received != seen and time.monotonic() < deadline:
+        seen = stats.received
+        await asyncio.sleep(0.3)
     counts = [c.count for c in connections if not c.stall]
     if args.latencies:
         with open(args.latencies, "wb") as out:

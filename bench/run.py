@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import platform
 import shutil
@@ -67,6 +68,15 @@ SSE_QUEUES = ServerSpec("sse-starlette-queues", None, "/sse")
 NODE_WS = ServerSpec("node-ws", "/ws", None)
 
 
+CHILDREN: list[subprocess.Popen] = []  # every server and client started, killed at exit
+
+
+def _kill_children() -> None:
+    for child in CHILDREN:
+        if child.poll() is None:
+            child.kill()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -80,6 +90,7 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        CHILDREN.append(self.proc)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -133,6 +144,7 @@ class Clients:
             if stall and index == 0:
                 command += ["--stall", str(stall)]
             self.procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            CHILDREN.append(self.procs[-1])
         for proc in self.procs:
             line = proc.stdout.readline()
             if not line.startswith("ready"):
@@ -161,9 +173,6 @@ class Clients:
             "closed": sum(r["closed"] for r in results),
         }
         return merged, latencies
-
-    def received_so_far(self) -> None:  # pragma: no cover - the harness only needs finish()
-        raise NotImplementedError
 
 
 # -- publishing ---------------------------------------------------------------------------
@@ -239,6 +248,24 @@ def percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
+def record(result: Result, published: int, expected: int, merged: dict, latencies: array,
+           before: tuple[float, float], after: tuple[float, float]) -> None:
+    """Counts, latency percentiles and CPU per delivery of one run, into ``result``."""
+    result.published = published
+    result.expected = expected
+    result.delivered = merged["received"]
+    result.lost = max(0, expected - merged["received"])
+    result.duplicates = merged["duplicates"]
+    result.out_of_order = merged["out_of_order"]
+    ordered = sorted(latencies)
+    result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
+    result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
+    result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
+    delivered = max(1, result.delivered)
+    result.user_us = round((after[0] - before[0]) * 1e6 / delivered, 2)
+    result.system_us = round((after[1] - before[1]) * 1e6 / delivered, 2)
+
+
 def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seconds: float, *, scenario: str,
            batch: int = 1, processes: int = 2, stall: int = 0) -> Result:
     result = Result(scenario, spec.name, transport, subscribers, rate, seconds)
@@ -250,32 +277,14 @@ def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seco
         result.connect_s = round(clients.connect_seconds, 2)
         time.sleep(1.0)
         result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
-        user0, system0 = server.cpu()
+        before = server.cpu()
         published, behind = asyncio.run(publish(server.url, rate, seconds, batch))
-        live = subscribers - stall
-        expected = published * live
-        # Drain: wait for the last messages (bounded), then stop the clients.
-        deadline = time.monotonic() + max(5.0, seconds)
         time.sleep(0.5)
-        user1, system1 = server.cpu()
-        merged, latencies = clients.finish()
-        while False and time.monotonic() < deadline:  # finish() already waited for the stop line
-            pass
-        result.published = published
-        result.expected = expected
-        result.delivered = merged["received"]
-        result.lost = max(0, expected - merged["received"])
-        result.duplicates = merged["duplicates"]
-        result.out_of_order = merged["out_of_order"]
+        after = server.cpu()
+        merged, latencies = clients.finish()  # each client first waits until nothing more arrives
+        record(result, published, published * (subscribers - stall), merged, latencies, before, after)
         result.behind_schedule_s = round(behind, 3)
         result.kept_up = result.lost == 0 and behind < 0.05 * seconds + 0.2
-        ordered = sorted(latencies)
-        result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
-        result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
-        result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
-        delivered = max(1, result.delivered)
-        result.user_us = round((user1 - user0) * 1e6 / delivered, 2)
-        result.system_us = round((system1 - system0) * 1e6 / delivered, 2)
         if merged["closed"] and not stall:
             result.notes.append(f"{merged['closed']} connections closed")
         if spec is STREAM:
@@ -315,23 +324,13 @@ def idle(spec: ServerSpec, subscribers: int, processes: int) -> Result:
         result.connect_s = round(clients.connect_seconds, 2)
         time.sleep(2.0)
         result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
-        user0, system0 = server.cpu()
+        before = server.cpu()
         published, _ = asyncio.run(publish(server.url, 1, 1))
         time.sleep(2.0)
-        user1, system1 = server.cpu()
+        after = server.cpu()
         merged, latencies = clients.finish()
-        result.published = published
-        result.expected = published * subscribers
-        result.delivered = merged["received"]
-        result.lost = max(0, result.expected - result.delivered)
-        result.duplicates = merged["duplicates"]
+        record(result, published, published * subscribers, merged, latencies, before, after)
         result.kept_up = result.lost == 0
-        ordered = sorted(latencies)
-        result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
-        result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
-        result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
-        result.user_us = round((user1 - user0) * 1e6 / max(1, result.delivered), 2)
-        result.system_us = round((system1 - system0) * 1e6 / max(1, result.delivered), 2)
     finally:
         server.stop()
     return result
@@ -400,6 +399,9 @@ def ensure_node_ws() -> bool:
 
 
 def main() -> int:
+    # An interrupted run (Ctrl-C, or a timeout's SIGTERM) must not leave servers polling away.
+    atexit.register(_kill_children)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
     parser.add_argument("--only", default="ws,sse,burst,idle,slow", help="scenarios: ws,sse,burst,idle,slow")

@@ -32,7 +32,8 @@ def chromium() -> str:
     Under CI=true a missing browser fails the run instead of skipping the test."""
     path = shutil.which("chromium")
     if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("\ninstalling chromium with apt-get (once per machine)…", file=sys.stderr, flush=True)
+        # sys.__stderr__: pytest captures sys.stderr, and a minute of apt-get needs saying.
+        print("\ninstalling chromium with apt-get (once per machine)…", file=sys.__stderr__, flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env, check=False)
