@@ -21,7 +21,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -436,7 +435,7 @@ def main() -> int:
                 print(f"… {transport} fan-out: {spec.name} (run {round_ + 1}/{args.repeat})", flush=True)
                 runs[spec.name].append(fanout(spec, transport, args.subscribers, args.rate, args.seconds, scenario=transport))
         chosen = []
-        for name, rounds in runs.items():
+        for rounds in runs.values():
             rounds.sort(key=lambda r: r.user_us)
             median = rounds[len(rounds) // 2]
             if len(rounds) > 1:

@@ -205,7 +205,7 @@ class Subscriber:
         await asyncio.sleep(delay)
         try:
             await self._connect()
-        except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
+        except (TimeoutError, OSError, websockets.WebSocketException) as exc:
             log.debug("reconnect failed: %s", exc)
             if self.on_state is not None:
                 self.on_state("reconnecting", f"{type(exc).__name__}: {exc}")

@@ -18,7 +18,7 @@ from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
 from .hub import Hub, HubConfig, Policy
 from .limits import TokenBucket
-from .poller import Pollers
+from .pollers import Pollers
 from .providers import DemoMarket
 from .settings import Settings
 

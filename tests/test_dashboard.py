@@ -96,7 +96,7 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
             outage = (outage_start, time.monotonic())
             await wait_until(lambda: _text_is(page, "#connection", "live"), 20, "badge back to live")
             for title in titles:
-                await wait_until(lambda: _has(page, f"#headlines li:has-text('{title}')"), 10, title)
+                await wait_until(lambda title=title: _has(page, f"#headlines li:has-text('{title}')"), 10, title)
 
             # Phone width: no horizontal scrolling, everything still there.
             await page.set_viewport_size({"width": 390, "height": 844})

@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 
-from stream.errors import BadRequest, BadTopic, Forbidden, PayloadTooLarge, TooManySubscriptions
+from stream.errors import (
+    BadRequest,
+    BadTopic,
+    Forbidden,
+    PayloadTooLarge,
+    TooManySubscriptions,
+)
 from stream.events import parse_since
 from stream.hub import Hub, HubConfig, Policy, State
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import random
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import httpx
 import orjson
 import pytest
 
 from stream.hub import Hub
-from stream.poller import FAILING_AFTER, MAX_BACKOFF, Poller, Pollers, ProviderState, backoff_delay, parse_retry_after
+from stream.poller import (
+    FAILING_AFTER,
+    MAX_BACKOFF,
+    Poller,
+    ProviderState,
+    backoff_delay,
+    parse_retry_after,
+)
+from stream.pollers import Pollers
 from stream.provider_settings import read_providers
 
 

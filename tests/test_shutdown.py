@@ -84,7 +84,7 @@ async def test_sigterm_with_stalled_clients_still_exits_promptly_and_cleanly():
         stalled_sse = []
         for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(f"GET /sse?topics=stall.> HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.sendall(b"GET /sse?topics=stall.> HTTP/1.1\r\nHost: x\r\n\r\n")
             stalled_sse.append(sock)
         stalled_ws = [RawWebSocket(server.port, "/ws?topics=stall.>") for _ in range(3)]
         async with httpx.AsyncClient() as http:

@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.errors import BadTopic
-from stream.topics import Pattern, covers, parse_pattern_list, validate_pattern, validate_topic
+from stream.topics import (
+    Pattern,
+    covers,
+    parse_pattern_list,
+    validate_pattern,
+    validate_topic,
+)
 
 segment = st.sampled_from(["a", "b", "news", "sec", "AAPL", "x-1", "_sys", "q_2"])
 topics = st.lists(segment, min_size=1, max_size=5).map(".".join)

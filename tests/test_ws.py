@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import orjson
 import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-import httpx
-
-from .support import AUTH, KEYS, PUBLISH_KEY, RawWebSocket, Server, metric, publish, rss_mb
+from .support import (
+    AUTH,
+    KEYS,
+    PUBLISH_KEY,
+    RawWebSocket,
+    Server,
+    metric,
+    publish,
+    rss_mb,
+)
 
 
 async def recv(ws, timeout: float = 5.0) -> dict:

@@ -18,6 +18,7 @@ from ..events import Event, Since, encode_data, format_id
 from ..topics import Pattern, is_system, validate_topic
 from .broker import Broker, Draft, MemoryBroker
 from .history import History
+from .routes import Matcher, Route, WakeSink, symbols_ok
 from .subscriber import Policy, State, Subscriber, _Want
 
 __all__ = ["Hub", "HubConfig", "HubStats"]
@@ -52,30 +53,6 @@ class HubStats:
         self.gaps[reason] = self.gaps.get(reason, 0) + 1
 
 
-_Group = tuple[Callable[[Event], bytes], str, tuple[tuple[Subscriber, "frozenset[str] | None"], ...]]
-
-
-class _Route:
-    """The subscribers of one pattern, with their symbol filters, grouped by wire format."""
-
-    __slots__ = ("pattern", "members", "_groups")
-
-    def __init__(self, pattern: Pattern) -> None:
-        self.pattern = pattern
-        self.members: dict[Subscriber, frozenset[str] | None] = {}
-        self._groups: tuple[_Group, ...] | None = None
-
-    def groups(self) -> tuple[_Group, ...]:
-        """(encode, transport, members) per wire format: each event is framed once per group.
-        A frozen copy, rebuilt after a change: a delivery may detach a subscriber mid-fan-out."""
-        if self._groups is None:
-            grouped: dict[tuple[Callable[[Event], bytes], str], list] = {}
-            for sub, symbols in self.members.items():
-                grouped.setdefault((sub._encode, sub.transport_name), []).append((sub, symbols))
-            self._groups = tuple((encode, name, tuple(members)) for (encode, name), members in grouped.items())
-        return self._groups
-
-
 class Hub:
     def __init__(
         self,
@@ -94,8 +71,8 @@ class Hub:
         self.stats = HubStats()
         self.subscribers: set[Subscriber] = set()
         self.on_fanout: Callable[[Event], None] | None = None  # metrics hook, once per event
-        self._patterns: dict[str, _Route] = {}
-        self._routes: dict[str, tuple[_Route, ...]] = {}
+        self._patterns: dict[str, Route] = {}
+        self._routes: dict[str, tuple[Route, ...]] = {}
         self._policies: dict[str, Policy] = {}
         self._overflow = [(Pattern(text), policy) for text, policy in self.config.overflow]
 
@@ -212,7 +189,7 @@ class Hub:
         if self.on_fanout is not None:
             self.on_fanout(event)
 
-    def _route(self, topic: str) -> tuple[_Route, ...]:
+    def _route(self, topic: str) -> tuple[Route, ...]:
         routes = tuple(route for route in self._patterns.values() if route.pattern.matches(topic))
         if len(self._routes) > _ROUTE_CACHE_LIMIT:
             self._routes.clear()
@@ -298,7 +275,7 @@ class Hub:
         found = [
             event
             for event in self.retained.values()
-            if event.seq <= cursor and any(w.pattern.matches(event.topic) for w in wants) and _symbols_ok(wants, event)
+            if event.seq <= cursor and any(w.pattern.matches(event.topic) for w in wants) and symbols_ok(wants, event)
         ]
         found.sort(key=lambda event: event.seq)
         if found:
@@ -308,7 +285,7 @@ class Hub:
     def _join(self, sub: Subscriber, text: str, want: _Want) -> None:
         route = self._patterns.get(text)
         if route is None:
-            route = self._patterns[text] = _Route(want.pattern)
+            route = self._patterns[text] = Route(want.pattern)
             self._routes.clear()
         route.members[sub] = want.symbols
         route._groups = None
@@ -354,7 +331,7 @@ class Hub:
             self.stats.gap("history")
             sub.cursor = history.trimmed_seq
         index = history.index_after(sub.cursor)
-        matcher = _Matcher(list(sub.wants.values()))
+        matcher = Matcher(list(sub.wants.values()))
         encode = sub.sink.encode
         size = 0
         while size < budget:
@@ -389,7 +366,7 @@ class Hub:
         symbols: frozenset[str] | None = None,
     ) -> tuple[list[Event], str, bool]:
         """History for ``/api/events``: (events oldest first, next position, gap?)."""
-        matcher = _Matcher([_Want(Pattern(text), 0, symbols) for text in patterns])
+        matcher = Matcher([_Want(Pattern(text), 0, symbols) for text in patterns])
         history = self.history
         if since is None:
             found: list[Event] = []
@@ -420,58 +397,12 @@ class Hub:
     ) -> None:
         """Return when an event after ``since`` matches ``patterns``, or after ``timeout`` s."""
         done = asyncio.get_running_loop().create_future()
-        sub = self.new_subscriber(_WakeSink(done), transport="http")
+        sub = self.new_subscriber(WakeSink(done), transport="http")
         try:
             self.subscribe(sub, patterns, since=since, symbols=symbols)
             if not done.done():
                 await asyncio.wait_for(asyncio.shield(done), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             sub.close()
-
-
-class _Matcher:
-    """Which history events a set of patterns wants; pattern matching is done once per topic."""
-
-    def __init__(self, wants: list[_Want]) -> None:
-        self.wants = wants
-        self._topics: dict[str, list[_Want]] = {}
-
-    def accepts(self, event: Event) -> bool:
-        matching = self._topics.get(event.topic)
-        if matching is None:
-            matching = self._topics[event.topic] = [w for w in self.wants if w.pattern.matches(event.topic)]
-        for want in matching:
-            if event.seq > want.start and (
-                want.symbols is None or event.symbols is None or not want.symbols.isdisjoint(event.symbols)
-            ):
-                return True
-        return False
-
-
-def _symbols_ok(wants: list[_Want], event: Event) -> bool:
-    symbols = wants[0].symbols if wants else None
-    return symbols is None or event.symbols is None or not symbols.isdisjoint(event.symbols)
-
-
-class _WakeSink:
-    """A sink that only notes that something arrived (long-poll waiters)."""
-
-    def __init__(self, done: asyncio.Future[None]) -> None:
-        self.done = done
-
-    def encode(self, event: Event) -> bytes:
-        return b"."
-
-    encode_snapshot = encode
-
-    def encode_gap(self, after: str | None, reason: str) -> bytes:
-        return b"."
-
-    def write(self, data: bytes) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def overflowed(self) -> None:
-        self.write(b"")

@@ -34,8 +34,8 @@ from ..errors import BadRequest, RateLimited, StreamError, Unauthorized, Unavail
 from ..hub import Subscriber
 from ..limits import TokenBucket
 from ..runtime import Runtime
-from ..topics import parse_pattern_list
-from .params import TrustedProxies, check_origin, subscribe_request
+from . import ws_ops
+from .params import TrustedProxies, check_origin
 
 __all__ = ["WebSocketProtocol"]
 
@@ -212,7 +212,7 @@ class WebSocketProtocol(asyncio.Protocol):
         try:
             runtime.admit(self)
         except Unavailable as exc:
-            self._send_json({"type": "error", "code": exc.code, "message": exc.message, "ref": None})
+            self.send_json({"type": "error", "code": exc.code, "message": exc.message, "ref": None})
             self._flush()
             self.close(GOING_AWAY if runtime.stopping else TRY_AGAIN, exc.code)
             return
@@ -221,7 +221,7 @@ class WebSocketProtocol(asyncio.Protocol):
         server = runtime.settings.server
         self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self.sub = runtime.hub.new_subscriber(self, transport=self.transport_name)
-        self._send_json(
+        self.send_json(
             {
                 "type": "welcome",
                 "version": VERSION,
@@ -237,7 +237,7 @@ class WebSocketProtocol(asyncio.Protocol):
         )
         self._schedule_ping()
         if params.get("topics"):
-            self._run_op(WebSocketProtocol._op_subscribe, params, None)
+            self._run_op(ws_ops.subscribe, params, None)
 
     def _reject(self, exc: StreamError, path: str, params: dict[str, str], status: int | None = None) -> None:
         status = status or exc.status
@@ -270,27 +270,27 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.sub is None or self.conn.state is not OPEN:
             return
         if self.fragments_binary:
-            self._send_error(BadRequest("frame: binary frames are not accepted; send JSON text frames"), None)
+            self.send_error(BadRequest("frame: binary frames are not accepted; send JSON text frames"), None)
             return
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            self._send_error(BadRequest(f"frame: not valid JSON ({exc})"), None)
+            self.send_error(BadRequest(f"frame: not valid JSON ({exc})"), None)
             return
         if not isinstance(message, dict):
-            self._send_error(BadRequest('frame: expected a JSON object like {"op": "subscribe", ...}'), None)
+            self.send_error(BadRequest('frame: expected a JSON object like {"op": "subscribe", ...}'), None)
             return
         ref = message.get("ref")
         if not (ref is None or isinstance(ref, (int, float)) or (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH)):
-            self._send_error(BadRequest(f"ref: expected a number or a string of at most {MAX_REF_LENGTH} characters"), None)
+            self.send_error(BadRequest(f"ref: expected a number or a string of at most {MAX_REF_LENGTH} characters"), None)
             return
         if not self._allowed(ref):
             return
         op = message.get("op")
-        handler = self._ops.get(op) if isinstance(op, str) else None
+        handler = ws_ops.OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            self._send_error(
-                StreamError(f"op: expected one of {', '.join(self._ops)}; got {op!r}", code="unknown_op"), ref
+            self.send_error(
+                StreamError(f"op: expected one of {', '.join(ws_ops.OPS)}; got {op!r}", code="unknown_op"), ref
             )
             return
         self._run_op(handler, message, ref)
@@ -307,86 +307,29 @@ class WebSocketProtocol(asyncio.Protocol):
             self.close(POLICY, "too many messages")
             return False
         wait = self.bucket.wait_time()
-        self._send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
+        self.send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
         return False
 
     def _run_op(self, handler, message: dict[str, Any], ref: Any) -> None:
         try:
             handler(self, message, ref)
         except StreamError as exc:
-            self._send_error(exc, ref)
+            self.send_error(exc, ref)
         except Exception:
             log.exception("WebSocket op %r failed", message.get("op"))
-            self._send_error(StreamError("internal error; the connection stays open"), ref)
+            self.send_error(StreamError("internal error; the connection stays open"), ref)
 
-    def _op_subscribe(self, message: dict[str, Any], ref: Any) -> None:
-        assert self.runtime is not None and self.sub is not None
-        request = subscribe_request(message)
-        self.runtime.auth.check_subscribe(self.principal, request.topics)
-
-        def announce(position: str) -> None:
-            self._send_json({"type": "subscribed", "topics": request.topics, "position": position, "ref": ref})
-
-        self.runtime.hub.subscribe(
-            self.sub,
-            request.topics,
-            since=request.since,
-            snapshot=request.snapshot,
-            symbols=request.symbols,
-            announce=announce,
-        )
-
-    def _op_unsubscribe(self, message: dict[str, Any], ref: Any) -> None:
-        assert self.runtime is not None and self.sub is not None
-        topics = parse_pattern_list(message.get("topics"), "topics")
-        self.runtime.hub.unsubscribe(self.sub, topics)
-        self._send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
-
-    def _op_publish(self, message: dict[str, Any], ref: Any) -> None:
-        assert self.runtime is not None
-        if "data" not in message:
-            raise BadRequest("data: required (any JSON value)")
-        hub = self.runtime.hub
-        draft = hub.draft(message.get("topic"), message["data"])
-        self.runtime.auth.check_publish(self.principal, draft.topic)
-        self.runtime.charge_publish(self.principal, 1)
-        task = self.loop.create_task(self._publish(draft, ref))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _publish(self, draft, ref: Any) -> None:
-        assert self.runtime is not None
-        try:
-            (event,) = await self.runtime.hub.publish_many([draft])
-        except StreamError as exc:
-            self._send_error(exc, ref)
-        except Exception:
-            log.exception("publish over WebSocket failed")
-            self._send_error(StreamError("internal error: the event was not published"), ref)
-        else:
-            self._send_json({"type": "published", "id": event.id, "ref": ref})
-
-    def _op_ping(self, message: dict[str, Any], ref: Any) -> None:
-        self._send_json({"type": "pong", "ref": ref})
-
-    _ops = {
-        "subscribe": _op_subscribe,
-        "unsubscribe": _op_unsubscribe,
-        "publish": _op_publish,
-        "ping": _op_ping,
-    }
-
-    def _send_json(self, message: dict[str, Any]) -> None:
+    def send_json(self, message: dict[str, Any]) -> None:
         if self.conn.state is OPEN and not self.transport.is_closing():
             self.transport.write(wire.ws_message(message))
             if self.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
                 log.info("closing WebSocket %s: %d bytes of replies unread", self.client_host, WRITE_BUFFER_CAP)
                 self.close(SLOW, "slow consumer")
 
-    def _send_error(self, exc: StreamError, ref: Any) -> None:
+    def send_error(self, exc: StreamError, ref: Any) -> None:
         # Over WebSocket a missing credential is reported as forbidden (SPEC §5 error codes).
         code = "forbidden" if isinstance(exc, Unauthorized) else exc.code
-        self._send_json({"type": "error", "code": code, "message": exc.message, "ref": ref})
+        self.send_json({"type": "error", "code": code, "message": exc.message, "ref": ref})
 
     # -- keepalive and closing ------------------------------------------------------------
 

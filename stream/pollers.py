@@ -1,0 +1,148 @@
+"""All the pollers of a process: the shared HTTP client, one task per provider, the status
+events on ``_system.providers``, and the latest headlines that ``/api/news`` serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from . import __version__
+from .errors import StreamError
+from .events import Event
+from .hub import Hub
+from .poller import Poller
+from .provider_settings import ProviderSettings
+from .providers.base import parse_time
+
+__all__ = ["Pollers"]
+
+log = logging.getLogger("stream.poller")
+
+STATUS_TOPIC = "_system.providers"
+HEADLINES_KEPT = 500  # per provider
+
+
+class Pollers:
+    """Every provider's poller, the shared HTTP client, and the latest headlines for /api/news."""
+
+    def __init__(self, providers: tuple[ProviderSettings, ...], hub: Hub, *, clock: Callable[[], float] = time.time):
+        self.providers = providers
+        self.hub = hub
+        self.clock = clock
+        self.pollers: list[Poller] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.client: httpx.AsyncClient | None = None
+        self.started = False
+        # Per provider, so a chatty source cannot push the others out of /api/news.
+        self.headlines: dict[str, deque[tuple[float, Event]]] = {}
+        self.on_poll: Callable[[str, str, float], None] | None = None
+        self._status_tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, base_url: str) -> None:
+        """Create the client and one task per enabled provider (call once the server listens)."""
+        if self.started:
+            return
+        self.started = True
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            timeout=httpx.Timeout(30.0),
+            follow_redirects=False,  # Poller._get follows them, keeping keys on their origin
+            headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
+        )
+        for provider in self.providers:
+            poller = Poller(
+                provider,
+                self.client,
+                self.hub,
+                base_url=base_url,
+                clock=self.clock,
+                on_change=self._announce,
+                on_headlines=self._keep_headlines,
+                on_poll=self.on_poll,
+            )
+            self.pollers.append(poller)
+            if provider.enabled:
+                self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"poll {provider.name}"))
+        if self.pollers:
+            log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
+
+    async def stop(self) -> None:
+        tasks, self.tasks = self.tasks + list(self._status_tasks), []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _announce(self, poller: Poller) -> None:
+        """Publish a provider's status on _system.providers when its state changes."""
+        try:
+            draft = self.hub.draft(STATUS_TOPIC, poller.status(), internal=True)
+        except StreamError:
+            log.exception("cannot publish the status of provider %s", poller.provider.name)
+            return
+        task = asyncio.get_running_loop().create_task(self.hub.publish_many([draft]))
+        self._status_tasks.add(task)
+        task.add_done_callback(self._status_tasks.discard)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        if self.pollers:
+            return [poller.status() for poller in self.pollers]
+        # Not started (no server yet): report the configuration.
+        return [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "state": "ok" if p.enabled else "disabled",
+                "last_ok": None,
+                "last_error": None,
+                "next_poll": None,
+                "polls": 0,
+                "not_modified": 0,
+                "items_published": 0,
+                "items_skipped": 0,
+                "consecutive_failures": 0,
+            }
+            for p in self.providers
+        ]
+
+    def _keep_headlines(self, events: list[Event]) -> None:
+        for event in events:
+            published = parse_time(event.data.get("published"))
+            # A headline dated in the future (a bad clock, ms read as s) sorts as "just now".
+            stamp = min(published.timestamp(), event.ts / 1000) if published else event.ts / 1000
+            kept = self.headlines.setdefault(event.data.get("provider", ""), deque(maxlen=HEADLINES_KEPT))
+            kept.append((stamp, event))
+
+    def news(
+        self,
+        limit: int,
+        symbols: frozenset[str] | None,
+        words: str | None,
+        allowed: Callable[[Event], bool] = lambda event: True,
+    ) -> list[Event]:
+        """Latest headlines across news providers, newest first (by published time), filtered:
+        ``symbols`` keeps headlines naming one of them, ``words`` searches title and summary,
+        ``allowed`` drops what the caller may not read (before the limit is applied)."""
+        needle = words.lower() if words else None
+        found = []
+        for stamp, event in (entry for kept in self.headlines.values() for entry in kept):
+            if symbols is not None and (event.symbols is None or symbols.isdisjoint(event.symbols)):
+                continue
+            if not allowed(event):
+                continue
+            if needle is not None:
+                data = event.data
+                if needle not in f"{data.get('title', '')} {data.get('summary', '')}".lower():
+                    continue
+            found.append((stamp, event.seq, event))
+        found.sort(reverse=True, key=lambda entry: (entry[0], entry[1]))
+        return [event for _, _, event in found[:limit]]

@@ -1,0 +1,89 @@
+"""What a WebSocket client can ask (SPEC §5): subscribe, unsubscribe, publish, ping.
+
+Each op gets the connection, the decoded frame and its ``ref``; it answers through the
+connection, and a StreamError it raises becomes an ``error`` frame (the connection stays open).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadRequest, StreamError
+from ..hub import Draft
+from ..topics import parse_pattern_list
+from .params import subscribe_request
+
+if TYPE_CHECKING:
+    from .ws import WebSocketProtocol
+
+__all__ = ["OPS"]
+
+log = logging.getLogger("stream.ws")
+
+
+def subscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+    """``subscribe``: answer ``subscribed`` with the position, then snapshot / replay / live."""
+    assert conn.runtime is not None and conn.sub is not None
+    request = subscribe_request(message)
+    conn.runtime.auth.check_subscribe(conn.principal, request.topics)
+
+    def announce(position: str) -> None:
+        conn.send_json({"type": "subscribed", "topics": request.topics, "position": position, "ref": ref})
+
+    conn.runtime.hub.subscribe(
+        conn.sub,
+        request.topics,
+        since=request.since,
+        snapshot=request.snapshot,
+        symbols=request.symbols,
+        announce=announce,
+    )
+
+
+def unsubscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+    assert conn.runtime is not None and conn.sub is not None
+    topics = parse_pattern_list(message.get("topics"), "topics")
+    conn.runtime.hub.unsubscribe(conn.sub, topics)
+    conn.send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
+
+
+def publish(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+    """``publish``: validated and charged now; ``published`` once the event is accepted."""
+    assert conn.runtime is not None
+    if "data" not in message:
+        raise BadRequest("data: required (any JSON value)")
+    hub = conn.runtime.hub
+    draft = hub.draft(message.get("topic"), message["data"])
+    conn.runtime.auth.check_publish(conn.principal, draft.topic)
+    conn.runtime.charge_publish(conn.principal, 1)
+    task = conn.loop.create_task(_publish(conn, draft, ref))
+    conn.tasks.add(task)
+    task.add_done_callback(conn.tasks.discard)
+
+
+async def _publish(conn: WebSocketProtocol, draft: Draft, ref: Any) -> None:
+    assert conn.runtime is not None
+    try:
+        (event,) = await conn.runtime.hub.publish_many([draft])
+    except StreamError as exc:
+        conn.send_error(exc, ref)
+    except Exception:
+        log.exception("publish over WebSocket failed")
+        conn.send_error(StreamError("internal error: the event was not published"), ref)
+    else:
+        conn.send_json({"type": "published", "id": event.id, "ref": ref})
+
+
+def ping(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+    conn.send_json({"type": "pong", "ref": ref})
+
+
+OPS: dict[str, Callable[[WebSocketProtocol, dict[str, Any], Any], None]] = {
+    "subscribe": subscribe,
+    "unsubscribe": unsubscribe,
+    "publish": publish,
+    "ping": ping,
+}
+
