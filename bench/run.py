@@ -20,10 +20,8 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -31,185 +29,18 @@ from pathlib import Path
 
 import httpx
 import orjson
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-PYTHON = sys.executable
-KEY = "bench-publisher-key"
-TICK = os.sysconf("SC_CLK_TCK")
-PAD = "x" * 150  # makes a published message about 250 bytes on the wire, as in the issue
-
-
-# -- servers ------------------------------------------------------------------------------
-
-
-@dataclass
-class ServerSpec:
-    name: str
-    ws_path: str | None
-    sse_path: str | None
-
-    def command(self, port: int) -> list[str]:
-        if self.name == "stream":
-            return [PYTHON, "-m", "stream", "serve", "--config", str(BENCH / "stream.toml"), "--port", str(port)]
-        if self.name == "fastapi-connection-manager":
-            return [PYTHON, str(BENCH / "baselines" / "connection_manager.py"), "--port", str(port)]
-        if self.name == "sse-starlette-queues":
-            return [PYTHON, str(BENCH / "baselines" / "sse_queue.py"), "--port", str(port)]
-        if self.name == "node-ws":
-            return ["node", str(BENCH / "baselines" / "node_ws" / "server.js"), str(port)]
-        raise ValueError(self.name)
-
-
-STREAM = ServerSpec("stream", "/ws?topics=bench.>", "/sse?topics=bench.>")
-CONNECTION_MANAGER = ServerSpec("fastapi-connection-manager", "/ws", None)
-SSE_QUEUES = ServerSpec("sse-starlette-queues", None, "/sse")
-NODE_WS = ServerSpec("node-ws", "/ws", None)
-
-
-CHILDREN: list[subprocess.Popen] = []  # every server and client started, killed at exit
-
-
-def _kill_children() -> None:
-    for child in CHILDREN:
-        if child.poll() is None:
-            child.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RunningServer:
-    def __init__(self, spec: ServerSpec) -> None:
-        self.spec = spec
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        CHILDREN.append(self.proc)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"{spec.name} did not start:\n{self.log.read().decode(errors='replace')}")
-            time.sleep(0.05)
-
-    def cpu(self) -> tuple[float, float]:
-        """(user, system) CPU seconds used by the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-# -- subscribers --------------------------------------------------------------------------
-
-
-class Clients:
-    """Client processes holding ``total`` connections between them."""
-
-    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0) -> None:
-        path = server.spec.ws_path if transport == "ws" else server.spec.sse_path
-        self.files: list[str] = []
-        self.procs: list[subprocess.Popen[str]] = []
-        started = time.monotonic()
-        sizes = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
-        for index, count in enumerate(sizes):
-            latencies = tempfile.mktemp(prefix="stream-bench-", suffix=".f64")
-            self.files.append(latencies)
-            command = [PYTHON, str(BENCH / "client.py"), "--transport", transport, "--url", server.url, "--path", path,
-                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % 8}"]
-            if stall and index == 0:
-                command += ["--stall", str(stall)]
-            self.procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-            CHILDREN.append(self.procs[-1])
-        for proc in self.procs:
-            line = proc.stdout.readline()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"client failed to connect: {line!r}")
-        self.connect_seconds = time.monotonic() - started
-
-    def finish(self) -> tuple[dict, array]:
-        results = []
-        for proc in self.procs:
-            proc.stdin.write("stop\n")
-            proc.stdin.flush()
-        for proc in self.procs:
-            results.append(orjson.loads(proc.stdout.readline()))
-            proc.wait(30)
-        latencies = array("d")
-        for path in self.files:
-            with open(path, "rb") as handle:
-                latencies.frombytes(handle.read())
-            os.unlink(path)
-        merged = {
-            "received": sum(r["received"] for r in results),
-            "min_per_connection": min(r["min_per_connection"] for r in results),
-            "max_per_connection": max(r["max_per_connection"] for r in results),
-            "out_of_order": sum(r["out_of_order"] for r in results),
-            "duplicates": sum(r["duplicates"] for r in results),
-            "closed": sum(r["closed"] for r in results),
-        }
-        return merged, latencies
-
-
-# -- publishing ---------------------------------------------------------------------------
-
-
-async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tuple[int, float]:
-    """Publish ``rate`` messages per second for ``seconds``, ``batch`` per request, on schedule,
-    over one keep-alive connection with a minimal HTTP/1.1 client (so the harness stays cheap).
-    Returns (messages published, seconds behind schedule at the end)."""
-    requests = int(rate * seconds / batch)
-    interval = batch / rate
-    host, port = url.split("//")[1].split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    head = f"POST /api/publish HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-    seq = 0
-    start = time.monotonic()
-    for number in range(requests):
-        delay = start + number * interval - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        items = []
-        for _ in range(batch):
-            items.append({"topic": "bench.a", "data": {"seq": seq, "t": time.time(), "pad": PAD}})
-            seq += 1
-        body = orjson.dumps(items if batch > 1 else items[0])
-        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        status_and_headers = await reader.readuntil(b"\r\n\r\n")
-        lowered = status_and_headers.lower()
-        if b"content-length:" in lowered:
-            answer = await reader.readexactly(int(lowered.split(b"content-length:")[1].split(b"\r\n")[0]))
-        else:  # chunked
-            answer = await reader.readuntil(b"0\r\n\r\n")
-        if b" 202 " not in status_and_headers[:16]:
-            raise RuntimeError(f"publish failed: {status_and_headers[:40]!r} {answer[:200]!r}")
-    behind = time.monotonic() - (start + requests * interval)
-    writer.close()
-    return seq, max(0.0, behind)
-
+from harness import (  # bench/ is this script's directory, so it is on sys.path
+    BENCH,
+    CONNECTION_MANAGER,
+    NODE_WS,
+    SSE_QUEUES,
+    STREAM,
+    Clients,
+    RunningServer,
+    ServerSpec,
+    kill_children,
+    publish,
+)
 
 # -- one measured run ---------------------------------------------------------------------
 
@@ -399,7 +230,7 @@ def ensure_node_ws() -> bool:
 
 def main() -> int:
     # An interrupted run (Ctrl-C, or a timeout's SIGTERM) must not leave servers polling away.
-    atexit.register(_kill_children)
+    atexit.register(kill_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
