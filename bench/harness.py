@@ -188,13 +188,17 @@ async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tupl
     head = f"POST /api/publish HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
     seq = 0
     start = time.monotonic()
+    start_wall = time.time()
     for number in range(requests):
         delay = start + number * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        # The scheduled time, not the send time: if a slow server holds the publisher back,
+        # the delay counts in the latency instead of hiding outside it.
+        due = start_wall + number * interval
         items = []
         for _ in range(batch):
-            items.append({"topic": "bench.a", "data": {"seq": seq, "t": time.time(), "pad": PAD}})
+            items.append({"topic": "bench.a", "data": {"seq": seq, "t": due, "pad": PAD}})
             seq += 1
         body = orjson.dumps(items if batch > 1 else items[0])
         writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)

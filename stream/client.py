@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -105,11 +106,16 @@ class Subscriber:
         self._socket: ClientConnection | None = None
         self._closed = False
         self._attempts = 0
+        self._ready: deque[Event | Gap] = deque()  # parsed, not yet handed out
 
     # -- context manager and iteration ---------------------------------------------------
 
     async def __aenter__(self) -> Subscriber:
-        await self._connect()
+        try:
+            await self._connect()
+        except _Retry as exc:  # over capacity right now: iterating will keep trying
+            if self.on_state is not None:
+                self.on_state("reconnecting", str(exc))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -121,11 +127,16 @@ class Subscriber:
             await self._socket.close()
             self._socket = None
 
-    def __aiter__(self) -> AsyncIterator[Event | Gap]:
-        return self._iterate()
+    def __aiter__(self) -> Subscriber:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[Event | Gap]:
-        while not self._closed:
+    async def __anext__(self) -> Event | Gap:
+        # All state lives on self, so a cancelled or timed-out __anext__ loses nothing.
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._closed:
+                raise StopAsyncIteration
             if self._socket is None:
                 await self._reconnect()
                 continue
@@ -133,13 +144,13 @@ class Subscriber:
                 raw = await self._socket.recv()
             except websockets.ConnectionClosed as closed:
                 if self._closed:
-                    return
+                    raise StopAsyncIteration from None
                 self._dropped(closed)
                 continue
             for message in _messages(raw):
                 item = self._handle(message)
                 if item is not None:
-                    yield item
+                    self._ready.append(item)
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -152,15 +163,26 @@ class Subscriber:
             return event
         if kind == "gap":
             return Gap(message.get("after"), message.get("reason", "unknown"))
-        if kind == "subscribed" and self.last_id is None:
-            self.last_id = message.get("position")
+        if kind == "subscribed" and message.get("position"):
+            # The server's resolved position: a since given as a time ("-60s") becomes an id, so
+            # a reconnect before the first event does not move the start forward.
+            self.last_id = message["position"]
         return None
 
     async def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        socket = await connect(self.url, additional_headers=headers, max_size=None, open_timeout=10)
+        try:
+            socket = await connect(self.url, additional_headers=headers, max_size=None, open_timeout=10)
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (400, 401, 403, 404):
+                raise SubscribeError("refused", f"the server refused the connection: HTTP {status}") from None
+            raise
         try:
             welcome = orjson.loads(await asyncio.wait_for(socket.recv(), 10))
+            if welcome.get("type") == "error":
+                # over_capacity or a shutdown: the server closes now; try again later.
+                raise _Retry(f"{welcome.get('code')}: {welcome.get('message')}")
             if welcome.get("type") != "welcome":
                 raise SubscribeError("bad_welcome", f"unexpected first frame {welcome!r}")
             op: dict[str, Any] = {"op": "subscribe", "topics": self.topics, "ref": "subscriber"}
@@ -182,6 +204,9 @@ class Subscriber:
         except BaseException:
             await socket.close()
             raise
+        if self._closed:  # close() ran while we were connecting
+            await socket.close()
+            return
         self._socket = socket
         self._attempts = 0
         if self.on_state is not None:
@@ -203,12 +228,18 @@ class Subscriber:
         ceiling = min(self.max_delay, self.min_delay * 2 ** min(self._attempts, 16))
         delay = random.uniform(self.min_delay, max(self.min_delay, ceiling))
         await asyncio.sleep(delay)
+        if self._closed:
+            return
         try:
             await self._connect()
-        except (TimeoutError, OSError, websockets.WebSocketException) as exc:
+        except (TimeoutError, OSError, websockets.WebSocketException, _Retry) as exc:
             log.debug("reconnect failed: %s", exc)
             if self.on_state is not None:
                 self.on_state("reconnecting", f"{type(exc).__name__}: {exc}")
+
+
+class _Retry(Exception):
+    """The server is there but cannot take us now (over capacity, shutting down)."""
 
 
 def _messages(raw: str | bytes) -> list[dict[str, Any]]:

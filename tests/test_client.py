@@ -130,3 +130,35 @@ def test_the_example_bot_runs_against_a_demo_server():
             process.wait(10)
     assert first.startswith("watching headlines about AAPL")
     assert line.startswith("[") and "Demo" in line
+
+
+async def test_a_busy_server_is_retried_not_fatal():
+    """Over capacity at first (the server answers with an error and 1013): the subscriber keeps
+    trying with backoff and gets its events once a slot frees up."""
+    from .support import RawWebSocket
+
+    with Server(KEYS + "\n[server]\nmax_connections = 1\n") as server:
+        blocker = RawWebSocket(server.port)
+        states: list[str] = []
+        async with httpx.AsyncClient() as http, Subscriber(
+            server.url, ["client.busy.>"], min_delay=0.05, max_delay=0.2, on_state=lambda s, d: states.append(s)
+        ) as sub:
+            await asyncio.sleep(0.3)
+            blocker.close()
+            got: list = []
+            reader = asyncio.create_task(collect(sub, 1, got))
+            await asyncio.sleep(1.0)  # the subscriber reconnects meanwhile
+            [event_id] = await publish(http, server, {"topic": "client.busy.a", "data": 1})
+            await asyncio.wait_for(reader, 10)
+    assert "reconnecting" in states and got[-1].id == event_id
+
+
+async def test_a_timed_out_wait_does_not_end_the_iteration(server):
+    """wait_for(anext(sub), t) timing out leaves the subscriber usable (state lives on the object)."""
+    async with httpx.AsyncClient() as http, Subscriber(server.url, ["client.timeout.>"], since="-60s") as sub:
+        assert sub.last_id and sub.last_id != "-60s"  # a time becomes the server's position
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(sub), 0.2)
+        [event_id] = await publish(http, server, {"topic": "client.timeout.a", "data": 1})
+        item = await asyncio.wait_for(anext(sub), 5)
+    assert item.id == event_id

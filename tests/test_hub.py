@@ -403,3 +403,17 @@ def test_a_batch_leaves_in_one_write_per_subscriber():
     events = asyncio.run(run())
     assert len(sink.writes) == 1 and sink.ids() == [e.id for e in events]
     assert len(other_sink.writes) == 1 and other_sink.ids() == [events[-1].id]
+
+
+def test_a_snapshot_queues_behind_events_already_waiting():
+    """Paused with an event waiting, a new subscribe's snapshot follows that event, in hub order."""
+    hub = make_hub()
+    publish(hub, "b.x", 0)
+    sub, sink = subscriber(hub, ["a.>"])
+    sub.pause()
+    waiting = publish(hub, "a.x", 1)
+    retained_b = publish(hub, "b.x", 2)
+    hub.subscribe(sub, ["b.>"], snapshot=True)
+    assert sink.writes == []
+    sub.resume()
+    assert sink.frames == [("E", waiting.id, "a.x"), ("S", retained_b.id, "b.x")]

@@ -68,10 +68,14 @@ function headlineKey(event) {
   return `${data.provider || event.topic}:${data.id || event.id}`;
 }
 
+function symbolsOf(data) {
+  return Array.isArray(data.symbols) ? data.symbols.filter((s) => typeof s === "string") : [];
+}
+
 function matches(data) {
   if (!filterText) return true;
   const needle = filterText.toLowerCase();
-  const symbols = (data.symbols || []).map((s) => s.toLowerCase());
+  const symbols = symbolsOf(data).map((s) => s.toLowerCase());
   if (symbols.includes(needle)) return true;
   return `${data.title || ""} ${data.summary || ""} ${data.source || ""}`.toLowerCase().includes(needle);
 }
@@ -90,7 +94,7 @@ function headlineItem(event) {
   }
   const meta = document.createElement("div");
   meta.className = "meta";
-  for (const symbol of data.symbols || []) {
+  for (const symbol of symbolsOf(data)) {
     const chip = document.createElement("button");
     chip.type = "button";
     chip.className = "chip";
@@ -267,5 +271,11 @@ setInterval(async () => {
   }
 }, 15000);
 
-refetch().then(() => live.start());
+// Subscribe first, then load what came before: whatever is published in between arrives live
+// and the two overlap harmlessly (headlines are de-duplicated by provider and id).
+live.start();
+refetch();
 window.addEventListener("pagehide", () => live.stop());
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted) live.start(); // back from the back/forward cache: resume from lastId
+});

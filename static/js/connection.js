@@ -41,6 +41,8 @@ export class LiveStream {
     this.stopped = true;
     clearTimeout(this.timer);
     if (this.socket) this.socket.close(1000, "page closed");
+    this.socket = null;
+    this.onState("offline", "page hidden");
   }
 
   connect() {

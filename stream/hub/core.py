@@ -278,9 +278,15 @@ class Hub:
             if event.seq <= cursor and any(w.pattern.matches(event.topic) for w in wants) and symbols_ok(wants, event)
         ]
         found.sort(key=lambda event: event.seq)
-        if found:
+        if not found:
+            return
+        if sub.direct:
             encode = sub.sink.encode_snapshot
             sub.sink.write(b"".join(encode(event) for event in found))
+        else:
+            # Events are waiting (or the socket is full): the snapshot queues behind them, in order.
+            for event in found:
+                sub.enqueue_retained(event)
 
     def _join(self, sub: Subscriber, text: str, want: _Want) -> None:
         route = self._patterns.get(text)

@@ -27,7 +27,7 @@ from ..events import Event, format_id
 if TYPE_CHECKING:
     from .core import Hub
 
-__all__ = ["Policy", "Sink", "State", "Subscriber"]
+__all__ = ["Policy", "Retained", "Sink", "State", "Subscriber"]
 
 # How many bytes one flush hands to the transport before checking whether it paused.
 FLUSH_BYTES = 64 * 1024
@@ -67,6 +67,16 @@ class Sink(Protocol):
 
     def overflowed(self) -> None:
         """The buffer overflowed under the ``disconnect`` policy: close as a slow consumer."""
+
+
+class Retained:
+    """A retained value queued for a subscriber: sent marked as a snapshot, not as an event."""
+
+    __slots__ = ("event", "seq", "topic", "policy", "symbols")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.seq, self.topic, self.policy, self.symbols = event.seq, event.topic, event.policy, event.symbols
 
 
 class _Want:
@@ -215,7 +225,7 @@ class Subscriber:
                     self.stale -= 1  # superseded by a newer pending value
                     continue
                 del latest[event.topic]
-            data = encode(event)
+            data = self.sink.encode_snapshot(event.event) if type(event) is Retained else encode(event)
             chunk.append(data)
             size += len(data)
             self.sent += 1
@@ -226,6 +236,10 @@ class Subscriber:
     def backlog(self) -> int:
         """Events waiting, not counting superseded conflated values."""
         return len(self.pending) - self.stale
+
+    def enqueue_retained(self, event: Event) -> None:
+        """Queue a snapshot value behind what is already waiting (the subscriber is not direct)."""
+        self._enqueue(Retained(event))  # type: ignore[arg-type]
 
     # -- overflow ---------------------------------------------------------------------------
 

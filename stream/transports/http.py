@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from starlette.requests import ClientDisconnect
 
 from ..auth import bearer_token
 from ..errors import (
@@ -169,11 +170,14 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body: {declared} bytes, over the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body: over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body: over the {limit}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("body: the client went away before sending it") from None
     return b"".join(chunks)
 
 
@@ -245,7 +249,9 @@ class PublishShortcut:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/api/publish" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)  # the first of repeated headers, as Starlette reads them
         if b"origin" in headers:
             return await self.app(scope, receive, send)
         runtime = self.runtime
