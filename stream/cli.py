@@ -1,4 +1,4 @@
-"""The ``stream`` command: serve, check, tail and publish."""
+"""The ``stream`` command: serve, check, tail, publish and token."""
 
 from __future__ import annotations
 
@@ -169,6 +169,50 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``7d`` as seconds (argparse type for --ttl)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 15m, 1h or 7d, got {text!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero, got {text!r}")
+    return seconds
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .errors import BadTopic
+    from .topics import validate_pattern
+
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    secret = settings.server.jwt_secret
+    if not secret:
+        print("stream token: no server.jwt_secret in the config (or $STREAM_JWT_SECRET) to sign with", file=sys.stderr)
+        return 1
+    try:
+        for option in ("subscribe", "publish"):
+            for pattern in getattr(args, option):
+                validate_pattern(pattern, f"--{option}")
+    except BadTopic as exc:
+        print(f"stream token: {exc.message}", file=sys.stderr)
+        return 2
+    token = mint_token(secret, args.sub, args.subscribe, args.publish, args.ttl)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + args.ttl))
+    print(
+        f"stream token: for {args.sub!r}, subscribe {args.subscribe}, publish {args.publish}, expires {expires}",
+        file=sys.stderr,
+    )
+    print(token)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stream", description="Real-time push service.")
     parser.add_argument("--version", action="version", version=f"stream {__version__}")
@@ -201,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     publish.add_argument("--url", default=url, help=f"server URL (default: $STREAM_URL or {DEFAULT_URL})")
     publish.add_argument("--token", help="a key with publish rights (default: $STREAM_TOKEN)")
     publish.set_defaults(run=_publish)
+
+    token = commands.add_parser("token", help="mint an HS256 JWT with the configured jwt_secret; prints it")
+    token.add_argument("--subscribe", action="append", default=[], metavar="PATTERN", help="may subscribe to (repeatable)")
+    token.add_argument("--publish", action="append", default=[], metavar="PATTERN", help="may publish to (repeatable)")
+    token.add_argument("--ttl", type=duration, default=3600.0, help="lifetime: 90s, 15m, 1h (default), 7d")
+    token.add_argument("--sub", default="cli", help="the subject (who the token is for; default: cli)")
+    token.add_argument("--config", help="TOML config file holding server.jwt_secret (or set $STREAM_JWT_SECRET)")
+    token.set_defaults(run=_token)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -216,7 +216,8 @@ class Subscriber:
         self._socket = None
         code = closed.rcvd.code if closed.rcvd is not None else 1006
         if code in _FATAL:
-            raise SubscribeError("closed", f"the server closed the connection ({code} {_FATAL[code]})")
+            reason = closed.rcvd.reason or _FATAL[code]  # type: ignore[union-attr]
+            raise SubscribeError("closed", f"the server closed the connection ({code} {reason})")
         self.reconnects += 1
         if self.on_state is not None:
             reason = closed.rcvd.reason if closed.rcvd is not None and closed.rcvd.reason else "connection lost"

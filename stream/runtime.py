@@ -40,6 +40,9 @@ class Connection(Protocol):
     def tick(self, now: float) -> None:
         """Periodic housekeeping (SSE heartbeat)."""
 
+    def expire(self) -> None:
+        """The token it was opened with has expired: WS close 1008, SSE error event and end."""
+
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
@@ -59,11 +62,12 @@ class Runtime:
         )
         self.pollers = Pollers(settings.providers, self.hub)
         self.demo = DemoMarket(time.time())
-        self.auth = Auth(settings.keys, server.public)
+        self.auth = Auth(settings.keys, server)
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
         self._publish_buckets: dict[str, TokenBucket] = {}
+        self._expiries: dict[Connection, asyncio.TimerHandle] = {}  # connections opened with a JWT
         self.started = False
         self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
         self._drained = False
@@ -153,6 +157,15 @@ class Runtime:
             self._per_key[principal.name] += 1
         self.connections.add(connection)
         self._per_host[host] += 1
+        if principal is not None and principal.expires is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, principal.expires - time.time())
+            self._expiries[connection] = loop.call_later(delay, self._expire, connection)
+
+    def _expire(self, connection: Connection) -> None:
+        self._expiries.pop(connection, None)
+        log.info("closing a %s connection from %s: token expired", connection.transport_name, connection.client_host)
+        connection.expire()
 
     def limit_send_buffer(self, transport) -> None:
         """Cap the kernel's send buffer so a stalled client shows up as slow after kilobytes, not
@@ -171,6 +184,9 @@ class Runtime:
             _decrement(self._per_host, connection.client_host)
             if connection.principal is not None and connection.principal.max_connections is not None:
                 _decrement(self._per_key, connection.principal.name)
+            timer = self._expiries.pop(connection, None)
+            if timer is not None:
+                timer.cancel()
 
     def charge_publish(self, principal: Principal | None, count: int) -> None:
         """Spend ``count`` events of the key's publish rate (SPEC §6), or raise RateLimited."""

@@ -55,6 +55,8 @@ class ServerSettings:
     close_timeout: float = 5.0  # seconds a closing client gets to drain its close frame
     shutdown_timeout: float = 8.0  # seconds SIGTERM waits for connections before cancelling
     public: tuple[str, ...] = (">",)  # patterns anyone may subscribe to
+    jwt_secret: str | None = field(default=None, repr=False)  # HS256 tokens; best set as STREAM_JWT_SECRET
+    jwt_public_key: str | None = None  # path to a PEM public key: RS256 (RSA) or ES256 (EC P-256) tokens
     allowed_origins: tuple[str, ...] = ("*",)  # Origin values accepted on /ws and /sse; "*" = any
     log_level: str = "info"
     log_json: bool = False
@@ -189,7 +191,8 @@ def _check(key: str, kind: str, value: Any, problems: list[str]) -> Any:
     except (TypeError, ValueError):
         pass
     expected = {"bool": "true or false", "int": "an integer", "float": "a number of seconds", "str": "a string"}
-    problems.append(f"{key}: expected {expected.get(base, 'a list of strings')}, got {value!r}")
+    shown = "a secret (not shown)" if key.endswith("secret") else repr(value)
+    problems.append(f"{key}: expected {expected.get(base, 'a list of strings')}, got {shown}")
     return _INVALID
 
 
@@ -217,11 +220,35 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
         # Never echo the URL: it may carry a password.
         problems.append(f"server.broker: expected memory:// or redis://…, got a {s.broker.split(':', 1)[0]!r} URL")
     need("log_level", s.log_level.lower() in ("debug", "info", "warning", "error"), "expected debug|info|warning|error")
+    if "jwt_secret" in given and s.jwt_secret is not None and len(s.jwt_secret) < 32:
+        problems.append("server.jwt_secret: expected at least 32 characters for HS256")  # never echo it
+    if s.jwt_public_key is not None:
+        problem = public_key_problem(s.jwt_public_key)
+        if problem:
+            problems.append(f"server.jwt_public_key: {problem}")
     for index, pattern in enumerate(s.public):
         try:
             validate_pattern(pattern, f"server.public[{index}]")
         except BadTopic as exc:
             problems.append(exc.message)
+
+
+def public_key_problem(path: str) -> str | None:
+    """Why the PEM file at ``path`` cannot verify RS256/ES256 tokens, or None."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    except ValueError:
+        return f"{path} is not a PEM public key (-----BEGIN PUBLIC KEY-----)"
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name != "secp256r1":
+        return f"{path}: an EC key must be on P-256 for ES256, not {key.curve.name}"
+    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        return f"{path}: expected an RSA (RS256) or EC P-256 (ES256) key"
+    return None
 
 
 def _keys(items: Any, env: Mapping[str, str], problems: list[str]) -> tuple[KeySettings, ...]:

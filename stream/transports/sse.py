@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from .. import wire
 from ..auth import Principal
-from ..errors import StreamError, Unavailable
+from ..errors import StreamError, Unauthorized, Unavailable
 from ..hub import Subscriber
 from ..runtime import Runtime
 from .params import SubscribeRequest
@@ -58,7 +58,7 @@ class EventStream(Response):
         self.client_host = client_host
         self.sub: Subscriber | None = None
         self.protocol: Any = None
-        self.ended: str | None = None  # why: "lost", "slow", "shutdown", "error"
+        self.ended: str | None = None  # why: "lost", "slow", "shutdown", "error", "expired"
         self.done: asyncio.Future[None] | None = None
         self.abort_timer: asyncio.TimerHandle | None = None
 
@@ -165,6 +165,12 @@ class EventStream(Response):
     def shutdown(self) -> None:
         server = self.runtime.settings.server
         self._end("shutdown", min(server.close_timeout, server.shutdown_timeout / 2))
+
+    def expire(self) -> None:
+        if self.ended is None:
+            error = Unauthorized("token: expired; reconnect with a fresh one")
+            self.write(wire.sse_chunk(wire.sse_control("error", {"error": error.to_dict()})))
+            self._end("expired", self.runtime.settings.server.close_timeout)
 
     def tick(self, now: float) -> None:
         if self.ended is None and self.sub is not None and not self.sub.paused:

@@ -170,6 +170,11 @@ class WebSocketProtocol(asyncio.Protocol):
     def tick(self, now: float) -> None:
         """Keepalive runs on per-connection timers instead."""
 
+    def expire(self) -> None:
+        if self.conn.state is OPEN:
+            self.send_error(Unauthorized("token: expired; reconnect with a fresh one"), None)
+            self.close(POLICY, "token expired")
+
     # -- Sink -----------------------------------------------------------------------------
 
     def overflowed(self) -> None:
