@@ -126,6 +126,30 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
     assert unexpected == [], unexpected
 
 
+async def test_dashboard_with_a_token_when_topics_are_not_public(chromium):
+    """With public = [], the page opened as /#token=KEY shows live data; without it, nothing."""
+    from .support import PUBLISH_KEY
+
+    config = demo_config().replace("[server]", "[server]\npublic = []", 1)
+    assert "public = []" in config
+    with Server(config) as server:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            await page.goto(f"{server.url}/#token={PUBLISH_KEY}")
+            await wait_until(lambda: _has(page, "#headlines li"), 10, "headlines")
+            await wait_until(lambda: _has(page, "#quotes tbody tr"), 10, "quotes")
+            await wait_until(lambda: _text_is(page, "#connection", "live"), 10, "live badge")
+
+            anonymous = await browser.new_page()
+            await anonymous.goto(f"{server.url}/")
+            await asyncio.sleep(3)
+            assert await _state_in(anonymous, ("connecting", "reconnecting", "offline"))
+            assert await anonymous.locator("#quotes tbody tr").count() == 0
+            await browser.close()
+        assert PUBLISH_KEY not in server.output()
+
+
 async def _has(page, selector: str) -> bool:
     return await page.locator(selector).count() > 0
 

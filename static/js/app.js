@@ -194,8 +194,14 @@ function providerDetail(status) {
 
 // -- state from HTTP (first load, and after a gap) -----------------------------------------
 
+// For a server with `public = []`: open the page as /#token=<key or JWT>. The fragment never
+// leaves the browser; the token is sent only to this server, as a Bearer header or ?token=.
+const token = new URLSearchParams(location.hash.slice(1)).get("token");
+
 async function getJSON(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, { headers });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
 }
@@ -242,6 +248,7 @@ const live = new LiveStream({
     refetch();
   },
   onState: showConnection,
+  token,
 });
 
 $("filter").addEventListener("input", (input) => {

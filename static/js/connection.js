@@ -14,9 +14,11 @@ export class LiveStream {
    * @param {(event: object) => void} options.onEvent  every event (snapshot ones carry snapshot: true)
    * @param {(gap: {after: string|null, reason: string}) => void} options.onGap
    * @param {(state: "connecting"|"live"|"reconnecting"|"offline", detail: string) => void} options.onState
+   * @param {string|null} [options.token]  a key or JWT, for servers whose topics are not public
    */
-  constructor({ topics, onEvent, onGap, onState }) {
+  constructor({ topics, onEvent, onGap, onState, token = null }) {
     this.topics = topics;
+    this.token = token;
     this.onEvent = onEvent;
     this.onGap = onGap;
     this.onState = onState;
@@ -29,7 +31,9 @@ export class LiveStream {
 
   url() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${location.host}/ws`;
+    // Browsers cannot set headers on a WebSocket: the token goes in the query (redacted in logs).
+    const query = this.token ? `?token=${encodeURIComponent(this.token)}` : "";
+    return `${scheme}//${location.host}/ws${query}`;
   }
 
   start() {
