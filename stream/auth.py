@@ -12,21 +12,23 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jwt
 
 from .errors import BadTopic, Forbidden, Unauthorized
-from .settings import KeySettings, ServerSettings
+from .settings import KeySettings, PublicKey, ServerSettings
 from .topics import covers, validate_pattern
 
 __all__ = ["Auth", "Principal", "bearer_token", "mint_token"]
 
 
+LEEWAY = 10.0  # seconds of clock skew tolerated on a JWT's exp, nbf and iat
+
+
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller."""
+    """An authenticated caller: a configured key, or the subject of a JWT."""
 
     name: str
     subscribe: tuple[str, ...]
@@ -34,7 +36,8 @@ class Principal:
     max_connections: int | None = None
     publish_rate: float | None = None
     publish_burst: int | None = None
-    expires: float | None = None  # Unix time when a JWT's rights end; None for keys
+    kind: str = "key"  # "key" or "token" (a JWT, named by its sub)
+    expires: float | None = None  # Unix time when a JWT's rights end (exp + LEEWAY); None for keys
 
 
 def _digest(secret: str) -> bytes:
@@ -42,19 +45,23 @@ def _digest(secret: str) -> bytes:
 
 
 class Auth:
-    def __init__(self, keys: tuple[KeySettings, ...], server: ServerSettings) -> None:
+    def __init__(self, keys: tuple[KeySettings, ...], server: ServerSettings, public_key: PublicKey | None = None) -> None:
         self.public = server.public
         self._by_digest = {
             _digest(k.key): Principal(k.name, k.subscribe, k.publish, k.max_connections, k.publish_rate, k.publish_burst)
             for k in keys
         }
-        self._jwt_keys: list[tuple[Any, list[str]]] = []
+        # One verifying key per accepted algorithm, chosen by the token's own "alg": a token can
+        # never get its HS256 signature checked against the public key, or the other way round.
+        self._verifiers: dict[str, Any] = {}
         if server.jwt_secret:
-            self._jwt_keys.append((server.jwt_secret, ["HS256"]))
-        if server.jwt_public_key:
-            self._jwt_keys.append(_public_key(server.jwt_public_key))
+            self._verifiers["HS256"] = server.jwt_secret
+        if public_key is not None:
+            self._verifiers[public_key.algorithm] = public_key.key
+        self.audience = server.jwt_audience
+        self.issuer = server.jwt_issuer
         # A JWT may carry publish rights, so with JWTs configured publishing is not off.
-        self.can_anyone_publish = any(k.publish for k in keys) or bool(self._jwt_keys)
+        self.can_anyone_publish = any(k.publish for k in keys) or bool(self._verifiers)
 
     def identify(self, token: str | None) -> Principal | None:
         """The caller behind ``token`` (None when anonymous); an unknown or bad token is a 401."""
@@ -63,34 +70,40 @@ class Auth:
         principal = self._by_digest.get(_digest(token))
         if principal is not None:
             return principal
-        if self._jwt_keys and token.count(".") == 2:
+        if self._verifiers and token.count(".") == 2:
             return self._from_jwt(token)
-        raise Unauthorized("token: not a known key" + (" or a valid JWT" if self._jwt_keys else ""))
+        raise Unauthorized("token: not a known key" + (" or a valid JWT" if self._verifiers else ""))
 
     def _from_jwt(self, token: str) -> Principal:
-        claims: dict[str, Any] | None = None
-        for key, algorithms in self._jwt_keys:
-            try:
-                claims = jwt.decode(token, key, algorithms=algorithms, options={"require": ["sub", "exp"]})
-                break
-            except jwt.ExpiredSignatureError:
-                raise Unauthorized("token: expired; get a fresh one") from None
-            except jwt.MissingRequiredClaimError as exc:
-                raise Unauthorized(f"token: the JWT has no {exc.claim!r} claim") from None
-            except jwt.ImmatureSignatureError:
-                raise Unauthorized("token: not valid yet (nbf/iat in the future)") from None
-            except jwt.InvalidTokenError:
-                continue  # bad signature or another algorithm: try the next key
-        if claims is None:
-            raise Unauthorized("token: not a JWT signed with the configured key (or a bad signature)")
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise Unauthorized("token: not a known key or a valid JWT") from None
+        key = self._verifiers.get(algorithm)
+        if key is None:
+            accepted = ", ".join(self._verifiers)
+            raise Unauthorized(f"token: JWT algorithm {algorithm!r} is not accepted here (accepted: {accepted})")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY,
+                options={"require": ["sub", "exp"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"token: {_jwt_problem(exc, self.audience)}") from None
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("token: claim 'sub' must be a non-empty string")
         return Principal(
-            f"jwt:{subject}",
+            subject,
             _claimed_patterns(claims, "subscribe"),
             _claimed_patterns(claims, "publish"),
-            expires=float(claims["exp"]),
+            kind="token",
+            expires=float(min(claims["exp"], _FAR_FUTURE)) + LEEWAY,  # as jwt.decode judged it
         )
 
     def may_subscribe(self, principal: Principal | None, pattern: str) -> bool:
@@ -104,7 +117,7 @@ class Auth:
             if principal is None:
                 raise Unauthorized(f"{field}: subscribing to {pattern!r} needs a key or token")
             if not any(covers(granted, pattern) for granted in principal.subscribe):
-                raise Forbidden(f"{field}: key {principal.name!r} may not subscribe to {pattern!r}")
+                raise Forbidden(f"{field}: {principal.kind} {principal.name!r} may not subscribe to {pattern!r}")
 
     def check_publish(self, principal: Principal | None, topic: str, field: str = "topic") -> None:
         if not self.can_anyone_publish:
@@ -112,15 +125,29 @@ class Auth:
         if principal is None:
             raise Unauthorized("publishing needs a key or token: send Authorization: Bearer <key or token>")
         if not any(covers(granted, topic) for granted in principal.publish):
-            raise Forbidden(f"{field}: key {principal.name!r} may not publish to {topic!r}")
+            raise Forbidden(f"{field}: {principal.kind} {principal.name!r} may not publish to {topic!r}")
 
 
-def _public_key(path: str) -> tuple[Any, list[str]]:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+_FAR_FUTURE = 4_102_444_800  # 2100-01-01: an exp past this is treated as this
 
-    key = load_pem_public_key(Path(path).read_bytes())  # checked by settings.public_key_problem
-    return key, ["RS256"] if isinstance(key, rsa.RSAPublicKey) else ["ES256"]
+
+def _jwt_problem(exc: jwt.PyJWTError, audience: str | None) -> str:
+    """What is wrong with a JWT, for the 401 message (never the token itself)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "expired; get a fresh one"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the JWT has no {exc.claim!r} claim"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "not valid yet (nbf or iat in the future)"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "bad signature: not signed with the configured key"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        if audience is None:
+            return "the JWT has an 'aud' claim; set server.jwt_audience to accept it"
+        return f"claim 'aud' does not include {audience!r}"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "claim 'iss' is not the configured jwt_issuer"
+    return f"not a valid JWT ({exc})"
 
 
 def _claimed_patterns(claims: dict[str, Any], name: str) -> tuple[str, ...]:
@@ -135,11 +162,13 @@ def _claimed_patterns(claims: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def mint_token(secret: str, subject: str, subscribe: list[str], publish: list[str], ttl: float) -> str:
-    """An HS256 JWT for ``subject`` with these rights, valid for ``ttl`` seconds (``stream token``)."""
+def mint_token(secret: str, subject: str, subscribe: list[str], publish: list[str], ttl: float) -> tuple[str, int]:
+    """An HS256 JWT for ``subject`` with these rights, valid for ``ttl`` seconds (``stream token``),
+    and its ``exp``."""
     now = int(time.time())
-    claims = {"sub": subject, "iat": now, "exp": now + int(ttl), "subscribe": subscribe, "publish": publish}
-    return jwt.encode(claims, secret, algorithm="HS256")
+    expires = now + max(1, round(ttl))
+    claims = {"sub": subject, "iat": now, "exp": expires, "subscribe": subscribe, "publish": publish}
+    return jwt.encode(claims, secret, algorithm="HS256"), expires
 
 
 def bearer_token(authorization: str | None, query_token: str | None) -> str | None:

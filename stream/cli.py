@@ -179,8 +179,8 @@ def duration(text: str) -> float:
         seconds = float(number) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a duration like 90s, 15m, 1h or 7d, got {text!r}") from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero, got {text!r}")
+    if not 1 <= seconds <= 10 * 365 * 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected between 1 second and 10 years, got {text!r}")
     return seconds
 
 
@@ -203,12 +203,9 @@ def _token(args: argparse.Namespace) -> int:
     except BadTopic as exc:
         print(f"stream token: {exc.message}", file=sys.stderr)
         return 2
-    token = mint_token(secret, args.sub, args.subscribe, args.publish, args.ttl)
-    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + args.ttl))
-    print(
-        f"stream token: for {args.sub!r}, subscribe {args.subscribe}, publish {args.publish}, expires {expires}",
-        file=sys.stderr,
-    )
+    token, expires = mint_token(secret, args.sub, args.subscribe, args.publish, args.ttl)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
+    print(f"stream token: for {args.sub!r}, subscribe {args.subscribe}, publish {args.publish}, expires {when}", file=sys.stderr)
     print(token)
     return 0
 

@@ -24,6 +24,8 @@ from .settings import Settings
 
 __all__ = ["Connection", "Runtime"]
 
+_MAX_BUCKETS = 10_000  # publish rate buckets kept before idle (full) ones are dropped
+
 log = logging.getLogger("stream")
 
 
@@ -62,11 +64,11 @@ class Runtime:
         )
         self.pollers = Pollers(settings.providers, self.hub)
         self.demo = DemoMarket(time.time())
-        self.auth = Auth(settings.keys, server)
+        self.auth = Auth(settings.keys, server, settings.jwt_public_key)
         self.connections: set[Connection] = set()
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
-        self._publish_buckets: dict[str, TokenBucket] = {}
+        self._publish_buckets: dict[tuple[str, str], TokenBucket] = {}  # by (principal kind, name)
         self._expiries: dict[Connection, asyncio.TimerHandle] = {}  # connections opened with a JWT
         self.started = False
         self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
@@ -196,9 +198,12 @@ class Runtime:
         rate = principal.publish_rate or server.publish_rate
         burst = principal.publish_burst or server.publish_burst
         now = time.monotonic()
-        bucket = self._publish_buckets.get(principal.name)
+        buckets = self._publish_buckets
+        bucket = buckets.get((principal.kind, principal.name))
         if bucket is None:
-            bucket = self._publish_buckets[principal.name] = TokenBucket(rate, burst, now)
+            if len(buckets) >= _MAX_BUCKETS:  # every JWT subject gets one: forget the idle ones
+                self._forget_full_buckets(now)
+            bucket = buckets[(principal.kind, principal.name)] = TokenBucket(rate, burst, now)
         if count > burst:
             raise RateLimited(
                 f"body: {count} events exceed this key's burst of {burst}; split the batch",
@@ -207,9 +212,15 @@ class Runtime:
         if not bucket.take(now, count):
             wait = bucket.wait_time(count)
             raise RateLimited(
-                f"key {principal.name!r} is over its publish rate of {rate:g} events/s; retry in {wait:.2f} s",
+                f"{principal.kind} {principal.name!r} is over its publish rate of {rate:g} events/s; retry in {wait:.2f} s",
                 retry_after=wait,
             )
+
+    def _forget_full_buckets(self, now: float) -> None:
+        """A full bucket is the same as a new one: dropping it forgets nothing."""
+        for name, bucket in list(self._publish_buckets.items()):
+            if bucket.take(now, 0) and bucket.tokens >= bucket.burst:
+                del self._publish_buckets[name]
 
     def count(self, transport: str) -> int:
         return sum(1 for connection in self.connections if connection.transport_name == transport)

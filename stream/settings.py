@@ -23,7 +23,7 @@ from .errors import BadTopic, ConfigError
 from .provider_settings import ProviderSettings, read_providers
 from .topics import validate_pattern
 
-__all__ = ["KeySettings", "ProviderSettings", "ServerSettings", "Settings", "load_settings"]
+__all__ = ["KeySettings", "ProviderSettings", "PublicKey", "ServerSettings", "Settings", "load_public_key", "load_settings"]
 
 POLICIES = ("disconnect", "drop", "conflate")
 
@@ -57,6 +57,8 @@ class ServerSettings:
     public: tuple[str, ...] = (">",)  # patterns anyone may subscribe to
     jwt_secret: str | None = field(default=None, repr=False)  # HS256 tokens; best set as STREAM_JWT_SECRET
     jwt_public_key: str | None = None  # path to a PEM public key: RS256 (RSA) or ES256 (EC P-256) tokens
+    jwt_audience: str | None = None  # when set, JWTs must carry it in "aud"; when not, JWTs with "aud" are refused
+    jwt_issuer: str | None = None  # when set, JWTs must carry it as "iss"
     allowed_origins: tuple[str, ...] = ("*",)  # Origin values accepted on /ws and /sse; "*" = any
     log_level: str = "info"
     log_json: bool = False
@@ -74,9 +76,18 @@ class KeySettings:
 
 
 @dataclass(frozen=True)
+class PublicKey:
+    """The key that verifies RS256 / ES256 JWTs, read once from ``jwt_public_key``."""
+
+    key: Any = field(repr=False)
+    algorithm: str  # "RS256" or "ES256"
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     keys: tuple[KeySettings, ...] = ()
+    jwt_public_key: PublicKey | None = None
     overflow: tuple[tuple[str, str], ...] = ()  # (pattern, policy), first match wins
     providers: tuple[ProviderSettings, ...] = ()
     source: str = "built-in defaults"
@@ -109,12 +120,20 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         if key not in ("server", "keys", "overflow", "providers"):
             problems.append(f"{key}: unknown section (expected server, keys, overflow, providers)")
     server = _server(document.get("server", {}), env, problems)
+    public_key = None
+    if server.jwt_public_key is not None:
+        try:
+            public_key = load_public_key(server.jwt_public_key)
+        except ValueError as exc:
+            problems.append(f"server.jwt_public_key: {exc}")
     keys = _keys(document.get("keys", []), env, problems)
     overflow = _overflow(document.get("overflow", {}), problems)
     providers = read_providers(document.get("providers", []), env, problems)
     if problems:
         raise ConfigError(problems)
-    return Settings(server=server, keys=keys, overflow=overflow, providers=providers, source=source)
+    return Settings(
+        server=server, keys=keys, jwt_public_key=public_key, overflow=overflow, providers=providers, source=source
+    )
 
 
 def _server(table: Any, env: Mapping[str, str], problems: list[str]) -> ServerSettings:
@@ -220,12 +239,11 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
         # Never echo the URL: it may carry a password.
         problems.append(f"server.broker: expected memory:// or redis://…, got a {s.broker.split(':', 1)[0]!r} URL")
     need("log_level", s.log_level.lower() in ("debug", "info", "warning", "error"), "expected debug|info|warning|error")
-    if "jwt_secret" in given and s.jwt_secret is not None and len(s.jwt_secret) < 32:
-        problems.append("server.jwt_secret: expected at least 32 characters for HS256")  # never echo it
-    if s.jwt_public_key is not None:
-        problem = public_key_problem(s.jwt_public_key)
-        if problem:
-            problems.append(f"server.jwt_public_key: {problem}")
+    if "jwt_secret" in given and s.jwt_secret is not None:  # never echo it
+        if s.jwt_secret.lstrip().startswith("-----BEGIN"):
+            problems.append("server.jwt_secret: looks like a PEM key; put a public key's path in server.jwt_public_key")
+        elif len(s.jwt_secret) < 32:
+            problems.append("server.jwt_secret: expected at least 32 characters for HS256")
     for index, pattern in enumerate(s.public):
         try:
             validate_pattern(pattern, f"server.public[{index}]")
@@ -233,22 +251,22 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
             problems.append(exc.message)
 
 
-def public_key_problem(path: str) -> str | None:
-    """Why the PEM file at ``path`` cannot verify RS256/ES256 tokens, or None."""
+def load_public_key(path: str) -> PublicKey:
+    """The RS256/ES256 verifying key in the PEM file at ``path``; ValueError says what is wrong."""
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
         key = load_pem_public_key(Path(path).read_bytes())
     except OSError as exc:
-        return f"cannot read {path}: {exc.strerror or exc}"
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError:
-        return f"{path} is not a PEM public key (-----BEGIN PUBLIC KEY-----)"
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name != "secp256r1":
-        return f"{path}: an EC key must be on P-256 for ES256, not {key.curve.name}"
-    if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
-        return f"{path}: expected an RSA (RS256) or EC P-256 (ES256) key"
-    return None
+        raise ValueError(f"{path} is not a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return PublicKey(key, "RS256")
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        return PublicKey(key, "ES256")
+    raise ValueError(f"{path}: expected an RSA (RS256) or EC P-256 (ES256) public key")
 
 
 def _keys(items: Any, env: Mapping[str, str], problems: list[str]) -> tuple[KeySettings, ...]:

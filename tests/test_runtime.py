@@ -60,3 +60,38 @@ async def test_a_key_with_max_connections_gets_no_more():
             assert second.close_code == 1013
             async with connect(server.ws_url) as anonymous:
                 assert orjson.loads(await anonymous.recv())["type"] == "welcome"
+
+
+class _FakeStream:
+    """Just enough of a Connection for the runtime's bookkeeping."""
+
+    transport_name = "ws"
+    client_host = "127.0.0.9"
+
+    def __init__(self, expires_in: float) -> None:
+        import time
+
+        from stream.auth import Principal
+
+        self.principal = Principal("bot", (), (), kind="token", expires=time.time() + expires_in)
+        self.expired = 0
+
+    def expire(self) -> None:
+        self.expired += 1
+
+
+async def test_token_expiry_timer_fires_once_and_release_cancels_it():
+    """A JWT connection is told once when its token expires; one released before then never is,
+    and the runtime keeps no timer for either afterwards."""
+    from stream.runtime import Runtime
+    from stream.settings import Settings
+
+    runtime = Runtime(Settings())
+    kept, released = _FakeStream(0.2), _FakeStream(0.2)
+    runtime.admit(kept)
+    runtime.admit(released)
+    runtime.release(released)
+    await asyncio.sleep(0.5)
+    assert (kept.expired, released.expired) == (1, 0)
+    runtime.release(kept)
+    assert runtime._expiries == {} and runtime.connections == set()

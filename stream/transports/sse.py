@@ -68,6 +68,8 @@ class EventStream(Response):
         server = self.runtime.settings.server
         self.protocol = scope.get("extensions", {}).get("stream.http")
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        # Exists before admit: shutdown or token expiry may end the stream from then on.
+        self.done = asyncio.get_running_loop().create_future()
         try:
             self.runtime.admit(self)
         except Unavailable as exc:
@@ -77,8 +79,8 @@ class EventStream(Response):
             return
         try:
             await send({"type": "http.response.body", "body": wire.sse_retry(server.sse_retry), "more_body": True})
-            self.done = asyncio.get_running_loop().create_future()
-            self._subscribe()
+            if self.ended is None:
+                self._subscribe()
             await self.done
             self._detach()
             if self.ended != "lost":
@@ -168,8 +170,9 @@ class EventStream(Response):
 
     def expire(self) -> None:
         if self.ended is None:
-            error = Unauthorized("token: expired; reconnect with a fresh one")
-            self.write(wire.sse_chunk(wire.sse_control("error", {"error": error.to_dict()})))
+            if self.sub is not None:  # subscribed, so the direct write path is bound
+                error = Unauthorized("token: expired; reconnect with a fresh one")
+                self.write(wire.sse_chunk(wire.sse_control("error", {"error": error.to_dict()})))
             self._end("expired", self.runtime.settings.server.close_timeout)
 
     def tick(self, now: float) -> None:
