@@ -22,6 +22,7 @@ __all__ = [
     "BENCH",
     "CHILDREN",
     "CONNECTION_MANAGER",
+    "FLOOR",
     "NODE_WS",
     "SSE_QUEUES",
     "STREAM",
@@ -56,6 +57,8 @@ class ServerSpec:
             return [PYTHON, str(BENCH / "baselines" / "connection_manager.py"), "--port", str(port)]
         if self.name == "sse-starlette-queues":
             return [PYTHON, str(BENCH / "baselines" / "sse_queue.py"), "--port", str(port)]
+        if self.name == "floor-raw-uvloop":
+            return [PYTHON, str(BENCH / "baselines" / "floor.py"), "--port", str(port)]
         if self.name == "node-ws":
             return ["node", str(BENCH / "baselines" / "node_ws" / "server.js"), str(port)]
         raise ValueError(self.name)
@@ -65,6 +68,7 @@ STREAM = ServerSpec("stream", "/ws?topics=bench.>", "/sse?topics=bench.>")
 CONNECTION_MANAGER = ServerSpec("fastapi-connection-manager", "/ws", None)
 SSE_QUEUES = ServerSpec("sse-starlette-queues", None, "/sse")
 NODE_WS = ServerSpec("node-ws", "/ws", None)
+FLOOR = ServerSpec("floor-raw-uvloop", "/ws", None)  # the yardstick: what machine and harness allow
 
 
 CHILDREN: list[subprocess.Popen] = []  # every server and client started, killed at exit

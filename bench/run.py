@@ -32,6 +32,7 @@ import orjson
 from harness import (  # bench/ is this script's directory, so it is on sys.path
     BENCH,
     CONNECTION_MANAGER,
+    FLOOR,
     NODE_WS,
     SSE_QUEUES,
     STREAM,
@@ -277,7 +278,7 @@ def main() -> int:
         return chosen
 
     if "ws" in only:
-        servers = [STREAM] if args.no_baselines else [STREAM, CONNECTION_MANAGER] + ([NODE_WS] if ensure_node_ws() else [])
+        servers = [STREAM] if args.no_baselines else [STREAM, CONNECTION_MANAGER] + ([NODE_WS] if ensure_node_ws() else []) + [FLOOR]
         runs = repeated(servers, "ws")
         results += runs
         say(table("WebSocket fan-out", runs))
