@@ -1,5 +1,6 @@
-"""The benchmark itself (bench/run.py --quick): it must run and stream must deliver every
-message exactly once, so the benchmark cannot rot. No timing is asserted here."""
+"""The benchmark itself (bench/run.py --quick): stream and the Python baselines must run and
+deliver every message exactly once, so neither the harness nor a baseline can rot. No timing is
+asserted here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_quick_benchmark_delivers_everything_once(tmp_path):
-    """A few seconds, 200 subscribers over WebSocket and SSE: no loss, no duplicate, in order."""
+    """A few seconds, 200 subscribers over WebSocket and SSE, for stream and each Python
+    baseline: no loss, no duplicate, in order."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
@@ -27,7 +29,13 @@ def test_quick_benchmark_delivers_everything_once(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())["results"]
-    assert {(r["scenario"], r["transport"]) for r in results} == {("ws", "ws"), ("sse", "sse")}
+    assert {(r["server"], r["transport"]) for r in results} == {
+        ("stream", "ws"),
+        ("fastapi-connection-manager", "ws"),
+        ("floor-raw-uvloop", "ws"),
+        ("stream", "sse"),
+        ("sse-starlette-queues", "sse"),
+    }
     for result in results:
         assert result["published"] > 0
         assert result["delivered"] == result["expected"] == result["published"] * result["subscribers"]
