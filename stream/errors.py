@@ -9,8 +9,11 @@
     ├── NotFound                    not_found       404
     ├── PayloadTooLarge             payload_too_large 413
     ├── ValidationFailed            validation_error 422
+    ├── HeadTimeout                 head_timeout    408
+    ├── HeadTooLarge                head_too_large  431
     ├── RateLimited                 rate_limited    429
-    └── Unavailable                 not_ready / over_capacity 503
+    ├── Unavailable                 not_ready / over_capacity 503
+    └── TooManyTopics               too_many_topics 507
     ConfigError                     (not a request error: `stream check` / startup)
     UpstreamError                   (a provider's upstream misbehaved; kind = poll outcome)
 
@@ -25,11 +28,14 @@ __all__ = [
     "BadTopic",
     "ConfigError",
     "Forbidden",
+    "HeadTimeout",
+    "HeadTooLarge",
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
     "StreamError",
     "TooManySubscriptions",
+    "TooManyTopics",
     "Unauthorized",
     "Unavailable",
     "UpstreamError",
@@ -91,6 +97,16 @@ class ValidationFailed(StreamError):
     status = 422
 
 
+class HeadTimeout(StreamError):
+    code = "head_timeout"
+    status = 408
+
+
+class HeadTooLarge(StreamError):
+    code = "head_too_large"
+    status = 431
+
+
 class RateLimited(StreamError):
     code = "rate_limited"
     status = 429
@@ -103,6 +119,13 @@ class RateLimited(StreamError):
 class Unavailable(StreamError):
     code = "not_ready"
     status = 503
+
+
+class TooManyTopics(StreamError):
+    """A publish would create a retained topic past ``max_topics`` (507 Insufficient Storage)."""
+
+    code = "too_many_topics"
+    status = 507
 
 
 class ConfigError(Exception):

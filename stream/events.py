@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,11 +28,13 @@ __all__ = [
     "new_epoch",
     "parse_id",
     "parse_since",
+    "symbols_match",
     "symbols_of",
 ]
 
 _ID = re.compile(r"([0-9a-z]{1,32})-(\d{1,30})\Z")
-_DURATION = re.compile(r"-(\d+(?:\.\d+)?)(ms|s|m|h|d)\Z")
+_DURATION = re.compile(r"-(\d{1,15}(?:\.\d{1,9})?)(ms|s|m|h|d)\Z")
+_MAX_DURATION_MS = 10 * 366 * 86_400_000  # ten years: far beyond any history
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -67,29 +70,44 @@ def symbols_of(data: Any) -> frozenset[str] | None:
     return None
 
 
-class Event:
-    """One accepted event. Immutable by convention; the wire caches live in the last slots."""
+def symbols_match(wanted: frozenset[str] | None, carried: frozenset[str] | None) -> bool:
+    """The one symbol filter (SPEC §5): no filter, or an event without ``symbols``, passes;
+    otherwise the event must share a symbol with the filter."""
+    return wanted is None or carried is None or not wanted.isdisjoint(carried)
 
-    __slots__ = ("seq", "id", "topic", "ts", "data", "json", "symbols", "policy", "ws", "sse", "sse_chunk")
+
+class Event:
+    """One accepted event, immutable by convention.
+
+    It holds one encoded copy of itself (``json``); ``data`` is decoded from it on demand
+    (the HTTP API), and wire forms are framed from it during fan-out and not kept, so history
+    memory is one copy per event (``size`` counts it, see ``History``).
+    """
+
+    __slots__ = ("seq", "id", "topic", "ts", "json", "symbols", "policy", "_data_at", "size")
 
     def __init__(self, seq: int, id: str, topic: str, ts: int, data: Any, data_json: bytes, policy: Any = None):
         self.seq = seq
         self.id = id
         self.topic = topic
         self.ts = ts
-        self.data = data
         # id and topic are restricted to characters that need no JSON escaping.
-        self.json = b'{"id":"%s","topic":"%s","ts":%d,"data":%s}' % (
-            id.encode(),
-            topic.encode(),
-            ts,
-            data_json,
-        )
+        head = b'{"id":"%s","topic":"%s","ts":%d,"data":' % (id.encode(), topic.encode(), ts)
+        self.json = head + data_json + b"}"
+        self._data_at = len(head)
         self.symbols = symbols_of(data)
         self.policy = policy
-        self.ws: bytes | None = None
-        self.sse: bytes | None = None
-        self.sse_chunk: bytes | None = None
+        self.size = (
+            _EVENT_BYTES
+            + sys.getsizeof(self.json)
+            + sys.getsizeof(id)
+            + sys.getsizeof(topic)
+            + (0 if self.symbols is None else _symbols_bytes(self.symbols))
+        )
+
+    @property
+    def data(self) -> Any:
+        return orjson.loads(memoryview(self.json)[self._data_at : -1])
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "topic": self.topic, "ts": self.ts, "data": self.data}
@@ -100,6 +118,14 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.id!r}, {self.topic!r})"
+
+
+# The object itself: sys.getsizeof of an Event (104 on CPython 3.11) plus its GC header.
+_EVENT_BYTES = 120
+
+
+def _symbols_bytes(symbols: frozenset[str]) -> int:
+    return sys.getsizeof(symbols) + sum(sys.getsizeof(symbol) for symbol in symbols)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,21 +145,26 @@ def parse_since(value: str, *, now_ms: int | None = None, field: str = "since") 
         raise BadRequest(f"{field}: is empty; expected an event id, an ISO-8601 time or a duration like -60s")
     duration = _DURATION.match(text)
     if duration is not None:
+        back = float(duration.group(1)) * _UNIT_MS[duration.group(2)]
+        if back > _MAX_DURATION_MS:
+            raise BadRequest(f"{field}: {text[:40]!r} reaches back more than ten years; history is far shorter")
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        return Since(text, time_ms=now - int(float(duration.group(1)) * _UNIT_MS[duration.group(2)]))
+        return Since(text, time_ms=now - int(back))
+    if text.startswith("-"):
+        raise BadRequest(f"{field}: {text[:40]!r} is not a duration like -60s, -5m, -1h or -2d")
     parsed = parse_id(text)
     if parsed is not None:
         return Since(text, epoch=parsed[0], seq=parsed[1])
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return Since(text, time_ms=int(moment.timestamp() * 1000))
+    except (ValueError, OverflowError, OSError):
         raise BadRequest(
             f"{field}: {text[:80]!r} is neither an event id, an ISO-8601 time (2026-11-25T10:00:00Z) "
             "nor a duration like -60s"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return Since(text, time_ms=int(moment.timestamp() * 1000))
 
 
 def encode_data(data: Any) -> bytes:

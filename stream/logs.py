@@ -6,18 +6,36 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import unquote_plus
 
 import orjson
 
 __all__ = ["configure_logging", "redact"]
 
-_SECRET_QUERY = re.compile(r"((?:^|[?&\s])(?:token|key|api_key|apikey|access_token)=)[^&\s\"]+", re.IGNORECASE)
-_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# A query parameter: its name (any encoding) and its value.
+_QUERY_PAIR = re.compile(r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?\"]+)=(?P<value>[^&;\s\"]*)")
+_SECRET_NAMES = frozenset({"token", "key", "api_key", "apikey", "access_token"})
+_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=%-]+", re.IGNORECASE)
+
+
+def _hide(match: re.Match[str]) -> str:
+    name = match.group("name")
+    decoded = name
+    for _ in range(3):  # %2574oken is %74oken once decoded: decode until it stops changing
+        decoded, previous = unquote_plus(decoded), decoded
+        if decoded == previous:
+            break
+    if decoded.strip().lower() in _SECRET_NAMES and match.group("value"):
+        return f"{name}=***"
+    return match.group(0)
 
 
 def redact(text: str) -> str:
-    """Hide tokens in query strings and Authorization values."""
-    return _BEARER.sub(r"\1***", _SECRET_QUERY.sub(r"\1***", text))
+    """Hide secrets in query strings however their names are encoded (``%74oken=``), and
+    Authorization values."""
+    if "=" in text:
+        text = _QUERY_PAIR.sub(_hide, text)
+    return _BEARER.sub(r"\1***", text)
 
 
 class _Redacting(logging.Filter):

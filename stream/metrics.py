@@ -61,11 +61,29 @@ class _HubCollector(Collector):
         runtime, hub = self.runtime, self.runtime.hub
         stats = hub.stats
 
-        connections = GaugeMetricFamily("stream_connections", "Open streaming connections", labels=["transport"])
+        connections = GaugeMetricFamily(
+            "stream_connections", "Open client sockets: streams by transport, http = every other socket", labels=["transport"]
+        )
         by_transport = Counter(c.transport_name for c in runtime.connections)
         for name in ("ws", "sse"):
             connections.add_metric([name], by_transport.get(name, 0))
+        sockets = runtime.sockets
+        connections.add_metric(["http"], max(0, len(sockets.open) - by_transport.get("ws", 0) - by_transport.get("sse", 0)))
         yield connections
+        yield GaugeMetricFamily("stream_sockets", "Open client sockets of every kind", value=len(sockets.open))
+        yield GaugeMetricFamily("stream_sockets_limit", "Sockets served before over capacity", value=sockets.limit)
+        yield _by_reason(
+            "stream_sockets_refused",
+            "New sockets answered over capacity (over_capacity, per_client) or closed at once (fd_margin)",
+            sockets.refused,
+        )
+        yield _by_reason("stream_sockets_closed", "Sockets the server closed on a misbehaving client", runtime.closed)
+        refused = Counter(runtime.publish_refused)
+        refused["too_many_topics"] += stats.topics_refused
+        yield _by_reason("stream_publish_refused", "Publishes refused by a limit", refused)
+        yield CounterMetricFamily(
+            "stream_ws_ops_refused", "WebSocket ops and control frames refused by the op rate", value=runtime.ops_refused
+        )
 
         yield GaugeMetricFamily(
             "stream_subscriptions", "Patterns subscribed, over all connections", value=sum(len(s.wants) for s in hub.subscribers)
@@ -97,7 +115,21 @@ class _HubCollector(Collector):
             "stream_slow_consumer_disconnects", "Subscribers closed because their buffer overflowed", value=stats.slow_consumers
         )
         yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.history))
+        yield GaugeMetricFamily("stream_history_bytes", "Memory held by history (Event.size)", value=hub.history.bytes)
         yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.retained))
+        yield GaugeMetricFamily(
+            "stream_retained_bytes", "Memory of the retained events (shared with history while held there)", value=hub.retained_bytes
+        )
+        yield GaugeMetricFamily(
+            "stream_pending_events", "Events waiting in subscriber buffers", value=sum(s.backlog for s in hub.subscribers)
+        )
+
+
+def _by_reason(name: str, documentation: str, counts: Counter[str]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
 
 
 class _ProviderCollector(Collector):

@@ -294,7 +294,12 @@ class Poller:
                 self.items_skipped += 1
                 log.info("provider %s: item %r not published: %s", provider.name, item.key[:80], exc.message)
         if drafts:
-            events = await self.hub.publish_many(drafts)
+            try:
+                events = await self.hub.publish_many(drafts)
+            except StreamError as exc:  # a hub limit (max_topics): tried again at the next poll
+                self.items_skipped += len(drafts)
+                log.warning("provider %s: %d items not published: %s", provider.name, len(drafts), exc.message)
+                return
             self.items_published += len(events)
             if provider.headlines and self.on_headlines is not None:
                 self.on_headlines(events)

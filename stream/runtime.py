@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from typing import Protocol
 from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
 from .hub import Hub, HubConfig, Policy
-from .limits import TokenBucket
+from .limits import SocketLimits, TokenBucket, TrustedProxies
 from .pollers import Pollers
 from .providers import DemoMarket
 from .settings import Settings
@@ -56,7 +57,9 @@ class Runtime:
             HubConfig(
                 history_size=server.history_size,
                 history_ttl=server.history_ttl,
+                history_bytes=server.history_bytes,
                 max_event_bytes=server.max_event_bytes,
+                max_topics=server.max_topics,
                 subscriber_buffer=server.subscriber_buffer,
                 max_patterns=server.max_patterns,
                 overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
@@ -66,6 +69,16 @@ class Runtime:
         self.demo = DemoMarket(time.time())
         self.auth = Auth(settings.keys, server, settings.jwt_public_key)
         self.connections: set[Connection] = set()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 1 << 20
+        self.sockets = SocketLimits(
+            server.max_connections, server.max_connections_per_client, server.fd_margin, nofile
+        )
+        self.proxies = TrustedProxies(list(server.forwarded_allow_ips))
+        self.closed: Counter[str] = Counter()  # sockets the server closed on a client, by reason
+        self.ops_refused = 0  # WebSocket ops and control frames refused by the op rate
+        self.publish_refused: Counter[str] = Counter()  # by reason
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
         self._publish_buckets: dict[tuple[str, str], TokenBucket] = {}  # by (principal kind, name)
@@ -84,6 +97,13 @@ class Runtime:
             self._ticker = asyncio.get_running_loop().create_task(self._tick(self.settings.server.sse_heartbeat))
         self.started = True
         log.info("hub ready: epoch %s, broker %s", self.hub.epoch, self.settings.server.broker.split("@")[-1])
+        sockets = self.sockets
+        log.info(
+            "serving up to %d sockets (max_connections %d, ulimit -n less fd_margin), %d per client address",
+            sockets.limit,
+            self.settings.server.max_connections,
+            sockets.per_client,
+        )
 
     async def drain(self) -> None:
         """Graceful shutdown, first step: not ready, and every client told to go."""
@@ -137,12 +157,13 @@ class Runtime:
     # -- connections ----------------------------------------------------------------------
 
     def admit(self, connection: Connection) -> None:
-        """Count a new streaming connection in, or refuse it (503 / 1013) when over capacity."""
+        """Count a new streaming connection in, or refuse it (503 / 1013) when over capacity.
+
+        Its socket was already counted against the connection limits when it opened; here
+        streams count per key and, behind a trusted proxy, per forwarded client address."""
         if self.stopping:
             raise Unavailable("the server is shutting down; reconnect in a moment")
         server = self.settings.server
-        if len(self.connections) >= server.max_connections:
-            raise Unavailable(f"over capacity: {server.max_connections} connections are open", code="over_capacity")
         host = connection.client_host
         if self._per_host[host] >= server.max_connections_per_client:
             raise Unavailable(
@@ -210,6 +231,7 @@ class Runtime:
                 retry_after=count / rate,
             )
         if not bucket.take(now, count):
+            self.publish_refused["rate_limited"] += 1
             wait = bucket.wait_time(count)
             raise RateLimited(
                 f"{principal.kind} {principal.name!r} is over its publish rate of {rate:g} events/s; retry in {wait:.2f} s",

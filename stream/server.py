@@ -9,7 +9,7 @@ from types import FrameType
 import uvicorn
 
 from .runtime import Runtime
-from .transports.http import PublishShortcut
+from .transports.http import Gate
 from .transports.http_protocol import HttpProtocol
 from .transports.ws import WebSocketProtocol
 
@@ -27,8 +27,9 @@ def _loop() -> str:
 
 
 def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicorn.Config:
+    server = app.state.runtime.settings.server
     return uvicorn.Config(
-        PublishShortcut(app, app.state.runtime),
+        Gate(app, app.state.runtime),
         host=host,
         port=port,
         http=HttpProtocol,
@@ -39,7 +40,10 @@ def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicor
         # Our own drain (Runtime.drain) already waited for clients; what is left after it is
         # cancelled quickly so SIGTERM always ends the process within shutdown_timeout + ~1 s.
         timeout_graceful_shutdown=1.0,
-        timeout_keep_alive=5,
+        timeout_keep_alive=server.keep_alive_timeout,
+        # X-Forwarded-For is believed only from forwarded_allow_ips (default: nobody).
+        proxy_headers=bool(server.forwarded_allow_ips),
+        forwarded_allow_ips=list(server.forwarded_allow_ips) or "",
         server_header=False,
     )
 

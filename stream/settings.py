@@ -41,8 +41,19 @@ class ServerSettings:
     subscriber_buffer: int = 1000  # events waiting for one slow subscriber
     max_patterns: int = 100  # per connection
     max_frame_bytes: int = 64 * 1024  # largest WebSocket message a client may send
-    max_connections: int = 10_000  # WebSocket + SSE, whole process
-    max_connections_per_client: int = 1000  # WebSocket + SSE from one client address
+    max_connections: int = 10_000  # client sockets of every kind (HTTP, long-poll, SSE, WebSocket), whole process
+    max_connections_per_client: int = 1000  # the same, from one client address
+    fd_margin: int = 100  # file descriptors kept for the server itself below `ulimit -n`
+    max_head_bytes: int = 64 * 1024  # request line + headers; larger gets 431
+    head_timeout: float | None = 10.0  # seconds for a request head to arrive, from the socket's first byte or its opening
+    body_timeout: float | None = 30.0  # seconds a request body may go without a byte before the socket is closed
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive socket is kept (uvicorn's timeout_keep_alive)
+    write_stall_timeout: float | None = 30.0  # seconds a socket may accept no bytes of waiting output before it is closed
+    max_topics: int = 100_000  # topics with a retained value; a publish creating one more gets 507
+    history_bytes: int = 256 * 1024 * 1024  # memory history may hold, every copy of an event counted
+    forwarded_allow_ips: tuple[str, ...] = ()  # proxies whose X-Forwarded-For is believed; none by default
+    metrics_public: bool = True  # false: /metrics needs a valid key or token
+    providers_public: bool = True  # false: /api/providers needs a valid key or token
     ws_ops_rate: float = 50.0  # client ops per second per WebSocket connection
     ws_ops_burst: int = 100  # ops a connection may send at once before the rate applies
     publish_rate: float = 100.0  # events per second one key may publish (HTTP and WebSocket together)
@@ -226,9 +237,22 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     need("ws_ops_rate", s.ws_ops_rate > 0, "must be a positive number of ops per second")
     need("publish_rate", s.publish_rate > 0, "must be a positive number of events per second")
     need("publish_burst", s.publish_burst >= 1, "must be at least 1")
+    need("max_topics", s.max_topics >= 1, "must be at least 1")
+    need("max_head_bytes", s.max_head_bytes >= 1024, "must be at least 1024 bytes")
+    need("history_bytes", s.history_bytes >= 1024 * 1024, "must be at least 1048576 bytes (1 MiB)")
+    need("fd_margin", s.fd_margin >= 10, "must be at least 10 file descriptors")
+    need("keep_alive_timeout", s.keep_alive_timeout > 0, "must be a positive number of seconds")
     for name in ("max_patterns", "max_frame_bytes", "max_connections", "max_connections_per_client", "ws_ops_burst"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
-    for name in ("history_ttl", "sse_heartbeat", "ws_ping_interval", "ws_ping_timeout"):
+    for name in (
+        "history_ttl",
+        "sse_heartbeat",
+        "ws_ping_interval",
+        "ws_ping_timeout",
+        "head_timeout",
+        "body_timeout",
+        "write_stall_timeout",
+    ):
         value = getattr(s, name)
         need(name, value is None or value > 0, "must be a positive number of seconds, or off")
     need("socket_send_buffer", s.socket_send_buffer is None or s.socket_send_buffer >= 4096, "must be at least 4096 bytes, or off")

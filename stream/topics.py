@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import re
 
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
 from .errors import BadTopic
+
+V = TypeVar("V")
 
 __all__ = [
     "MAX_SEGMENTS",
     "MAX_TOPIC_LENGTH",
     "Pattern",
+    "PatternIndex",
     "covers",
     "is_system",
     "parse_pattern_list",
@@ -104,6 +110,11 @@ class Pattern:
         self._wild_start = segments[0] in ("*", ">")
         self._literal = not self._tail and "*" not in segments
 
+    @property
+    def literal(self) -> bool:
+        """True when the pattern has no wildcard: it names one topic."""
+        return self._literal
+
     def matches(self, topic: str) -> bool:
         if self._literal:
             return topic == self.text
@@ -123,6 +134,135 @@ class Pattern:
 
     def __repr__(self) -> str:
         return f"Pattern({self.text!r})"
+
+
+class _Node(Generic[V]):
+    __slots__ = ("children", "star", "tail", "value")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[V]] = {}
+        self.star: _Node[V] | None = None
+        self.tail: V | None = None  # the value of the pattern that ends here with '>'
+        self.value: V | None = None  # the value of the pattern that ends exactly here
+
+    def empty(self) -> bool:
+        return not self.children and self.star is None and self.tail is None and self.value is None
+
+
+class PatternIndex(Generic[V]):
+    """Patterns mapped to values, matched against a topic segment by segment (NATS's sublist).
+
+    A lookup walks the topic's (at most 8) segments through the branches that can match; its
+    cost does not grow with the number of patterns held, and adding or removing a pattern
+    touches only that pattern's path. So no client can slow everyone's routing by subscribing.
+    """
+
+    __slots__ = ("_root", "_size")
+
+    def __init__(self) -> None:
+        self._root: _Node[V] = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _path(self, text: str, create: bool) -> tuple[list[_Node[V]], list[str], bool]:
+        segments = text.split(".")
+        tail = segments[-1] == ">"
+        if tail:
+            segments = segments[:-1]
+        nodes = [self._root]
+        for segment in segments:
+            node = nodes[-1]
+            child = node.star if segment == "*" else node.children.get(segment)
+            if child is None:
+                if not create:
+                    return [], segments, tail
+                child = _Node()
+                if segment == "*":
+                    node.star = child
+                else:
+                    node.children[segment] = child
+            nodes.append(child)
+        return nodes, segments, tail
+
+    def get(self, text: str) -> V | None:
+        nodes, _, tail = self._path(text, create=False)
+        if not nodes:
+            return None
+        return nodes[-1].tail if tail else nodes[-1].value
+
+    def add(self, text: str, value: V) -> None:
+        """Map the (validated) pattern ``text`` to ``value``, replacing any value it had."""
+        nodes, _, tail = self._path(text, create=True)
+        node = nodes[-1]
+        if (node.tail if tail else node.value) is None:
+            self._size += 1
+        if tail:
+            node.tail = value
+        else:
+            node.value = value
+
+    def remove(self, text: str) -> None:
+        nodes, segments, tail = self._path(text, create=False)
+        if not nodes:
+            return
+        node = nodes[-1]
+        if (node.tail if tail else node.value) is None:
+            return
+        self._size -= 1
+        if tail:
+            node.tail = None
+        else:
+            node.value = None
+        # Prune the branch back to the root so churn leaves nothing behind.
+        for depth in range(len(segments), 0, -1):
+            child, parent, segment = nodes[depth], nodes[depth - 1], segments[depth - 1]
+            if not child.empty():
+                break
+            if segment == "*":
+                parent.star = None
+            else:
+                del parent.children[segment]
+
+    def match(self, topic: str) -> list[V]:
+        """The values of every pattern that matches the concrete ``topic``."""
+        found: list[V] = []
+        segments = topic.split(".")
+        last = len(segments) - 1
+        nodes = [self._root]
+        for index, segment in enumerate(segments):
+            following: list[_Node[V]] = []
+            for node in nodes:
+                # Wildcards in a pattern's first segment never match the server's '_' topics.
+                wild = index > 0 or not segment.startswith("_")
+                if node.tail is not None and wild:
+                    found.append(node.tail)
+                child = node.children.get(segment)
+                if child is not None:
+                    following.append(child)
+                if node.star is not None and wild:
+                    following.append(node.star)
+            if not following:
+                return found
+            nodes = following
+            if index == last:
+                for node in nodes:
+                    if node.value is not None:
+                        found.append(node.value)
+        return found
+
+    def values(self) -> Iterator[V]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.value is not None:
+                yield node.value
+            if node.tail is not None:
+                yield node.tail
+            stack.extend(node.children.values())
+            if node.star is not None:
+                stack.append(node.star)
 
 
 def covers(outer: str, inner: str) -> bool:

@@ -1,7 +1,8 @@
 """Bytes on the wire: WebSocket frames and Server-Sent Events. Pure.
 
-Each event is framed once per format and cached on the event, so fan-out hands the very same
-bytes object to every subscriber of that format (websockets' ``broadcast()`` does the same).
+The hub frames each event once per format during its fan-out and hands the very same bytes
+object to every subscriber of that format (websockets' ``broadcast()`` does the same). Nothing
+is cached on the event: history keeps one encoded copy of it.
 """
 
 from __future__ import annotations
@@ -44,10 +45,7 @@ def ws_frame(payload: bytes) -> bytes:
 
 
 def ws_event(event: Event) -> bytes:
-    frame = event.ws
-    if frame is None:
-        frame = event.ws = ws_frame(b'{"type":"event",' + event.json[1:])
-    return frame
+    return ws_frame(b'{"type":"event",' + event.json[1:])
 
 
 def ws_snapshot(event: Event) -> bytes:
@@ -67,10 +65,7 @@ def _sse(**fields: Any) -> bytes:
 
 
 def sse_event(event: Event) -> bytes:
-    data = event.sse
-    if data is None:
-        data = event.sse = _sse(id=event.id, data=event.json.decode())
-    return data
+    return b"id: %s\ndata: %s\n\n" % (event.id.encode(), event.json)
 
 
 def sse_snapshot(event: Event) -> bytes:
@@ -102,8 +97,5 @@ def sse_chunk(data: bytes) -> bytes:
 
 
 def sse_event_chunk(event: Event) -> bytes:
-    """The event's SSE bytes as one HTTP chunk, framed once for every chunked stream."""
-    data = event.sse_chunk
-    if data is None:
-        data = event.sse_chunk = sse_chunk(sse_event(event))
-    return data
+    """The event's SSE bytes as one HTTP chunk of a chunked stream."""
+    return sse_chunk(sse_event(event))

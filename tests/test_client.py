@@ -137,10 +137,12 @@ async def test_a_busy_server_is_retried_not_fatal():
     trying with backoff and gets its events once a slot frees up."""
     from .support import RawWebSocket
 
-    with Server(KEYS + "\n[server]\nmax_connections = 1\n") as server:
+    # Every socket counts: the publisher comes from another loopback address than the two rivals.
+    with Server(KEYS + "\n[server]\nmax_connections_per_client = 1\n") as server:
         blocker = RawWebSocket(server.port)
         states: list[str] = []
-        async with httpx.AsyncClient() as http, Subscriber(
+        publisher = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(transport=publisher) as http, Subscriber(
             server.url, ["client.busy.>"], min_delay=0.05, max_delay=0.2, on_state=lambda s, d: states.append(s)
         ) as sub:
             await asyncio.sleep(0.3)

@@ -30,7 +30,22 @@ def test_since_accepts_ids():
     assert (since.epoch, since.seq, since.time_ms) == ("abc123", 77, None)
 
 
-@pytest.mark.parametrize("text", ["garbage", "", "12:00", "-5x", "abc-", "tomorrow"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "garbage",
+        "",
+        "12:00",
+        "-5x",
+        "abc-",
+        "tomorrow",
+        "-99999999999999999999999999999d",
+        "-" + "9" * 5000 + "s",
+        "-1e999s",
+        "-40000d",
+        "99999-01-01T00:00:00Z",
+    ],
+)
 def test_garbage_since_is_a_bad_request_naming_since(text):
     """Anything else is refused with a message naming the field and the accepted forms."""
     with pytest.raises(BadRequest) as info:

@@ -13,6 +13,7 @@ from stream.errors import (
     Forbidden,
     PayloadTooLarge,
     TooManySubscriptions,
+    TooManyTopics,
 )
 from stream.events import parse_since
 from stream.hub import Hub, HubConfig, Policy, State
@@ -325,7 +326,7 @@ def test_unsubscribe_and_detach_stop_delivery():
     sub.close()
     publish(hub, "b")
     assert sink.ids() == [b.id]
-    assert not hub._patterns
+    assert len(hub._routes) == 0
 
 
 def test_conflate_with_as_many_topics_as_buffer_slots_stays_bounded_and_exact():
@@ -417,3 +418,115 @@ def test_a_snapshot_queues_behind_events_already_waiting():
     assert sink.writes == []
     sub.resume()
     assert sink.frames == [("E", waiting.id, "a.x"), ("S", retained_b.id, "b.x")]
+
+
+def test_history_is_bounded_by_bytes_one_copy_per_event():
+    """history_bytes drops the oldest events once their counted size (one JSON copy each) is over it."""
+    hub = make_hub(history_size=10_000, history_bytes=1024 * 1024)
+    events = publish_many(hub, 100, data="x" * 60_000)
+    assert hub.history.bytes <= 1024 * 1024
+    assert hub.history.bytes == sum(event.size for event in hub.history)
+    held = list(hub.history)
+    assert 10 <= len(held) < 20 and held[-1] is events[-1]
+    assert all(event.size < len(event.json) + 400 for event in held)
+
+
+def test_a_publish_that_would_create_a_topic_past_max_topics_is_refused():
+    """max_topics caps retained topics; existing topics can still be published to."""
+    hub = make_hub(max_topics=3)
+    for topic in ("a", "b", "c"):
+        publish(hub, topic)
+    with pytest.raises(TooManyTopics):
+        publish(hub, "d")
+    with pytest.raises(TooManyTopics):  # a batch is refused whole
+        asyncio.run(hub.publish_many([hub.draft("a", 1), hub.draft("e", 1)]))
+    assert publish(hub, "a", 2).topic == "a" and len(hub.retained) == 3
+
+
+def test_routing_structures_do_not_grow_with_subscribe_churn():
+    """Thousands of subscribe/unsubscribe cycles of unique patterns leave no routing state behind,
+    and each publish still reaches exactly its subscribers."""
+    hub = make_hub()
+    steady, sink = subscriber(hub, ["quotes.AAPL", "news.>"])
+    churner = hub.new_subscriber(Sink(), transport="test")
+    for n in range(5000):
+        hub.subscribe(churner, [f"churn.c{n}.>", f"*.x{n}"])
+        hub.unsubscribe(churner, [f"churn.c{n}.>", f"*.x{n}"])
+    assert len(hub._routes) == 2
+    event = publish(hub, "quotes.AAPL", 1)
+    assert sink.ids() == [event.id]
+
+
+def test_a_big_snapshot_is_written_in_steps_that_yield_the_loop():
+    """A snapshot of 20,000 topics is never one write: it goes in chunks, in steps between which
+    the loop runs other callbacks, and ends with every value once, then live events."""
+
+    async def run():
+        hub = make_hub(history_size=100_000)
+        await hub.publish_many([hub.draft(f"big.t{n}", n) for n in range(100)])
+        for start in range(0, 20_000, 100):
+            await hub.publish_many([hub.draft(f"big.t{n}", n) for n in range(start, start + 100)])
+        sink = Sink()
+        sub = hub.new_subscriber(sink, transport="test")
+        ticks = 0
+
+        def tick():
+            nonlocal ticks
+            ticks += 1
+            if sub.state is not State.LIVE:
+                asyncio.get_running_loop().call_soon(tick)
+
+        asyncio.get_running_loop().call_soon(tick)
+        hub.subscribe(sub, ["big.>"], snapshot=True)
+        written_at_once = len(sink.writes)
+        await wait_until(lambda: sub.state is State.LIVE)
+        live = await hub.publish("big.t1", "new")
+        return sink, written_at_once, ticks, live
+
+    sink, written_at_once, ticks, live = asyncio.run(run())
+    snapshots = [frame for frame in sink.frames if frame[0] == "S"]
+    assert len(snapshots) == 20_000 and len({frame[2] for frame in snapshots}) == 20_000
+    assert max(len(chunk) for chunk in sink.writes) <= 64 * 1024 + 100
+    assert written_at_once < len(sink.writes) and ticks > 1
+    assert sink.frames[-1] == ("E", live.id, "big.t1")
+
+
+def test_a_paused_subscriber_gets_its_snapshot_only_as_it_drains():
+    """While the transport is paused no snapshot byte is written; each resume writes a bounded chunk."""
+    hub = make_hub()
+    for n in range(3000):
+        publish(hub, f"p.t{n}", "x" * 100)
+    sink = Sink()
+    sub = hub.new_subscriber(sink, transport="test")
+    sub.pause()
+    hub.subscribe(sub, ["p.>"], snapshot=True)
+    assert sink.writes == []
+    sink.write = lambda data: (sink.writes.append(data), sub.pause())  # type: ignore[method-assign]
+    sub.write = sink.write
+    sub.resume()
+    assert len(sink.writes) == 1 and len(sink.writes[0]) <= 64 * 1024 + 200
+
+
+def test_read_examines_a_bounded_part_of_history_and_says_where_to_continue():
+    """/api/events' read stops after READ_SCAN events and returns a position to continue from."""
+    from stream.hub.core import READ_SCAN
+
+    hub = make_hub(history_size=20_000)
+    first = publish(hub, "noise", 0)
+    asyncio.run(hub.publish_many([hub.draft("noise", n) for n in range(100)]))
+    for _ in range((READ_SCAN + 1000) // 100):
+        asyncio.run(hub.publish_many([hub.draft("noise", n) for n in range(100)]))
+    wanted = publish(hub, "rare", 1)
+    found, position, gap = hub.read(["rare"], parse_since(first.id), 10)
+    assert found == [] and not gap and position != hub.id_of(hub.head_seq)
+    while not found:
+        found, position, gap = hub.read(["rare"], parse_since(position), 10)
+    assert found == [wanted]
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0)

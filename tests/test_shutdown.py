@@ -39,7 +39,8 @@ async def _sse_end(reader: asyncio.StreamReader) -> bytes:
 
 async def test_sigterm_with_1000_open_streams_exits_within_10_seconds():
     """500 WebSockets + 500 SSE streams: exit < 10 s, WS close code 1001, SSE ends with retry:."""
-    server = Server(KEYS).start()
+    # Every socket counts against the per-address limit, and all of these come from 127.0.0.1.
+    server = Server(KEYS + "\n[server]\nmax_connections_per_client = 2000\n").start()
     try:
         sockets = [await connect(server.ws_url + "?topics=bye.>") for _ in range(500)]
         streams = [await _open_sse(server.port) for _ in range(500)]

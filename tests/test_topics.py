@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from stream.errors import BadTopic
 from stream.topics import (
     Pattern,
+    PatternIndex,
     covers,
     parse_pattern_list,
     validate_pattern,
@@ -119,3 +120,22 @@ def test_parse_pattern_list_accepts_lists_and_commas_and_names_the_index():
         parse_pattern_list(["ok", "bad..x"])
     with pytest.raises(BadTopic, match="at least one"):
         parse_pattern_list("")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(patterns(), min_size=1, max_size=30, unique=True), st.lists(topics, min_size=1, max_size=10), st.data())
+def test_the_pattern_index_matches_exactly_what_each_pattern_matches(held, probes, data):
+    """PatternIndex.match gives the same patterns as matching each one, before and after removals,
+    and removing every pattern leaves it empty."""
+    index: PatternIndex[str] = PatternIndex()
+    for text in held:
+        index.add(text, text)
+    removed = data.draw(st.lists(st.sampled_from(held), unique=True))
+    for text in removed:
+        index.remove(text)
+    kept = [text for text in held if text not in removed]
+    for topic in probes:
+        assert sorted(index.match(topic)) == sorted(p for p in kept if reference_match(p, topic))
+    for text in kept:
+        index.remove(text)
+    assert len(index) == 0 and index._root.empty()

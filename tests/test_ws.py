@@ -307,8 +307,9 @@ async def test_a_client_that_never_reads_cannot_grow_server_memory():
 
 
 async def test_forwarded_for_from_a_trusted_proxy_names_the_client():
-    """Behind a proxy on loopback, per-client limits count X-Forwarded-For clients, as for SSE."""
-    with Server(KEYS + "\n[server]\nmax_connections_per_client = 1\n") as limited:
+    """Behind a trusted proxy (forwarded_allow_ips), per-client limits count X-Forwarded-For clients."""
+    config = KEYS + '\n[server]\nmax_connections_per_client = 1\nforwarded_allow_ips = ["127.0.0.1"]\n'
+    with Server(config) as limited:
         first = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.1\r\n")
         second = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.2\r\n")
         again = RawWebSocket(limited.port, headers="X-Forwarded-For: 203.0.113.1\r\n")

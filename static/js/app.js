@@ -251,6 +251,8 @@ const live = new LiveStream({
   token,
 });
 
+// Enter in the filter box must not submit the form (no inline handler: the CSP forbids them).
+$("filter").form.addEventListener("submit", (submit) => submit.preventDefault());
 $("filter").addEventListener("input", (input) => {
   filterText = input.target.value.trim();
   applyFilter();

@@ -9,31 +9,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManySubscriptions
+from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManySubscriptions, TooManyTopics
 from ..events import Event, Since, encode_data, format_id
-from ..topics import Pattern, is_system, validate_topic
+from ..topics import Pattern, PatternIndex, is_system, validate_topic
 from .broker import Broker, Draft, MemoryBroker
 from .history import History
-from .routes import Matcher, Route, WakeSink, symbols_ok
-from .subscriber import Policy, State, Subscriber, _Want
+from .routes import Matcher, Route, WakeSink
+from .subscriber import Policy, SnapshotScan, State, Subscriber, Want
 
 __all__ = ["Hub", "HubConfig", "HubStats"]
 
 log = logging.getLogger("stream.hub")
 
-_ROUTE_CACHE_LIMIT = 50_000
 _PREFIX_LIMIT = 100
+# History events one catch-up or snapshot step examines before it lets the loop run others:
+# a few milliseconds of matching, whatever a client asked for.
+SCAN_STEP = 2048
+# One /api/events answer: at most this many history events examined and this much event JSON;
+# the answer's ``next`` continues where it stopped.
+READ_SCAN = 5000
+READ_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class HubConfig:
     history_size: int = 10_000
     history_ttl: float | None = 3600.0  # seconds; None keeps events until history_size pushes them out
+    history_bytes: int | None = 256 * 1024 * 1024  # every copy of an event counted (Event.size)
     max_event_bytes: int = 64 * 1024
+    max_topics: int = 100_000  # topics with a retained value
     subscriber_buffer: int = 1000
     max_patterns: int = 100
     overflow: tuple[tuple[str, Policy], ...] = ()  # (pattern, policy), first match wins
@@ -48,6 +57,7 @@ class HubStats:
     gaps: dict[str, int] = field(default_factory=dict)  # by reason
     sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers
     dropped_by_closed: int = 0
+    topics_refused: int = 0  # publishes refused by max_topics
 
     def gap(self, reason: str) -> None:
         self.gaps[reason] = self.gaps.get(reason, 0) + 1
@@ -66,15 +76,20 @@ class Hub:
         self.broker = broker or MemoryBroker(clock)
         self.broker.bind(self._accept)
         ttl = self.config.history_ttl
-        self.history = History(self.config.history_size, None if ttl is None else int(ttl * 1000))
+        self.history = History(self.config.history_size, None if ttl is None else int(ttl * 1000), self.config.history_bytes)
         self.retained: dict[str, Event] = {}
+        # Topics in the order they were first published: a snapshot walks it lazily by index,
+        # since retained topics are never removed.
+        self.topic_order: list[str] = []
+        self._sorted_topics: list[str] = []  # the same, sorted: /api/topics pages through it
+        self.retained_bytes = 0
         self.stats = HubStats()
         self.subscribers: set[Subscriber] = set()
         self.on_fanout: Callable[[Event], None] | None = None  # metrics hook, once per event
-        self._patterns: dict[str, Route] = {}
-        self._routes: dict[str, tuple[Route, ...]] = {}
-        self._policies: dict[str, Policy] = {}
-        self._overflow = [(Pattern(text), policy) for text, policy in self.config.overflow]
+        self._routes: PatternIndex[Route] = PatternIndex()
+        self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
+        for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):
+            self._overflow.add(text, (rank, policy))  # the first rule for a pattern wins
 
     # -- identity -------------------------------------------------------------------------
 
@@ -112,21 +127,27 @@ class Hub:
         return Draft(topic, data, data_json)
 
     async def publish(self, topic: str, data: Any, *, internal: bool = False) -> Event:
-        (event,) = await self.broker.publish([self.draft(topic, data, internal=internal)])
+        (event,) = await self.publish_many([self.draft(topic, data, internal=internal)])
         return event
 
     async def publish_many(self, drafts: list[Draft]) -> list[Event]:
         """Publish validated drafts in order; all were validated before any is accepted."""
+        self._check_topics(drafts)
         return await self.broker.publish(drafts)
 
+    def _check_topics(self, drafts: list[Draft]) -> None:
+        retained = self.retained
+        new = {draft.topic for draft in drafts if draft.topic not in retained}
+        if new and len(retained) + len(new) > self.config.max_topics:
+            self.stats.topics_refused += 1
+            raise TooManyTopics(
+                f"topic: {sorted(new)[0]!r} would be a new topic, and the hub holds its maximum of "
+                f"{self.config.max_topics} topics (max_topics); publish to an existing topic"
+            )
+
     def policy_for(self, topic: str) -> Policy:
-        policy = self._policies.get(topic)
-        if policy is None:
-            policy = next((p for pattern, p in self._overflow if pattern.matches(topic)), self.config.default_overflow)
-            if len(self._policies) > _ROUTE_CACHE_LIMIT:
-                self._policies.clear()
-            self._policies[topic] = policy
-        return policy
+        rules = self._overflow.match(topic)
+        return min(rules, key=lambda rule: rule[0])[1] if rules else self.config.default_overflow
 
     def _accept(self, events: list[Event]) -> None:
         """Called by the broker, in accept order, for every event of this hub: into history,
@@ -144,7 +165,7 @@ class Hub:
         for sub, frames in batch.items():
             if sub.direct:
                 try:
-                    sub._write(frames[0] if len(frames) == 1 else b"".join(frames))
+                    sub.write(frames[0] if len(frames) == 1 else b"".join(frames))
                 except Exception:
                     log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                     self.detach(sub)
@@ -152,7 +173,14 @@ class Hub:
     def _record(self, event: Event, now_ms: int) -> None:
         event.policy = self.policy_for(event.topic)
         self.history.append(event, now_ms)
+        previous = self.retained.get(event.topic)
+        if previous is None:
+            self.topic_order.append(event.topic)
+            insort(self._sorted_topics, event.topic)
+        else:
+            self.retained_bytes -= previous.size
         self.retained[event.topic] = event
+        self.retained_bytes += event.size
         published = self.stats.published
         prefix = event.topic.split(".", 1)[0]
         if prefix not in published and len(published) >= _PREFIX_LIMIT:
@@ -160,12 +188,9 @@ class Hub:
         published[prefix] = published.get(prefix, 0) + 1
 
     def _fanout(self, event: Event, batch: dict[Subscriber, list[bytes]] | None) -> None:
-        routes = self._routes.get(event.topic)
-        if routes is None:
-            routes = self._route(event.topic)
         seq = event.seq
         delivered = self.stats.delivered
-        for route in routes:
+        for route in self._routes.match(event.topic):
             for encode, transport, members in route.groups():
                 frame = None
                 sent = 0
@@ -176,10 +201,12 @@ class Hub:
                             if frame is None:
                                 frame = encode(event)
                             sub.last_seq = seq
-                            sub._write(frame)
+                            sub.write(frame)
                             sent += 1
                         else:
-                            sub.deliver(event, symbols, batch)
+                            if frame is None and sub.direct:
+                                frame = encode(event)
+                            sub.deliver(event, symbols, batch, frame)
                     except Exception:
                         # A broken connection must not stop the fan-out to everyone else.
                         log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
@@ -188,13 +215,6 @@ class Hub:
                     delivered[transport] = delivered.get(transport, 0) + sent
         if self.on_fanout is not None:
             self.on_fanout(event)
-
-    def _route(self, topic: str) -> tuple[Route, ...]:
-        routes = tuple(route for route in self._patterns.values() if route.pattern.matches(topic))
-        if len(self._routes) > _ROUTE_CACHE_LIMIT:
-            self._routes.clear()
-        self._routes[topic] = routes
-        return routes
 
     # -- subscribing ----------------------------------------------------------------------
 
@@ -235,7 +255,8 @@ class Hub:
         """Add validated patterns to ``sub``; return the id after which it receives events.
 
         ``announce(position)`` runs after validation and before any event is written, so a
-        transport can acknowledge the subscription ahead of its snapshot and replay.
+        transport can acknowledge the subscription ahead of its snapshot and replay. Snapshot
+        and replay are written as the transport drains (``Subscriber.flush``), never at once.
         """
         if sub.state is State.CLOSED:
             raise BadRequest("subscriber is closed")
@@ -255,56 +276,47 @@ class Hub:
         position = self.id_of(cursor)
         if announce is not None:
             announce(position)
-        wants = [_Want(Pattern(text), cursor, symbols) for text in new]
-        if snapshot:
-            self._send_snapshot(sub, wants, cursor)
+        wants = [Want(Pattern(text), cursor, symbols) for text in new]
         sub.started = True
         for text, want in zip(new, wants):
             sub.wants[text] = want
             self._join(sub, text, want)
-        if since is not None and (gap is not None or cursor < self.history.head_seq):
-            if gap is not None:
-                sub.pending_gap = gap
-                self.stats.gap(gap[1])
-            sub.cursor = cursor
-            sub._set_state(State.CATCHING_UP)
+        if gap is not None:
+            sub.pending_gap = gap
+            self.stats.gap(gap[1])
+        replay = since is not None and cursor < self.history.head_seq
+        if snapshot and wants:
+            sub.snapshots.append(self._snapshot_scan(wants, cursor))
+        if gap is not None or replay or sub.snapshots:
+            if sub.state is State.LIVE:
+                sub.cursor = cursor
+                sub.set_state(State.CATCHING_UP)
             sub.flush()
         return position
 
-    def _send_snapshot(self, sub: Subscriber, wants: list[_Want], cursor: int) -> None:
-        found = [
-            event
-            for event in self.retained.values()
-            if event.seq <= cursor and any(w.pattern.matches(event.topic) for w in wants) and symbols_ok(wants, event)
-        ]
-        found.sort(key=lambda event: event.seq)
-        if not found:
-            return
-        if sub.direct:
-            encode = sub.sink.encode_snapshot
-            sub.sink.write(b"".join(encode(event) for event in found))
-        else:
-            # Events are waiting (or the socket is full): the snapshot queues behind them, in order.
-            for event in found:
-                sub.enqueue_retained(event)
+    def _snapshot_scan(self, wants: list[Want], cursor: int) -> SnapshotScan:
+        """What a snapshot will walk: the named topics when every pattern is literal, else every
+        topic known now (later topics are newer than ``cursor`` and come from history)."""
+        matcher = Matcher(wants)
+        if all(want.pattern.literal for want in wants):
+            found = [self.retained[w.pattern.text] for w in wants if w.pattern.text in self.retained]
+            topics = [event.topic for event in sorted(found, key=lambda event: event.seq)]
+            return SnapshotScan(matcher, cursor, topics, len(topics))
+        return SnapshotScan(matcher, cursor, None, len(self.topic_order))
 
-    def _join(self, sub: Subscriber, text: str, want: _Want) -> None:
-        route = self._patterns.get(text)
+    def _join(self, sub: Subscriber, text: str, want: Want) -> None:
+        route = self._routes.get(text)
         if route is None:
-            route = self._patterns[text] = Route(want.pattern)
-            self._routes.clear()
-        route.members[sub] = want.symbols
-        route._groups = None
+            route = Route(want.pattern)
+            self._routes.add(text, route)
+        route.add(sub, want.symbols)
 
     def _leave(self, sub: Subscriber, text: str) -> None:
-        route = self._patterns.get(text)
-        if route is None or sub not in route.members:
+        route = self._routes.get(text)
+        if route is None or not route.discard(sub):
             return
-        del route.members[sub]
-        route._groups = None
         if not route.members:
-            del self._patterns[text]
-            self._routes.clear()
+            self._routes.remove(text)
 
     def unsubscribe(self, sub: Subscriber, patterns: Iterable[str]) -> list[str]:
         removed = []
@@ -320,16 +332,21 @@ class Hub:
             self._leave(sub, text)
         sub.wants.clear()
         if sub.state is not State.CLOSED:
-            sub._set_state(State.CLOSED)
+            sub.set_state(State.CLOSED)
         if sub in self.subscribers:
             self.subscribers.discard(sub)
             closed = self.stats.sent_by_closed
             closed[sub.transport_name] = closed.get(sub.transport_name, 0) + sub.sent
             self.stats.dropped_by_closed += sub.dropped + sub.backlog
         sub.pending.clear()
+        sub.snapshots.clear()
 
-    def _catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
-        """Append history after ``sub.cursor`` to ``chunk``; turn ``sub`` live at the end."""
+    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
+        """One step of a catching-up subscriber: snapshot values, then history after
+        ``sub.cursor``, appended to ``chunk`` up to ``budget`` bytes or ``SCAN_STEP`` items
+        examined; turns ``sub`` live when it reaches the newest event."""
+        if sub.snapshots and not self._snapshot_step(sub, chunk, budget):
+            return
         history = self.history
         if sub.cursor < history.trimmed_seq:
             # History moved past this reader while it was catching up.
@@ -340,11 +357,11 @@ class Hub:
         matcher = Matcher(list(sub.wants.values()))
         encode = sub.sink.encode
         size = 0
-        while size < budget:
+        for _ in range(SCAN_STEP):
             event = history.at(index)
             if event is None:
                 # Caught up: every later event is newer than the head and arrives live.
-                sub._set_state(State.LIVE)
+                sub.set_state(State.LIVE)
                 return
             index += 1
             sub.cursor = event.seq
@@ -353,13 +370,45 @@ class Hub:
                 chunk.append(data)
                 size += len(data)
                 sub.sent += 1
+                if size >= budget:
+                    return
+
+    def _snapshot_step(self, sub: Subscriber, chunk: list[bytes], budget: int) -> bool:
+        """Write the oldest pending snapshot's next values; True once every snapshot is done."""
+        scan = sub.snapshots[0]
+        order = self.topic_order if scan.topics is None else scan.topics
+        retained, encode = self.retained, sub.sink.encode_snapshot
+        size = 0
+        for _ in range(SCAN_STEP):
+            if scan.index >= scan.end:
+                sub.snapshots.popleft()
+                if not sub.snapshots:
+                    return True
+                scan = sub.snapshots[0]
+                order = self.topic_order if scan.topics is None else scan.topics
+                continue
+            event = retained[order[scan.index]]
+            scan.index += 1
+            # A value newer than the subscribe point reaches the subscriber from history.
+            if event.seq <= scan.cursor and scan.matcher.wants(event):
+                data = encode(event)
+                chunk.append(data)
+                size += len(data)
+                sub.sent += 1
+                if size >= budget:
+                    return False
+        return False
 
     # -- reading --------------------------------------------------------------------------
 
+    def topics_after(self, after: str, count: int) -> tuple[list[str], bool]:
+        """Up to ``count`` retained topics sorted after ``after``, and whether more follow."""
+        start = bisect_right(self._sorted_topics, after)
+        names = self._sorted_topics[start : start + count]
+        return names, start + count < len(self._sorted_topics)
+
     def subscriber_count(self, topic: str) -> int:
-        routes = self._routes.get(topic)
-        if routes is None:
-            routes = self._route(topic)
+        routes = self._routes.match(topic)
         if len(routes) == 1:
             return len(routes[0].members)
         return len({sub for route in routes for sub in route.members})
@@ -371,26 +420,43 @@ class Hub:
         limit: int,
         symbols: frozenset[str] | None = None,
     ) -> tuple[list[Event], str, bool]:
-        """History for ``/api/events``: (events oldest first, next position, gap?)."""
-        matcher = Matcher([_Want(Pattern(text), 0, symbols) for text in patterns])
+        """History for ``/api/events``: (events oldest first, next position, gap?).
+
+        At most ``READ_SCAN`` history events are examined and ``READ_BYTES`` of events returned;
+        ``next`` is where a further request continues.
+        """
+        matcher = Matcher([Want(Pattern(text), 0, symbols) for text in patterns])
         history = self.history
+        found: list[Event] = []
+        size = 0
         if since is None:
-            found: list[Event] = []
-            for event in reversed(history.after(history.trimmed_seq)):
+            index = history.end()
+            for _ in range(READ_SCAN):
+                event = history.before(index)
+                if event is None:
+                    break
+                index -= 1
                 if matcher.accepts(event):
                     found.append(event)
-                    if len(found) >= limit:
+                    size += len(event.json)
+                    if len(found) >= limit or size >= READ_BYTES:
                         break
             found.reverse()
             return found, self.id_of(history.head_seq), False
         cursor, gap = self.resolve(since)
-        found = []
-        position = history.head_seq
-        for event in history.after(cursor):
+        position = cursor
+        index = history.index_after(cursor)
+        for _ in range(READ_SCAN):
+            event = history.at(index)
+            if event is None:
+                position = history.head_seq
+                break
+            index += 1
+            position = event.seq
             if matcher.accepts(event):
                 found.append(event)
-                if len(found) >= limit:
-                    position = event.seq
+                size += len(event.json)
+                if len(found) >= limit or size >= READ_BYTES:
                     break
         return found, self.id_of(position), gap is not None
 

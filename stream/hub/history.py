@@ -1,4 +1,4 @@
-"""The hub's recent events of all topics, bounded by count and age. Pure (time is passed in)."""
+"""The hub's recent events of all topics, bounded by count, bytes and age. Pure (time is passed in)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ class History:
     reader can tell "nothing happened before the window" from "events were lost to it".
     """
 
-    def __init__(self, size: int, ttl_ms: int | None) -> None:
+    def __init__(self, size: int, ttl_ms: int | None, max_bytes: int | None = None) -> None:
         self.size = size
         self.ttl_ms = ttl_ms
-        self._events: list[Event] = []
+        self.max_bytes = max_bytes
+        self.bytes = 0  # sum of the held events' ``size``
+        # Slots before ``_start`` are None: a dropped event is released at once, not at compaction.
+        self._events: list[Event | None] = []
         self._start = 0
         self.trimmed_seq = 0
         self.trimmed_ts = 0
@@ -43,9 +46,19 @@ class History:
 
     def append(self, event: Event, now_ms: int) -> None:
         self._events.append(event)
+        self.bytes += event.size
         if len(self._events) - self._start > self.size:
             self._drop(len(self._events) - self._start - self.size)
+        if self.max_bytes is not None and self.bytes > self.max_bytes:
+            self._drop_bytes(self.bytes - self.max_bytes)
         self.trim(now_ms)
+
+    def _drop_bytes(self, excess: int) -> None:
+        events, count, freed = self._events, 0, 0
+        while freed < excess and self._start + count < len(events):
+            freed += events[self._start + count].size  # type: ignore[union-attr]
+            count += 1
+        self._drop(count)
 
     def trim(self, now_ms: int) -> None:
         """Forget events older than the TTL."""
@@ -58,9 +71,14 @@ class History:
             self._drop(stale)
 
     def _drop(self, count: int) -> None:
-        last = self._events[self._start + count - 1]
+        events = self._events
+        last = events[self._start + count - 1]
+        assert last is not None
         self.trimmed_seq = last.seq
         self.trimmed_ts = last.ts
+        for index in range(self._start, self._start + count):
+            self.bytes -= events[index].size  # type: ignore[union-attr]
+            events[index] = None
         self._start += count
         # Compact once the dead prefix outgrows the live part: amortised O(1) per event.
         if self._start > 1024 and self._start * 2 > len(self._events):
@@ -88,7 +106,15 @@ class History:
         return self.trimmed_seq
 
     def latest(self, limit: int) -> list[Event]:
-        return self._events[max(self._start, len(self._events) - limit) :]
+        return self._events[max(self._start, len(self._events) - limit) :]  # type: ignore[return-value]
+
+    def before(self, index: int) -> Event | None:
+        """The event at ``index - 1`` while it is held (a backwards reader's next step)."""
+        return self._events[index - 1] if index - 1 >= self._start else None
+
+    def end(self) -> int:
+        """The index one past the newest event."""
+        return len(self._events)
 
     def __iter__(self):
         return iter(self._events[self._start :])

@@ -1,16 +1,16 @@
 """Which subscribers an event reaches (a Route per pattern, grouped by wire format), which
-history events a set of patterns wants (Matcher), and the sink of a long-poll waiter."""
+events a set of patterns wants (Matcher), and the sink of a long-poll waiter."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
-from ..events import Event
-from ..topics import Pattern
-from .subscriber import Subscriber, _Want
+from ..events import Event, symbols_match
+from ..topics import Pattern, PatternIndex
+from .subscriber import Subscriber, Want
 
-__all__ = ["Matcher", "Route", "WakeSink", "symbols_ok"]
+__all__ = ["Matcher", "Route", "WakeSink"]
 
 _Group = tuple[Callable[[Event], bytes], str, tuple[tuple[Subscriber, "frozenset[str] | None"], ...]]
 
@@ -25,40 +25,51 @@ class Route:
         self.members: dict[Subscriber, frozenset[str] | None] = {}
         self._groups: tuple[_Group, ...] | None = None
 
+    def add(self, sub: Subscriber, symbols: frozenset[str] | None) -> None:
+        self.members[sub] = symbols
+        self._groups = None
+
+    def discard(self, sub: Subscriber) -> bool:
+        """Remove ``sub``; False when it was not a member."""
+        if self.members.pop(sub, _ABSENT) is _ABSENT:
+            return False
+        self._groups = None
+        return True
+
     def groups(self) -> tuple[_Group, ...]:
         """(encode, transport, members) per wire format: each event is framed once per group.
         A frozen copy, rebuilt after a change: a delivery may detach a subscriber mid-fan-out."""
         if self._groups is None:
             grouped: dict[tuple[Callable[[Event], bytes], str], list] = {}
             for sub, symbols in self.members.items():
-                grouped.setdefault((sub._encode, sub.transport_name), []).append((sub, symbols))
+                grouped.setdefault((sub.sink.encode, sub.transport_name), []).append((sub, symbols))
             self._groups = tuple((encode, name, tuple(members)) for (encode, name), members in grouped.items())
         return self._groups
 
 
+_ABSENT = object()
+
 
 class Matcher:
-    """Which history events a set of patterns wants; pattern matching is done once per topic."""
+    """Which events a set of patterns wants, each pattern from its own starting point."""
 
-    def __init__(self, wants: list[_Want]) -> None:
-        self.wants = wants
-        self._topics: dict[str, list[_Want]] = {}
+    __slots__ = ("_index",)
+
+    def __init__(self, wants: list[Want]) -> None:
+        self._index: PatternIndex[Want] = PatternIndex()
+        for want in wants:
+            self._index.add(want.pattern.text, want)
 
     def accepts(self, event: Event) -> bool:
-        matching = self._topics.get(event.topic)
-        if matching is None:
-            matching = self._topics[event.topic] = [w for w in self.wants if w.pattern.matches(event.topic)]
-        for want in matching:
-            if event.seq > want.start and (
-                want.symbols is None or event.symbols is None or not want.symbols.isdisjoint(event.symbols)
-            ):
+        """A history event newer than a matching pattern's start, passing its symbol filter."""
+        for want in self._index.match(event.topic):
+            if event.seq > want.start and symbols_match(want.symbols, event.symbols):
                 return True
         return False
 
-
-def symbols_ok(wants: list[_Want], event: Event) -> bool:
-    symbols = wants[0].symbols if wants else None
-    return symbols is None or event.symbols is None or not symbols.isdisjoint(event.symbols)
+    def wants(self, event: Event) -> bool:
+        """A retained value (whatever its seq) matching a pattern and its symbol filter."""
+        return any(symbols_match(want.symbols, event.symbols) for want in self._index.match(event.topic))
 
 
 class WakeSink:

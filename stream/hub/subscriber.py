@@ -11,26 +11,33 @@ transport supplies (a WebSocket connection, an SSE response, a long-poll waiter)
 
 While the transport is writable and nothing is pending, an event is written at once. Otherwise
 it waits in ``pending`` (at most ``capacity`` events), and a full buffer applies the event's
-overflow policy. A subscriber that starts from ``since`` reads history itself, chunk by chunk
-as the transport drains, and turns live once it reaches the newest event: live events that
-arrive meanwhile are in history too, so the seam has neither a hole nor a duplicate.
+overflow policy. A subscriber that starts from ``since`` or asks for a snapshot reads the
+retained values and history itself, chunk by chunk as the transport drains, and turns live once
+it reaches the newest event: live events that arrive meanwhile are in history too, so the seam
+has neither a hole nor a duplicate. That reading is done in steps of bounded work; between
+steps the loop serves everyone else, so no snapshot or replay is ever one unbounded write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..events import Event, format_id
+from ..events import Event, format_id, symbols_match
 
 if TYPE_CHECKING:
     from .core import Hub
+    from .routes import Matcher
 
-__all__ = ["Policy", "Retained", "Sink", "State", "Subscriber"]
+__all__ = ["Policy", "Sink", "SnapshotScan", "State", "Subscriber", "Want"]
 
 # How many bytes one flush hands to the transport before checking whether it paused.
 FLUSH_BYTES = 64 * 1024
+# Catch-up steps (each at most FLUSH_BYTES written, or the hub's SCAN_STEP examined) one flush
+# runs before it yields the loop to other work and continues at its next turn.
+STEPS_PER_TURN = 4
 
 
 class Policy(enum.Enum):
@@ -69,17 +76,7 @@ class Sink(Protocol):
         """The buffer overflowed under the ``disconnect`` policy: close as a slow consumer."""
 
 
-class Retained:
-    """A retained value queued for a subscriber: sent marked as a snapshot, not as an event."""
-
-    __slots__ = ("event", "seq", "topic", "policy", "symbols")
-
-    def __init__(self, event: Event) -> None:
-        self.event = event
-        self.seq, self.topic, self.policy, self.symbols = event.seq, event.topic, event.policy, event.symbols
-
-
-class _Want:
+class Want:
     """One of a subscriber's patterns: from which seq it applies and which symbols it wants."""
 
     __slots__ = ("pattern", "start", "symbols")
@@ -89,10 +86,19 @@ class _Want:
         self.start = start
         self.symbols = symbols
 
-    def accepts(self, event: Event) -> bool:
-        if event.seq <= self.start or not self.pattern.matches(event.topic):
-            return False
-        return self.symbols is None or event.symbols is None or not self.symbols.isdisjoint(event.symbols)
+
+class SnapshotScan:
+    """A snapshot in progress: the retained values of ``topics`` (or of every topic known when
+    it began, when ``topics`` is None) at indexes ``index``..``end``, as of seq ``cursor``."""
+
+    __slots__ = ("matcher", "cursor", "topics", "index", "end")
+
+    def __init__(self, matcher: Matcher, cursor: int, topics: list[str] | None, end: int) -> None:
+        self.matcher = matcher
+        self.cursor = cursor
+        self.topics = topics
+        self.index = 0
+        self.end = end
 
 
 class Subscriber:
@@ -110,14 +116,15 @@ class Subscriber:
         "pending_gap",
         "latest",
         "stale",
+        "snapshots",
+        "scheduled",
         "started",
         "direct",
         "capacity",
         "sent",
         "dropped",
         "transport_name",
-        "_write",
-        "_encode",
+        "write",
         "__weakref__",
     )
 
@@ -128,13 +135,15 @@ class Subscriber:
         self.paused = False
         self.last_seq = hub.head_seq
         self.cursor = 0
-        self.wants: dict[str, _Want] = {}
+        self.wants: dict[str, Want] = {}
         self.pending: deque[Event] = deque()
         self.pending_gap: tuple[str | None, str] | None = None
         # While conflating: topic -> seq of its newest pending event; superseded entries stay in
         # ``pending`` (counted by ``stale``) and are skipped when flushed.
         self.latest: dict[str, int] | None = None
         self.stale = 0
+        self.snapshots: deque[SnapshotScan] = deque()  # requested snapshots, oldest first
+        self.scheduled = False  # a flush continues at the loop's next turn
         self.started = False  # has ever held a pattern (``since`` is only for a fresh subscriber)
         # The hot path's one question: live, writable and nothing waiting? Kept current by
         # _refresh() whenever any of those changes (enum comparisons cost ~0.2 µs each).
@@ -143,10 +152,9 @@ class Subscriber:
         self.sent = 0
         self.dropped = 0
         self.transport_name = transport
-        self._write = sink.write
-        self._encode = sink.encode
+        self.write = sink.write
 
-    def _set_state(self, state: State) -> None:
+    def set_state(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"subscriber cannot go from {self.state.value} to {state.value}")
         self.state = state
@@ -157,26 +165,30 @@ class Subscriber:
 
     # -- delivery (the hub inlines the direct case, see Hub._fanout) ----------------------
 
-    def deliver(self, event: Event, symbols: frozenset[str] | None, batch: dict | None = None) -> None:
-        """Called by the hub for each event matching one of this subscriber's patterns. With
+    def deliver(
+        self, event: Event, symbols: frozenset[str] | None, batch: dict | None = None, frame: bytes | None = None
+    ) -> None:
+        """Called by the hub for each event matching one of this subscriber's patterns, with
+        the event already framed for this subscriber's wire format when it is ``direct``. With
         ``batch`` (several events accepted at once) frames are collected there, so the hub can
         write each subscriber's share of the batch in one write."""
         seq = event.seq
         if seq <= self.last_seq:
             return  # already delivered through another pattern
-        if symbols is not None and event.symbols is not None and symbols.isdisjoint(event.symbols):
+        if not symbols_match(symbols, event.symbols):
             return
         if self.direct:
             self.last_seq = seq
             self.sent += 1
+            data = frame if frame is not None else self.sink.encode(event)
             if batch is None:
-                self._write(self._encode(event))
+                self.write(data)
             else:
                 frames = batch.get(self)
                 if frames is None:
-                    batch[self] = [self._encode(event)]
+                    batch[self] = [data]
                 else:
-                    frames.append(self._encode(event))
+                    frames.append(data)
         elif self.state is State.LIVE:
             self.last_seq = seq
             self._enqueue(event)
@@ -201,6 +213,7 @@ class Subscriber:
             self._refresh()
 
     def _flush(self) -> None:
+        steps = 0
         while not self.paused and self.state is not State.CLOSED:
             chunk: list[bytes] = []
             if self.pending_gap is not None:
@@ -210,14 +223,36 @@ class Subscriber:
             if self.pending:
                 self._take_pending(chunk)
             elif self.state is State.CATCHING_UP:
-                self.hub._catch_up(self, chunk, FLUSH_BYTES)
-            if not chunk:
+                steps += 1
+                if steps > STEPS_PER_TURN and self._continue_later():
+                    return
+                self.hub.catch_up(self, chunk, FLUSH_BYTES)
+            elif not chunk:
                 return
-            self._write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+            if chunk:
+                self.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+
+    def _continue_later(self) -> bool:
+        """Let the loop serve others; the flush goes on at its next turn. False without a loop
+        (a caller driving the hub synchronously), which then simply carries on."""
+        if self.scheduled:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self.scheduled = True
+        loop.call_soon(self._scheduled_flush)
+        return True
+
+    def _scheduled_flush(self) -> None:
+        self.scheduled = False
+        if self.state is not State.CLOSED:
+            self.flush()
 
     def _take_pending(self, chunk: list[bytes]) -> None:
         size = 0
-        pending, encode, latest = self.pending, self._encode, self.latest
+        pending, encode, latest = self.pending, self.sink.encode, self.latest
         while pending and size < FLUSH_BYTES:
             event = pending.popleft()
             if latest is not None and event.policy is Policy.CONFLATE:
@@ -225,7 +260,7 @@ class Subscriber:
                     self.stale -= 1  # superseded by a newer pending value
                     continue
                 del latest[event.topic]
-            data = self.sink.encode_snapshot(event.event) if type(event) is Retained else encode(event)
+            data = encode(event)
             chunk.append(data)
             size += len(data)
             self.sent += 1
@@ -236,10 +271,6 @@ class Subscriber:
     def backlog(self) -> int:
         """Events waiting, not counting superseded conflated values."""
         return len(self.pending) - self.stale
-
-    def enqueue_retained(self, event: Event) -> None:
-        """Queue a snapshot value behind what is already waiting (the subscriber is not direct)."""
-        self._enqueue(Retained(event))  # type: ignore[arg-type]
 
     # -- overflow ---------------------------------------------------------------------------
 

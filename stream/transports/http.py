@@ -6,8 +6,9 @@ which the app turns into ``{"error": {"code", "message"}}`` with the matching st
 
 from __future__ import annotations
 
+import random
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -31,8 +32,16 @@ from ..runtime import Runtime
 from ..topics import parse_pattern_list, validate_topic
 from .params import check_origin, parse_symbols, subscribe_request
 from .sse import EventStream
+from .. import wire
 
-__all__ = ["PublishShortcut", "error_parts", "router"]
+__all__ = ["Gate", "error_parts", "router"]
+
+# /api/topics answers at most this many topics per request, and examines at most TOPICS_SCAN
+# retained topics to find them (a caller allowed to see few topics gets short pages).
+TOPICS_PAGE = 1000
+TOPICS_SCAN = 10 * TOPICS_PAGE
+# Longest decimal Content-Length we parse: anything longer is over every body limit anyway.
+_MAX_LENGTH_DIGITS = 18
 
 router = APIRouter()
 
@@ -74,9 +83,17 @@ async def readyz(request: Request) -> JSON:
     return JSON({"status": "ready"})
 
 
+def _need_credentials(request: Request, runtime: Runtime, public: bool, what: str) -> None:
+    """Endpoints an operator may close to the public (``metrics_public``, ``providers_public``)."""
+    if not public and _principal(request, runtime) is None:
+        raise Unauthorized(f"Authorization: {what} needs a key or token (Authorization: Bearer …)")
+
+
 @router.get("/metrics", tags=["operations"])
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
+    runtime = _runtime(request)
+    _need_credentials(request, runtime, runtime.settings.server.metrics_public, "/metrics")
     return Response(request.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -86,17 +103,28 @@ def _event_dict(event: Event) -> dict[str, Any]:
 
 @router.get("/api/topics", tags=["api"])
 async def topics(request: Request) -> JSON:
-    """Every topic with a retained value the caller may read, with its last id, time and subscribers."""
+    """Topics with a retained value the caller may read, sorted, with last id, time and
+    subscribers; at most ``limit`` per answer, and a ``Link: <…>; rel="next"`` header while more remain."""
     runtime = _runtime(request)
     hub, auth = runtime.hub, runtime.auth
     principal = _principal(request, runtime)
-    return JSON(
-        [
-            {"topic": t, "last_id": e.id, "last_ts": e.ts, "subscribers": hub.subscriber_count(t)}
-            for t, e in sorted(hub.retained.items())
-            if auth.may_subscribe(principal, t)
-        ]
-    )
+    limit = _int_param(request, "limit", TOPICS_PAGE, 1, TOPICS_PAGE)
+    after = request.query_params.get("cursor") or ""
+    names, more = hub.topics_after(after, TOPICS_SCAN)
+    page = []
+    last = after
+    for name in names:
+        last = name
+        if auth.may_subscribe(principal, name):
+            event = hub.retained[name]
+            page.append({"topic": name, "last_id": event.id, "last_ts": event.ts, "subscribers": hub.subscriber_count(name)})
+            if len(page) >= limit:
+                more = more or name != names[-1]
+                break
+    headers = {}
+    if more:
+        headers["Link"] = f'</api/topics?cursor={quote(last, safe="")}&limit={limit}>; rel="next"'
+    return JSON(page, headers=headers)
 
 
 @router.get("/api/topics/{topic}", tags=["api"])
@@ -108,7 +136,7 @@ async def topic(topic: str, request: Request) -> JSON:
     event = runtime.hub.retained.get(topic)
     if event is None:
         raise NotFound(f"topic: {topic!r} has no retained value")
-    return JSON(_event_dict(event))
+    return Response(event.json, media_type="application/json")
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -116,9 +144,11 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     if raw is None or raw == "":
         return default
     try:
+        if len(raw) > 12:
+            raise ValueError
         value = int(raw)
     except ValueError:
-        raise ValidationFailed(f"{name}: expected an integer {low}-{high}, got {raw!r}") from None
+        raise ValidationFailed(f"{name}: expected an integer {low}-{high}, got {raw[:40]!r}") from None
     if not low <= value <= high:
         raise ValidationFailed(f"{name}: expected an integer {low}-{high}, got {value}")
     return value
@@ -143,13 +173,21 @@ async def events(request: Request) -> JSON:
         cursor = parse_since(position)
         await hub.wait(patterns, cursor, wait, symbols)
         found, position, gap = hub.read(patterns, cursor, limit, symbols)
-    return JSON({"events": [_event_dict(e) for e in found], "next": position, "gap": gap})
+    # The events' own JSON, spliced in: no decode and re-encode of every event per request.
+    body = b'{"events":[%s],"next":"%s","gap":%s}' % (
+        b",".join(event.json for event in found),
+        position.encode(),
+        b"true" if gap else b"false",
+    )
+    return Response(body, media_type="application/json")
 
 
 @router.get("/api/providers", tags=["api"])
 async def providers(request: Request) -> JSON:
     """Poller status, one object per provider."""
-    return JSON(_runtime(request).pollers.statuses())
+    runtime = _runtime(request)
+    _need_credentials(request, runtime, runtime.settings.server.providers_public, "/api/providers")
+    return JSON(runtime.pollers.statuses())
 
 
 @router.get("/api/news", tags=["api"])
@@ -165,10 +203,13 @@ async def news(request: Request) -> JSON:
     return JSON({"headlines": [_event_dict(event) for event in found]})
 
 
+def _check_length(declared: str | None, limit: int) -> None:
+    if declared and declared.isdigit() and (len(declared) > _MAX_LENGTH_DIGITS or int(declared) > limit):
+        raise PayloadTooLarge(f"body: Content-Length {declared[:40]} is over the {limit}-byte limit")
+
+
 async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body: {declared} bytes, over the {limit}-byte limit")
+    _check_length(request.headers.get("content-length"), limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -236,18 +277,34 @@ def error_parts(exc: StreamError) -> tuple[int, list[tuple[bytes, bytes]], bytes
     return exc.status, headers, orjson.dumps({"error": exc.to_dict()})
 
 
-class PublishShortcut:
-    """ASGI wrapper serving ``POST /api/publish`` without FastAPI's routing and middleware,
-    which cost more than the fan-out itself (~1 ms of CPU per request on the bench machine).
-    Same code (``publish_body``), same answers; requests with an ``Origin`` (browsers, CORS)
-    and everything else go to the app."""
+# Answered even on a socket past the connection limits: monitoring must see the process.
+_HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class Gate:
+    """The ASGI entry point in front of the app.
+
+    1. A socket past the connection limits (``HttpProtocol.over_capacity``) gets its answer
+       here, before any routing: ``/sse`` 200 with a ``retry:`` hint and an immediate end (a
+       non-200 would stop EventSource for good), health checks their normal answer, anything
+       else 503 with ``Retry-After``; each then closes the socket.
+    2. ``POST /api/publish`` is served without FastAPI's routing and middleware, which cost more
+       than the fan-out itself (~1 ms of CPU per request on the bench machine). Same code
+       (``publish_body``), same answers; requests with an ``Origin`` (browsers, CORS) and
+       everything else go to the app.
+    """
 
     def __init__(self, app: Any, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/api/publish" or scope["method"] != "POST":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        protocol = scope.get("extensions", {}).get("stream.http")
+        if protocol is not None and protocol.over_capacity:
+            return await self._over_capacity(scope, receive, send)
+        if scope["path"] != "/api/publish" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
@@ -269,10 +326,30 @@ class PublishShortcut:
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
 
+    async def _over_capacity(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def closing(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        if scope["path"] in _HEALTH_PATHS:
+            return await self.app(scope, receive, closing)
+        server = self.runtime.settings.server
+        exc = Unavailable("over capacity: too many connections; retry later", code="over_capacity")
+        if scope["path"] == "/sse":
+            retry = server.sse_retry + random.randint(0, 4 * server.sse_retry)
+            body = wire.sse_retry(retry) + wire.sse_comment(exc.message)
+            await closing({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        status, headers, payload = error_parts(exc)
+        headers += [(b"retry-after", b"%d" % max(1, server.sse_retry // 1000)), (b"content-length", b"%d" % len(payload))]
+        await closing({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
 
 async def _read(receive: Any, declared: bytes, limit: int) -> bytes:
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body: {int(declared)} bytes, over the {limit}-byte limit")
+    _check_length(declared.decode("latin-1"), limit)
     chunks, size = [], 0
     while True:
         message = await receive()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,6 @@ from ..topics import parse_pattern_list
 
 __all__ = [
     "SubscribeRequest",
-    "TrustedProxies",
     "check_origin",
     "parse_flag",
     "parse_symbols",
@@ -74,37 +72,3 @@ def check_origin(origin: str | None, allowed: tuple[str, ...]) -> None:
     if origin is None or "*" in allowed or origin in allowed:
         return
     raise Forbidden(f"Origin: {origin!r} is not in allowed_origins")
-
-
-class TrustedProxies:
-    """uvicorn's ``forwarded_allow_ips`` rule, for connections that never pass its middleware:
-    behind a trusted proxy the client is the nearest untrusted address in X-Forwarded-For."""
-
-    def __init__(self, allowed: list[str] | str | None) -> None:
-        items = allowed.split(",") if isinstance(allowed, str) else list(allowed or [])
-        items = [item.strip() for item in items if item.strip()]
-        self.everyone = "*" in items
-        self.networks = []
-        for item in items:
-            try:
-                self.networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                pass  # a hostname or a unix socket path: never a peer address here
-
-    def trusts(self, host: str) -> bool:
-        if self.everyone:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.networks)
-
-    def client(self, peer: str, forwarded_for: list[str]) -> str:
-        if not forwarded_for or not self.trusts(peer):
-            return peer
-        hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
-        for hop in reversed(hops):
-            if not self.trusts(hop):
-                return hop
-        return hops[0] if hops else peer

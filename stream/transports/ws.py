@@ -14,7 +14,6 @@ not finished the closing handshake within ``close_timeout``: a stalled client ca
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from http import HTTPStatus
@@ -32,10 +31,11 @@ from .. import wire
 from ..auth import Principal, bearer_token
 from ..errors import BadRequest, RateLimited, StreamError, Unauthorized, Unavailable
 from ..hub import Subscriber
-from ..limits import TokenBucket
+from ..limits import Admission, TokenBucket
 from ..runtime import Runtime
 from . import ws_ops
-from .params import TrustedProxies, check_origin
+from .params import check_origin
+from .stall import StallWatch
 
 __all__ = ["WebSocketProtocol"]
 
@@ -53,7 +53,7 @@ WRITE_BUFFER_CAP = 4 * 1024 * 1024
 MAX_REF_LENGTH = 200
 
 # Close codes (SPEC §5).
-NORMAL, GOING_AWAY, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000, 1001, 1008, 1009, 1011, 1013, 4008
+NORMAL, GOING_AWAY, BAD_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000, 1001, 1007, 1008, 1009, 1011, 1013, 4008
 
 
 class WebSocketProtocol(asyncio.Protocol):
@@ -67,7 +67,6 @@ class WebSocketProtocol(asyncio.Protocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.server_state = server_state
-        self.proxies = _proxies(config.forwarded_allow_ips if config.proxy_headers else "")
         self.loop = _loop or asyncio.get_event_loop()
         self.runtime: Runtime | None = app_state.get("stream")
         max_size = self.runtime.settings.server.max_frame_bytes if self.runtime else 64 * 1024
@@ -86,6 +85,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ping_payload = b""
         self.bucket: TokenBucket | None = None
         self.strikes = 0  # ops refused in a row by the rate limit
+        self.stall: StallWatch | None = None
         # The Sink interface the subscriber uses; ``write`` is bound to the transport itself.
         self.encode = wire.ws_event
         self.encode_snapshot = wire.ws_snapshot
@@ -99,6 +99,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_host = peer[0] if peer else ""
+        if self.runtime is not None:
+            timeout = self.runtime.settings.server.write_stall_timeout
+            self.stall = StallWatch(self.loop, self.transport, timeout, self._stalled)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -118,7 +121,10 @@ class WebSocketProtocol(asyncio.Protocol):
                         data, self.fragments = b"".join(self.fragments), None
                         self._message(data)
             elif event.opcode is Opcode.PONG:
-                self._pong(event.data)
+                if self._control_allowed():
+                    self._pong(event.data)
+            elif event.opcode is Opcode.PING:
+                self._control_allowed()  # websockets has queued the pong; a flood is closed
             elif event.opcode is Opcode.CLOSE:
                 self._stop_delivery()
         self._flush()
@@ -140,24 +146,39 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ping_timer = self.pong_timer = self.close_timer = None
         for task in self.tasks:
             task.cancel()
+        if self.stall is not None:
+            self.stall.cancel()
         self.server_state.connections.discard(self)
-        if self.runtime is not None and self.admitted:
-            self.runtime.release(self)
-            self.admitted = False
+        if self.runtime is not None:
+            self.runtime.sockets.closed(self.transport)
+            if self.admitted:
+                self.runtime.release(self)
+                self.admitted = False
 
     def pause_writing(self) -> None:
         # A client that does not read gets no more of our attention either: stop reading its
         # ops (and pings) until it drains, so it cannot grow our buffers with replies.
         if not self.transport.is_closing():
             self.transport.pause_reading()
+        if self.stall is not None:
+            self.stall.paused()
         if self.sub is not None:
             self.sub.pause()
 
     def resume_writing(self) -> None:
         if not self.transport.is_closing():
             self.transport.resume_reading()
+        if self.stall is not None:
+            self.stall.resumed()
         if self.sub is not None:
             self.sub.resume()
+
+    def _stalled(self) -> None:
+        assert self.runtime is not None and self.stall is not None
+        log.info("dropping WebSocket %s: accepted no output for %g s", self.client_host, self.stall.timeout)
+        self.runtime.closed["write_stall"] += 1
+        self._stop_delivery()
+        self.transport.abort()
 
     # -- called by uvicorn and the runtime ------------------------------------------------
 
@@ -201,7 +222,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if path != PATH:
             self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), path, params, 404)
             return
-        self.client_host = self.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
+        self.client_host = runtime.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
         try:
             check_origin(request.headers.get("Origin"), runtime.settings.server.allowed_origins)
             token = bearer_token(request.headers.get("Authorization"), params.get("token"))
@@ -215,6 +236,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._log_access(path, params, 101)
         self.write = self.transport.write
         try:
+            if runtime.sockets.admission(self.transport) is Admission.OVER:
+                # Past the socket limits: tell it in the protocol (1013 means "try again later").
+                raise Unavailable("over capacity: too many connections; retry later", code="over_capacity")
             runtime.admit(self)
         except Unavailable as exc:
             self.send_json({"type": "error", "code": exc.code, "message": exc.message, "ref": None})
@@ -280,6 +304,12 @@ class WebSocketProtocol(asyncio.Protocol):
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
+            if not _utf8(data):
+                log.info("closing WebSocket %s: a text frame that is not UTF-8", self.client_host)
+                if self.runtime is not None:
+                    self.runtime.closed["invalid_utf8"] += 1
+                self.close(BAD_DATA, "invalid UTF-8")
+                return
             self.send_error(BadRequest(f"frame: not valid JSON ({exc})"), None)
             return
         if not isinstance(message, dict):
@@ -302,17 +332,33 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _allowed(self, ref: Any) -> bool:
         """Spend one op from the bucket; refuse when empty, close 1008 on a sustained flood."""
+        if self._spend():
+            return True
+        if self.conn.state is not OPEN:
+            return False
+        assert self.bucket is not None
+        wait = self.bucket.wait_time()
+        self.send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
+        return False
+
+    def _control_allowed(self) -> bool:
+        """Control frames cost an op too (a PING flood is a flood); refused ones get no answer
+        of ours beyond the pong websockets already queued."""
+        return self.bucket is None or self._spend()
+
+    def _spend(self) -> bool:
         assert self.bucket is not None
         if self.bucket.take(self.loop.time()):
             self.strikes = 0
             return True
         self.strikes += 1
+        if self.runtime is not None:
+            self.runtime.ops_refused += 1
         if self.strikes > self.bucket.burst:
             log.info("closing WebSocket %s: sustained flooding past the op rate limit", self.client_host)
+            if self.runtime is not None and self.conn.state is OPEN:
+                self.runtime.closed["flooding"] += 1
             self.close(POLICY, "too many messages")
-            return False
-        wait = self.bucket.wait_time()
-        self.send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
         return False
 
     def _run_op(self, handler, message: dict[str, Any], ref: Any) -> None:
@@ -412,14 +458,12 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._arm_abort(self._close_timeout())
 
 
-@functools.lru_cache(maxsize=8)
-def _proxies_from(allowed: str) -> TrustedProxies:
-    return TrustedProxies(allowed)
-
-
-def _proxies(allowed: list[str] | str | None) -> TrustedProxies:
-    """One shared TrustedProxies per setting, not one per connection."""
-    return _proxies_from(allowed if isinstance(allowed, str) else ",".join(allowed or []))
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _seconds(value: float | None) -> float | int | None:

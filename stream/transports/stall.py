@@ -1,0 +1,59 @@
+"""Write-stall detection shared by every socket the server writes to (SPEC §6).
+
+Flow control pauses a connection's output when its buffer passes the high-water mark; a client
+that then accepts no bytes at all for ``timeout`` seconds is holding our memory for nothing, so
+it is dropped — SSE, WebSocket and plain HTTP alike, whatever the overflow policy. A client that
+reads slowly keeps its connection: any progress restarts the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["StallWatch"]
+
+
+class StallWatch:
+    __slots__ = ("loop", "transport", "timeout", "on_stall", "timer", "mark")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.WriteTransport,
+        timeout: float | None,
+        on_stall: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.transport = transport
+        self.timeout = timeout
+        self.on_stall = on_stall
+        self.timer: asyncio.TimerHandle | None = None
+        self.mark = 0
+
+    def paused(self) -> None:
+        """Output is waiting: start the clock (once)."""
+        if self.timeout is None or self.timer is not None:
+            return
+        self.mark = self.transport.get_write_buffer_size()
+        self.timer = self.loop.call_later(self.timeout, self._check)
+
+    def resumed(self) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
+            return
+        size = self.transport.get_write_buffer_size()
+        if size < self.mark:  # the client took some bytes: it is slow, not stalled
+            self.mark = size
+            assert self.timeout is not None
+            self.timer = self.loop.call_later(self.timeout, self._check)
+            return
+        self.on_stall()
