@@ -47,12 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import StreamServer, make_config
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
-    print(
-        f"stream {__version__}: serving on http://{server_settings.host}:{server_settings.port} "
-        f"(config: {settings.source}; broker: {server_settings.broker.split('@')[-1]})",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
     app = create_app(settings)
     config = make_config(
         app, server_settings.host, server_settings.port, shutdown_timeout=server_settings.shutdown_timeout
@@ -63,8 +58,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.config and args.file and args.config != args.file:
+        print("stream check: give the config file once (FILE or --config FILE)", file=sys.stderr)
+        return 2
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config or args.file)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
@@ -223,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config file; exit 1 with one line per problem")
+    check.add_argument("file", nargs="?", metavar="FILE", help="TOML config file (same as --config)")
     check.add_argument("--config", help="TOML config file (default: $STREAM_CONFIG or the built-in config)")
     check.set_defaults(run=_check)
 
@@ -251,5 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--config", help="TOML config file holding server.jwt_secret (or set $STREAM_JWT_SECRET)")
     token.set_defaults(run=_token)
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_dashed_values(sys.argv[1:] if argv is None else argv))
     return args.run(args)
+
+
+# Options whose value may start with a dash (``--since -10m``), which argparse would otherwise
+# read as an unknown option.
+_DASHED_VALUES = ("--since",)
+
+
+def _glue_dashed_values(argv: list[str]) -> list[str]:
+    glued: list[str] = []
+    items = iter(argv)
+    for item in items:
+        if item in _DASHED_VALUES:
+            value = next(items, None)
+            glued.append(item if value is None else f"{item}={value}")
+        else:
+            glued.append(item)
+    return glued

@@ -101,9 +101,10 @@ def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problem
         problems.append(f"{where}.name: expected 1-64 characters of A-Z a-z 0-9 _ -, got {name!r}")
         return None
     kind = table.get("kind")
-    if kind not in KINDS:
+    known_kind = kind in KINDS
+    if not known_kind:
         problems.append(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-        return None
+        kind = "snapshot"  # check the settings every kind shares, so every problem is reported at once
     values: dict[str, Any] = {"name": name, "kind": kind}
     url = table.get("url", "/demo/quotes" if kind == "demo" else None)
     if kind == "demo":
@@ -179,7 +180,7 @@ def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problem
     except BadTopic as exc:
         problems.append(exc.message)
     values["topic"] = topic
-    return ProviderSettings(**values)
+    return ProviderSettings(**values) if known_kind else None
 
 
 def _strings(table: Any, where: str, env: Mapping[str, str], problems: list[str]) -> tuple[tuple[str, str], ...]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from types import FrameType
 
 import uvicorn
 
+from . import __version__
 from .runtime import Runtime
 from .transports.http import Gate
 from .transports.http_protocol import HttpProtocol
@@ -58,6 +60,13 @@ class StreamServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            # Said only now that the socket listens: a busy port fails before this line.
+            server = self.runtime.settings.server
+            print(
+                f"stream {__version__}: serving on {self.base_url()} (broker: {server.broker.split('@')[-1]})",
+                file=sys.stderr,
+                flush=True,
+            )
             self.runtime.start_pollers(self.base_url())
 
     def base_url(self) -> str:

@@ -259,7 +259,13 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     need("close_timeout", s.close_timeout > 0, "must be a positive number of seconds")
     need("shutdown_timeout", s.shutdown_timeout > 0, "must be a positive number of seconds")
     need("sse_retry", s.sse_retry >= 0, "must be milliseconds >= 0")
-    if "broker" in given and not s.broker.startswith(("memory://", "redis://", "rediss://")):
+    if "broker" in given and s.broker.startswith(("redis://", "rediss://")):
+        # Accepting it would run separate in-memory hubs that only look like one cluster.
+        problems.append(
+            "server.broker: the Redis broker is not available in this version; use memory:// "
+            "(set by broker, STREAM_BROKER or REDIS_URL)"
+        )
+    elif "broker" in given and not s.broker.startswith("memory://"):
         # Never echo the URL: it may carry a password.
         problems.append(f"server.broker: expected memory:// or redis://…, got a {s.broker.split(':', 1)[0]!r} URL")
     need("log_level", s.log_level.lower() in ("debug", "info", "warning", "error"), "expected debug|info|warning|error")

@@ -160,3 +160,33 @@ def test_publish_prints_the_id_and_reports_errors(tmp_path):
     assert ok.returncode == 0 and ok.stdout.strip().endswith("-1")
     assert denied.returncode == 1 and "401 unauthorized" in denied.stderr
     assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr
+
+
+def test_check_reports_every_problem_of_a_provider_with_a_bad_kind(tmp_path):
+    """A bad kind does not hide the provider's other mistakes; FILE may be given positionally."""
+    path = tmp_path / "kind.toml"
+    path.write_text('[[providers]]\nname = "x"\nkind = "rss"\nurl = "ftp://x"\ninterval = 0\ntopic = "a..b"\n')
+    result = run("check", str(path))
+    keys = [line.split(":")[0] for line in result.stdout.strip().splitlines()]
+    assert result.returncode == 1
+    assert keys == ["providers[0].kind", "providers[0].url", "providers[0].interval", "providers[0].topic"], result.stdout
+
+
+def test_serve_on_a_busy_port_never_claims_to_be_serving():
+    """With the port taken, `stream serve` says why and fails without a 'serving on' line."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port))
+    assert result.returncode != 0
+    assert "serving on" not in result.stderr and "address already in use" in result.stderr.lower()
+
+
+def test_tail_accepts_a_relative_since_after_a_space():
+    """`stream tail 'news.>' --since -10m` parses (argparse alone reads -10m as an option)."""
+    result = run("tail", "news.>", "--since", "-10m", "--url", "http://127.0.0.1:9")
+    assert "expected one argument" not in result.stderr
+    assert "cannot connect" in result.stderr or "127.0.0.1:9" in result.stderr, result.stderr

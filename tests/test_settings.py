@@ -25,12 +25,25 @@ def test_built_in_defaults_match_the_spec():
 
 
 def test_environment_overrides_server_settings(tmp_path):
-    """STREAM_<NAME> beats the file; PORT and REDIS_URL are honoured; 'off' disables a timer."""
+    """STREAM_<NAME> beats the file; PORT is honoured; 'off' disables a timer."""
     path = write(tmp_path, "[server]\nport = 9000\nhistory_size = 5\n")
-    env = {"STREAM_HISTORY_SIZE": "7", "PORT": "5555", "REDIS_URL": "redis://h:6379/0", "STREAM_SSE_HEARTBEAT": "off", "STREAM_PUBLIC": "news.>,quotes.>"}
+    env = {"STREAM_HISTORY_SIZE": "7", "PORT": "5555", "STREAM_SSE_HEARTBEAT": "off", "STREAM_PUBLIC": "news.>,quotes.>"}
     server = load_settings(path, env=env).server
-    assert (server.history_size, server.port, server.broker, server.sse_heartbeat) == (7, 5555, "redis://h:6379/0", None)
+    assert (server.history_size, server.port, server.broker, server.sse_heartbeat) == (7, 5555, "memory://", None)
     assert server.public == ("news.>", "quotes.>")
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [('[server]\nbroker = "redis://h:6379/0"\n', {}), ("", {"REDIS_URL": "redis://:pw@h:6379/0"}), ("", {"STREAM_BROKER": "rediss://h"})],
+)
+def test_a_redis_broker_is_refused_until_it_exists(tmp_path, text, env):
+    """broker = redis://… (from the file, STREAM_BROKER or REDIS_URL) is one clear error, not a
+    silently separate in-memory hub, and the URL (it may hold a password) is not echoed."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env=env)
+    [problem] = info.value.problems
+    assert problem.startswith("server.broker: the Redis broker is not available") and "pw" not in problem
 
 
 def test_keys_read_secrets_from_the_environment(tmp_path):
