@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from .support import KEYS, Server
+from .support import KEYS, RUNNING, Server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_outlives_the_suite():
+    """At the end of the run every `stream serve` a test started has been stopped; any left is
+    killed and reported, so a forgotten stop() fails the suite instead of leaking a process."""
+    yield
+    leftover = [server for server in list(RUNNING) if server.proc is not None and server.proc.poll() is None]
+    for server in leftover:
+        server.stop(signal.SIGKILL)
+    assert not leftover, f"{len(leftover)} stream serve process(es) were still running: ports {[s.port for s in leftover]}"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import os
 import signal
 import socket
@@ -31,6 +32,16 @@ publish_burst = 100000
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
 
+_PR_SET_PDEATHSIG = 1
+RUNNING: set[Server] = set()  # every started Server not yet stopped (conftest checks it at the end)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: the kernel kills it when the test process dies, however that
+    happens (a timeout, ^C, a crash), so no `stream serve` outlives the suite."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,6 +67,10 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(suffix=".log", prefix="stream-test-")[1])
 
+    def child_setup(self) -> None:
+        """Runs in the child before exec; subclasses may add limits (call super)."""
+        die_with_parent()
+
     def start(self, timeout: float = 20.0) -> Server:
         self._log_file = open(self.log, "wb")
         config = ["--config", str(self.config)] if self.config is not None else []
@@ -64,14 +79,25 @@ class Server:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
+            preexec_fn=self.child_setup,
         )
+        RUNNING.add(self)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stream serve exited early:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
@@ -84,23 +110,31 @@ class Server:
         """Signal the server and wait for it to exit; return how long that took."""
         assert self.proc is not None
         started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            if self.proc.poll() is None:  # interrupted while waiting: never leave it running
                 self.proc.kill()
                 self.proc.wait()
-        self._log_file.close()
+            RUNNING.discard(self)
+            self._log_file.close()
         return time.monotonic() - started
 
     def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
-        if self.config is not None:
-            self.config.unlink(missing_ok=True)
+        try:
+            self.stop()
+        finally:
+            if self.config is not None:
+                self.config.unlink(missing_ok=True)
 
 
 async def publish(client: httpx.AsyncClient, server: Server, items: list[dict[str, Any]] | dict[str, Any]) -> list[str]:
