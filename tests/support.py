@@ -72,6 +72,8 @@ class Server:
         die_with_parent()
 
     def start(self, timeout: float = 20.0) -> Server:
+        if self.proc is not None:
+            raise RuntimeError("this Server was already started; use `with Server(...)` or start() once")
         self._log_file = open(self.log, "wb")
         config = ["--config", str(self.config)] if self.config is not None else []
         self.proc = subprocess.Popen(
@@ -127,7 +129,7 @@ class Server:
         return time.monotonic() - started
 
     def __enter__(self) -> Server:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         try:
