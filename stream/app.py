@@ -32,7 +32,15 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("stream")
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+def _static_dir() -> Path:
+    """The dashboard: inside the package when installed from a wheel (``stream/static``), at the
+    top of the repository in a source checkout or an editable install."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "static"
+    return packaged if packaged.is_dir() else here.parent / "static"
+
+
+STATIC = _static_dir()
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
