@@ -34,7 +34,7 @@ import orjson
 from .decoding import BodyDecoder
 from .errors import StreamError, UpstreamError
 from .events import Event
-from .hub import Hub
+from .hub import Draft, Hub
 from .provider_settings import ProviderSettings
 from .providers import Item, Parsed, parse
 
@@ -283,16 +283,18 @@ class Poller:
                 return  # an empty first answer primes nothing: wait for a real one
             self.primed = True
             if not provider.backfill:
+                # What upstream holds now becomes the retained values, so snapshots and
+                # /api/topics have them at once; no event is published for them.
+                primed = self.hub.prime(self._drafts(fresh))
                 self._remember(remember, len(parsed.items))
-                log.info("provider %s: primed with %d items (backfill off)", provider.name, len(parsed.items))
+                log.info(
+                    "provider %s: primed with %d items, %d retained values (backfill off)",
+                    provider.name,
+                    len(parsed.items),
+                    primed,
+                )
                 return
-        drafts = []
-        for item in fresh:
-            try:
-                drafts.append(self.hub.draft(item.topic, item.data, field="topic"))
-            except StreamError as exc:
-                self.items_skipped += 1
-                log.info("provider %s: item %r not published: %s", provider.name, item.key[:80], exc.message)
+        drafts = self._drafts(fresh)
         if drafts:
             try:
                 events = await self.hub.publish_many(drafts)
@@ -306,6 +308,16 @@ class Poller:
             log.debug("provider %s: published %d new items", provider.name, len(events))
         # Only now: an item whose publish failed is tried again at the next poll.
         self._remember(remember, len(parsed.items))
+
+    def _drafts(self, items: list[Item]) -> list[Draft]:
+        drafts = []
+        for item in items:
+            try:
+                drafts.append(self.hub.draft(item.topic, item.data, field="topic"))
+            except StreamError as exc:
+                self.items_skipped += 1
+                log.info("provider %s: item %r not published: %s", self.provider.name, item.key[:80], exc.message)
+        return drafts
 
     def _report_skips(self, parsed: Parsed) -> None:
         self.items_skipped += parsed.skipped

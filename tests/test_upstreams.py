@@ -262,3 +262,23 @@ async def test_fifty_providers_poll_concurrently(upstream):
     assert upstream.hits["/slow"] == 50
     assert all(p.state is ProviderState.OK for p in pollers)
     assert wall < 5 * delay  # sequential polling would take 50 * delay
+
+
+async def test_first_poll_of_a_snapshot_provider_primes_retained_values_without_events(upstream):
+    """backfill off: after the first poll every key has its retained value (as /api/topics and
+    snapshots need), and no event was published; a later change publishes only that key."""
+    prices = {"AAPL": {"price": 228.0}, "MSFT": {"price": 410.5}}
+    upstream.route("/prices", lambda request, hit: Response(orjson.dumps(prices), media_type="application/json"))
+    hub = Hub()
+    async with httpx.AsyncClient() as client:
+        poller = make(upstream, hub, client, upstream.url("/prices"), name="px", kind="snapshot", split="", topic="quotes.{key}", backfill=False)
+        await poller.poll_once()
+        assert {topic: event.data for topic, event in hub.retained.items()} == {
+            "quotes.AAPL": {"price": 228.0},
+            "quotes.MSFT": {"price": 410.5},
+        }
+        assert len(hub.history) == 0 and poller.items_published == 0
+        prices["MSFT"] = {"price": 411.0}
+        await poller.poll_once()
+    assert [(event.topic, event.data) for event in hub.history] == [("quotes.MSFT", {"price": 411.0})]
+    assert hub.retained["quotes.AAPL"].data == {"price": 228.0}

@@ -145,6 +145,24 @@ class Hub:
                 f"{self.config.max_topics} topics (max_topics); publish to an existing topic"
             )
 
+    def prime(self, drafts: list[Draft]) -> int:
+        """Make ``drafts`` the retained values of topics that have none yet, publishing no event
+        (a provider's first poll, SPEC §7); the last draft of a topic wins. Each value is stamped
+        with the current position: it is a state as of now, not a point in history. Returns how
+        many topics got a value."""
+        latest = {draft.topic: draft for draft in drafts if draft.topic not in self.retained}
+        seq, now_ms = self.head_seq, int(self.clock() * 1000)
+        primed = 0
+        for topic, draft in latest.items():
+            if len(self.retained) >= self.config.max_topics:
+                self.stats.topics_refused += 1
+                continue
+            event = Event(seq, self.id_of(seq), topic, now_ms, draft.data, draft.data_json)
+            event.policy = self.policy_for(topic)
+            self._retain(event)
+            primed += 1
+        return primed
+
     def policy_for(self, topic: str) -> Policy:
         rules = self._overflow.match(topic)
         return min(rules, key=lambda rule: rule[0])[1] if rules else self.config.default_overflow
@@ -173,6 +191,14 @@ class Hub:
     def _record(self, event: Event, now_ms: int) -> None:
         event.policy = self.policy_for(event.topic)
         self.history.append(event, now_ms)
+        self._retain(event)
+        published = self.stats.published
+        prefix = event.topic.split(".", 1)[0]
+        if prefix not in published and len(published) >= _PREFIX_LIMIT:
+            prefix = "other"  # publishers choose topics: keep the metric's label set bounded
+        published[prefix] = published.get(prefix, 0) + 1
+
+    def _retain(self, event: Event) -> None:
         previous = self.retained.get(event.topic)
         if previous is None:
             self.topic_order.append(event.topic)
@@ -181,11 +207,6 @@ class Hub:
             self.retained_bytes -= previous.size
         self.retained[event.topic] = event
         self.retained_bytes += event.size
-        published = self.stats.published
-        prefix = event.topic.split(".", 1)[0]
-        if prefix not in published and len(published) >= _PREFIX_LIMIT:
-            prefix = "other"  # publishers choose topics: keep the metric's label set bounded
-        published[prefix] = published.get(prefix, 0) + 1
 
     def _fanout(self, event: Event, batch: dict[Subscriber, list[bytes]] | None) -> None:
         seq = event.seq
