@@ -51,9 +51,10 @@ def free_port() -> int:
 class Server:
     """``stream serve`` in a subprocess, with a config written from ``toml``."""
 
-    def __init__(self, toml: str | None = KEYS, *, env: dict[str, str] | None = None) -> None:
-        """``toml=None`` runs the built-in config, as `stream serve` with no --config does."""
-        self.port = free_port()
+    def __init__(self, toml: str | None = KEYS, *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        """``toml=None`` runs the built-in config, as `stream serve` with no --config does;
+        ``port`` reuses a port (a restart)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
         self.config: Path | None = None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
 
 from stream.client import Event, Gap, SubscribeError, Subscriber, ws_url
 
-from .support import KEYS, Proxy, Server, publish
+from .support import KEYS, Proxy, Server, publish, wait_for
 
 
 def test_urls_are_normalised():
@@ -130,6 +131,51 @@ def test_the_example_bot_runs_against_a_demo_server():
             process.wait(10)
     assert first.startswith("watching headlines about AAPL")
     assert line.startswith("[") and "Demo" in line
+
+
+async def test_the_example_bot_survives_odd_events_and_a_restart_without_acting_twice():
+    """Fed a string event, a headline without symbols and a server restart (epoch gap, catch-up
+    from /api/news, then the replay), the bot neither crashes nor prints any headline twice."""
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
+    config = (Path(__file__).parent.parent / "stream" / "default.toml").read_text() + KEYS
+    lines: list[str] = []
+    first = Server(config).start()
+    process = subprocess.Popen(
+        [sys.executable, "-u", str(bot), "--url", first.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        async with httpx.AsyncClient() as http:
+            await wait_for(lambda: any(line.startswith("[") for line in lines), 20)
+            await publish(http, first, [{"topic": "news.odd", "data": "just a string"}, {"topic": "news.odd", "data": {"title": "No symbols here"}}])
+            [marker] = await publish(http, first, {"topic": "news.odd", "data": {"title": "Marker", "symbols": ["AAPL"]}})
+            await wait_for(lambda: any(marker in line for line in lines), 10)
+            first.stop()
+            with Server(config, port=first.port) as second:
+                await wait_for(lambda: any("catching up" in line for line in lines), 20)
+                seen = len(lines)
+                await wait_for(lambda: sum(line.startswith("[") for line in lines[seen:]) >= 3, 30)
+                [after] = await publish(http, second, {"topic": "news.odd", "data": {"title": "After", "symbols": ["MSFT"]}})
+                await wait_for(lambda: any(after in line for line in lines), 10)
+    finally:
+        process.terminate()
+        process.wait(10)
+        first.stop()
+    assert process.returncode in (0, -15), "".join(lines)
+    ids = [re.search(r"\(([0-9a-z]+-\d+)\)", line).group(1) for line in lines if line.startswith("[")]  # type: ignore[union-attr]
+    assert len(ids) == len(set(ids)), [line for line in lines if line.startswith("[")]
+    assert not any("Traceback" in line or "No symbols here" in line or "just a string" in line for line in lines)
+    assert any("(catch-up)" in line for line in lines), "".join(lines)
 
 
 async def test_a_busy_server_is_retried_not_fatal():
