@@ -1,0 +1,92 @@
+"""Every shell command in the README works as written, after the Quick start.
+
+The README's ```sh blocks are read from the file itself; each command runs in bash, in the
+repository, with the environment activated as the README says, against a real server started
+with examples/publisher.toml (its key and demo market are what the README's examples use). The
+only rewrite is the address: 127.0.0.1:8000 becomes the test server's port. Commands that stream
+forever (`curl -N`, `stream tail`) must print something within a few seconds; commands that
+start servers, install things or run the suite (the Quick start, `stream serve`, the benchmark,
+pytest) are the ones this very run already exercises and are left out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .support import Server
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+# Commands that are not run here, and why.
+_NOT_RUN = (
+    "python3 -m venv",  # the Quick start and the benchmark: install, serve forever, or take minutes
+    "stream serve",  # servers: this test runs one
+    ".venv/bin/python -m pytest",  # the suite itself
+)
+_STREAMING = ("curl -N", "stream tail")
+
+
+def shell_commands() -> list[str]:
+    """Each command of the README's ```sh blocks, with backslash continuations joined."""
+    commands: list[str] = []
+    for block in re.findall(r"^```sh\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def test_the_readme_has_the_commands_this_test_expects():
+    """The extraction finds the README's commands (so a changed README cannot make this vacuous)."""
+    commands = shell_commands()
+    assert "source .venv/bin/activate" in commands
+    assert sum(command.startswith("curl") for command in commands) >= 7
+    assert sum(command.startswith("stream ") for command in commands) >= 5
+
+
+def test_every_readme_shell_command_works_as_written(tmp_path):
+    """Each non-interactive command exits 0 without an error answer; each streaming one is
+    still running after 5 s and has printed what it follows."""
+    config = (ROOT / "examples" / "publisher.toml").read_text()
+    activate = ROOT / ".venv" / "bin" / "activate"
+    with Server(config) as server:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("STREAM_")}
+        env["STREAM_URL"] = server.url  # `stream tail` / `publish` default to 127.0.0.1:8000
+        if not activate.exists():  # the suite runs from some other environment: put it on PATH
+            env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        failures = []
+        ran = 0
+        exports = ""  # `export X=…` lines stay in force for the commands after them, as in a shell
+        for command in shell_commands():
+            if command.startswith(_NOT_RUN) or (command.startswith("source ") and not activate.exists()):
+                continue
+            line = command.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+            if line.startswith("export "):
+                exports += line + "\n"
+            prelude = ("source .venv/bin/activate\n" if activate.exists() else "") + exports
+            streaming = line.startswith(_STREAMING)
+            script = prelude + (f"timeout 5 {line}" if streaming else line)
+            result = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+            ran += 1
+            output = result.stdout + result.stderr
+            if streaming:
+                # Still running at the deadline, with output (a symbol filter may rightly have none yet).
+                printed = result.stdout.strip() != "" or "--symbols" in line
+                ok = result.returncode == 124 and printed and "Traceback" not in output
+            else:
+                ok = result.returncode == 0 and '{"error"' not in result.stdout
+            if not ok:
+                failures.append(f"$ {command}\n(exit {result.returncode})\n{output[-600:]}")
+    assert ran >= 12
+    assert not failures, "\n\n".join(failures)
