@@ -5,6 +5,7 @@ restart, no lost events, no console errors, usable at phone width. Saves a scree
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -77,6 +78,16 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
                 assert symbol in chips or symbol.lower() in text.lower()
             assert symbol in await page.inner_text("#headline-count")
             await page.click("#clear-filter")
+
+            # Provider status follows the data: the 1 s demo-quotes poller never looks seconds old.
+            started = time.monotonic()
+            while time.monotonic() - started < 6:
+                age = await page.evaluate(
+                    "(Date.now() - Date.parse(document.querySelector('#providers li[data-name=\"demo-quotes\"]').dataset.lastOk)) / 1000"
+                )
+                assert age < 4, f"demo-quotes shown as last polled {age:.1f} s ago"
+                await asyncio.sleep(0.5)
+            assert "last poll ok just now" in await page.inner_text("#providers li[data-name='demo-quotes']")
             assert await page.input_value("#filter") == ""
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
 
@@ -84,7 +95,11 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
             outage_start = time.monotonic()
             server.stop()
             await wait_until(lambda: _state_in(page, ("reconnecting", "offline")), 10, "badge to leave live")
-            await asyncio.sleep(1.5)
+            # The quotes are no longer live: dimmed, and saying as of when.
+            assert "stale" in (await page.get_attribute("section.quotes", "class") or "")
+            assert float(await page.evaluate("getComputedStyle(document.querySelector('#quotes')).opacity")) < 0.6
+            asof = await page.inner_text("#quotes-asof")
+            assert re.fullmatch(r"as of \d\d:\d\d:\d\d", asof.strip()), asof
             await page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"))
 
             # Start it again on the same port and publish at once, before the page is back.
@@ -97,12 +112,21 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
             await wait_until(lambda: _text_is(page, "#connection", "live"), 20, "badge back to live")
             for title in titles:
                 await wait_until(lambda title=title: _has(page, f"#headlines li:has-text('{title}')"), 10, title)
+            assert "stale" not in (await page.get_attribute("section.quotes", "class") or "")
+            assert await page.is_hidden("#quotes-asof")
 
             # Phone width: no horizontal scrolling, everything still there.
             await page.set_viewport_size({"width": 390, "height": 844})
             await asyncio.sleep(0.3)
             assert await page.evaluate("document.documentElement.scrollWidth") <= 390
-            await page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"))
+            # One scroll, the page's: the list is not a box of its own, its last item is whole.
+            assert await page.evaluate("(l => l.scrollHeight <= l.clientHeight + 1)(document.getElementById('headlines'))")
+            last = await page.evaluate(
+                "(i => { const r = i.getBoundingClientRect(); return [r.bottom + scrollY, document.documentElement.scrollHeight, r.height]; })"
+                "(document.querySelector('#headlines li:last-child'))"
+            )
+            assert last[2] > 0 and last[0] <= last[1], last
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"), full_page=True)
 
             # Accessibility basics: live regions and keyboard reach.
             assert await page.get_attribute("#headlines", "aria-live") == "polite"

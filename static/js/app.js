@@ -12,6 +12,7 @@ const headlines = []; // newest first: {key, event, item}
 const seen = new Set(); // headline keys already shown
 const providers = new Map(); // name -> li
 let filterText = "";
+let quotesAt = null; // when the last quote arrived (Date)
 
 // -- quotes ---------------------------------------------------------------------------------
 
@@ -52,6 +53,7 @@ function showQuote(topic, data) {
     priceCell.classList.add(direction);
   }
   quote.last = price;
+  quotesAt = new Date();
   const change = Number(data.change_pct ?? data.change ?? 0);
   const changeCell = row.querySelector(".change");
   changeCell.textContent = changeText(data);
@@ -229,6 +231,7 @@ function route(event) {
   if (event.topic === "_system.providers") showProvider(event.data);
   else if (event.topic.startsWith("quotes.")) showQuote(event.topic, event.data);
   else if (event.topic.startsWith("news.")) addHeadline(event, { fresh: !event.snapshot });
+  if (!event.snapshot && !event.topic.startsWith("_")) refreshProvidersSoon();
 }
 
 function showConnection(state, detail) {
@@ -237,6 +240,36 @@ function showConnection(state, detail) {
   const words = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline" };
   badge.textContent = words[state] || state;
   badge.title = detail || "";
+  // Down: the quotes are what they were; dim them and say as of when.
+  const stale = state !== "live" && quotesAt !== null;
+  document.querySelector(".quotes").classList.toggle("stale", stale);
+  const asof = $("quotes-asof");
+  asof.hidden = !stale;
+  if (stale && !asof.textContent) asof.textContent = `as of ${quotesAt.toLocaleTimeString([], { hour12: false })}`;
+  if (!stale) asof.textContent = "";
+}
+
+// Provider status events come only when a state changes, so the page asks again when new data
+// shows a provider has just polled (at most every 2 s), and every 15 s in any case.
+const PROVIDERS_REFRESH_MS = 2000;
+let providersAskedAt = 0;
+let providersTimer = null;
+
+function refreshProvidersSoon() {
+  if (providersTimer !== null) return;
+  const wait = Math.max(0, providersAskedAt + PROVIDERS_REFRESH_MS - Date.now());
+  providersTimer = setTimeout(refreshProviders, wait);
+}
+
+async function refreshProviders() {
+  providersTimer = null;
+  providersAskedAt = Date.now();
+  if ($("connection").dataset.state !== "live") return;
+  try {
+    for (const status of await getJSON("/api/providers")) showProvider(status);
+  } catch (error) {
+    console.warn("stream: could not refresh providers", error);
+  }
 }
 
 const live = new LiveStream({
@@ -270,15 +303,7 @@ setInterval(() => {
   }
 }, 10000);
 
-// Provider status events come only when a state changes; poll counts and times are refreshed here.
-setInterval(async () => {
-  if ($("connection").dataset.state !== "live") return;
-  try {
-    for (const status of await getJSON("/api/providers")) showProvider(status);
-  } catch (error) {
-    console.warn("stream: could not refresh providers", error);
-  }
-}, 15000);
+setInterval(refreshProviders, 15000);
 
 // Subscribe first, then load what came before: whatever is published in between arrives live
 // and the two overlap harmlessly (headlines are de-duplicated by provider and id).
