@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -228,3 +229,28 @@ def test_config_rejects_nan_intervals_and_unknown_topic_placeholders():
     )
     assert len(problems) == 2
     assert problems[0].startswith("providers[0].interval") and "unknown placeholder {category}" in problems[1]
+
+
+def test_demo_stories_fit_their_price_moves_and_differ_between_the_wires():
+    """An hour of demo news: every price story's verb and reason go the same way as the move it
+    states, no price story at the opening price claims a move, Bitcoin never has earnings, and
+    no headline appears on both wires."""
+    from stream.providers.demo import CRYPTO_DOWN_REASONS, CRYPTO_UP_REASONS, DOWN_REASONS, UP_REASONS
+
+    market = DemoMarket(1_800_000_000.0, seed=11)
+    market.advance(1_800_000_000.0 + 3600)
+    markets = [item["title"] for item in market.headlines["markets"]]
+    newswire = [item["title"] for item in market.headlines["newswire"]]
+    assert len(markets) >= 20 and len(newswire) >= 20
+    for title in markets:
+        if " trades flat near " in title:
+            continue
+        match = re.search(r" (climbs|rises|dips|slides) (\d+\.\d)% to \$[\d,.]+ as (.+)$", title)
+        assert match, title
+        verb, percent, reason = match.groups()
+        assert float(percent) >= 0.1, title
+        up = verb in ("climbs", "rises")
+        crypto = title.startswith("Bitcoin")
+        assert reason in ((CRYPTO_UP_REASONS if crypto else UP_REASONS) if up else (CRYPTO_DOWN_REASONS if crypto else DOWN_REASONS)), title
+    assert not any("$" in title or "Bitcoin" in title for title in newswire)
+    assert not set(markets) & set(newswire)

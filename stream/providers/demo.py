@@ -40,17 +40,28 @@ WIRES = {
     "newswire": "Demo Newswire",
     "markets": "Demo Markets API",
 }
-_REASONS = [
+# The markets wire reports price moves, each with a reason that fits its direction; the
+# newswire reports company news without prices. So the two never tell the same story, and no
+# story contradicts the quote next to it.
+UP_REASONS = [
     "analysts raise their price targets",
     "quarterly revenue beats estimates",
-    "regulators open an inquiry",
     "a new product launch draws crowds",
     "supply-chain worries ease",
-    "the CEO outlines an AI roadmap",
     "a large fund discloses a new stake",
-    "guidance for next quarter disappoints",
 ]
+DOWN_REASONS = [
+    "analysts cut their price targets",
+    "guidance for next quarter disappoints",
+    "regulators open an inquiry",
+    "a product recall widens",
+    "supply-chain worries return",
+]
+CRYPTO_UP_REASONS = ["spot ETF inflows pick up", "a large fund discloses a new stake", "a payments app adds support"]
+CRYPTO_DOWN_REASONS = ["an exchange pauses withdrawals", "regulators open an inquiry", "leveraged positions unwind"]
+FLAT = 0.001  # a move smaller than this since the open is "flat", not a rise or a slide
 _TOPICS = ["cloud computing", "chips", "autonomous driving", "payments", "advertising", "energy storage"]
+_FILINGS = ["a leadership change", "a share buyback", "a new credit facility", "an acquisition agreement"]
 HISTORY = 40  # headlines kept per wire
 
 
@@ -68,49 +79,46 @@ class DemoMarket:
         self.rng = random.Random(seed)
         # Ids carry the run, so a restarted demo never reuses an id for a different headline.
         self.run = f"{self.rng.getrandbits(24):06x}"
-        self.quotes_at = math.floor(now)
+        # The market opened a minute ago, so a first look already has a minute of headlines.
+        self.quotes_at = math.floor(now) - 60
         self.book = {
             symbol: _Quote(symbol, name, price, price, vol) for symbol, (name, price, vol) in COMPANIES.items()
         }
         self.headlines: dict[str, list[dict[str, Any]]] = {wire: [] for wire in WIRES}
         self.counters = {wire: 0 for wire in WIRES}
-        # Start with a minute of past headlines, so a first look is not empty.
-        self.next_at = {wire: now - 60 + self.rng.uniform(0, 4) for wire in WIRES}
+        self.next_at = {wire: self.quotes_at + self.rng.uniform(0, 4) for wire in WIRES}
+        self.advance(now)
 
     # -- simulation -----------------------------------------------------------------------
 
     def advance(self, now: float) -> None:
-        steps = math.floor(now) - self.quotes_at
-        for _ in range(min(steps, 3600)):
+        """Walk the quotes second by second up to ``now``, writing each headline when it is due,
+        so every story is told at the price of its moment."""
+        target = math.floor(now)
+        self.quotes_at = max(self.quotes_at, target - 3600)  # after a long pause, only the last hour
+        while self.quotes_at < target:
+            self.quotes_at += 1
             for quote in self.book.values():
                 quote.price *= math.exp(self.rng.gauss(0, quote.volatility))
-        self.quotes_at += max(steps, 0)
+            self._news_until(self.quotes_at)
+        self._news_until(now)
+
+    def _news_until(self, moment: float) -> None:
         for wire in WIRES:
-            while self.next_at[wire] <= now:
+            while self.next_at[wire] <= moment:
                 self._headline(wire, self.next_at[wire])
                 self.next_at[wire] += self.rng.uniform(2.0, 6.0)
 
     def _headline(self, wire: str, at: float) -> None:
         self.counters[wire] += 1
         number = self.counters[wire]
-        symbol = self.rng.choice(sorted(self.book))
-        other = self.rng.choice(sorted(s for s in self.book if s not in (symbol, "BTC-USD")))
-        quote, second = self.book[symbol], self.book[other]
-        move = quote.price / quote.open - 1
-        verb = ("climbs" if move > 0.004 else "rises") if move >= 0 else ("slides" if move < -0.004 else "dips")
-        kind = self.rng.random()
-        if symbol == "BTC-USD":
-            title = f"Bitcoin {verb} to ${quote.price:,.0f} as {self.rng.choice(_REASONS)}"
-            symbols = [symbol]
-        elif kind < 0.6:
-            title = f"{quote.name} ({symbol}) {verb} to ${quote.price:,.2f} after {self.rng.choice(_REASONS)}"
-            symbols = [symbol]
-        elif kind < 0.85:
-            title = f"{quote.name} and {second.name} announce a partnership on {self.rng.choice(_TOPICS)}"
-            symbols = [symbol, other]
-        else:
-            title = f"{quote.name} files an 8-K: {self.rng.choice(_REASONS)}"
-            symbols = [symbol]
+        story = self._market_story if wire == "markets" else self._company_story
+        recent = {item["title"] for item in self.headlines[wire][:10]}
+        title, symbols = story()
+        for _ in range(5):  # a wire does not repeat itself word for word
+            if title not in recent:
+                break
+            title, symbols = story()
         item = {
             "id": f"{wire}-{self.run}-{number}",
             "title": title,
@@ -122,6 +130,39 @@ class DemoMarket:
         history = self.headlines[wire]
         history.insert(0, item)
         del history[HISTORY:]
+
+    def _market_story(self) -> tuple[str, list[str]]:
+        """A price move since the open, with a reason in the same direction."""
+        symbol = self.rng.choice(sorted(self.book))
+        quote = self.book[symbol]
+        move = quote.price / quote.open - 1
+        crypto = symbol == "BTC-USD"
+        price = f"${quote.price:,.0f}" if crypto else f"${quote.price:,.2f}"
+        name = quote.name if crypto else f"{quote.name} ({symbol})"
+        if abs(move) < FLAT:
+            return f"{name} trades flat near {price} as investors wait for direction", [symbol]
+        if move > 0:
+            verb = "climbs" if move > 0.004 else "rises"
+            reason = self.rng.choice(CRYPTO_UP_REASONS if crypto else UP_REASONS)
+        else:
+            verb = "slides" if move < -0.004 else "dips"
+            reason = self.rng.choice(CRYPTO_DOWN_REASONS if crypto else DOWN_REASONS)
+        return f"{name} {verb} {abs(move) * 100:.1f}% to {price} as {reason}", [symbol]
+
+    def _company_story(self) -> tuple[str, list[str]]:
+        """Company news with no price in it: partnerships, filings, launches."""
+        companies = sorted(s for s in self.book if s != "BTC-USD")
+        symbol = self.rng.choice(companies)
+        quote = self.book[symbol]
+        kind = self.rng.random()
+        if kind < 0.45:
+            other = self.rng.choice([s for s in companies if s != symbol])
+            first, second = sorted((symbol, other))
+            title = f"{self.book[first].name} and {self.book[second].name} announce a partnership on {self.rng.choice(_TOPICS)}"
+            return title, [first, second]
+        if kind < 0.75:
+            return f"{quote.name} files an 8-K on {self.rng.choice(_FILINGS)}", [symbol]
+        return f"{quote.name} unveils new {self.rng.choice(_TOPICS)} products at its developer day", [symbol]
 
     # -- documents ------------------------------------------------------------------------
 
