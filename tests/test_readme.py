@@ -90,3 +90,12 @@ def test_every_readme_shell_command_works_as_written(tmp_path):
                 failures.append(f"$ {command}\n(exit {result.returncode})\n{output[-600:]}")
     assert ran >= 12
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_docs_stand_alone():
+    """README and docs/ never send a reader to a specification or an issue the repository does
+    not contain."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        for phrase in ("SPEC", "the issue", "issue's"):
+            assert phrase not in text, f"{path.name} mentions {phrase!r}"
