@@ -41,8 +41,10 @@ class Admission(enum.Enum):
     REFUSE = "refuse"  # closed at once: the file-descriptor margin is reached
 
 
-# Over-capacity sockets from one address that may wait for their head at the same time; past
-# it that address's sockets are closed at once, so one address cannot fill the margin.
+# Over-capacity sockets from one address that may wait for their head at the same time: a
+# quarter of the room between the limit and the descriptor cap (at least 8). Past it that
+# address's sockets are closed at once, so one address cannot take all the room health checks
+# and other clients' "over capacity" answers need.
 OVER_PER_CLIENT = 8
 
 
@@ -59,6 +61,7 @@ class SocketLimits:
         self.limit = max(1, min(max_connections, nofile - fd_margin))
         self.hard = max(self.limit + 1, nofile - fd_margin // 2)
         self.per_client = per_client
+        self.over_per_client = max(OVER_PER_CLIENT, (self.hard - self.limit) // 4)
         self.open: dict[object, tuple[str, Admission]] = {}
         self.per_host: Counter[str] = Counter()
         self.over_per_host: Counter[str] = Counter()
@@ -68,7 +71,7 @@ class SocketLimits:
         """Admit a new socket (``key`` identifies it until ``closed``). A trusted proxy's
         sockets are not limited by address: the clients behind it are, per request."""
         total = len(self.open)
-        if total >= self.hard or (self.over_per_host[host] >= OVER_PER_CLIENT and self._over(total, host, counted_by_address)):
+        if total >= self.hard or (self.over_per_host[host] >= self.over_per_client and self._over(total, host, counted_by_address)):
             self.refused["fd_margin" if total >= self.hard else "per_client"] += 1
             return Admission.REFUSE
         admission = Admission.SERVE

@@ -20,10 +20,13 @@ def test_every_socket_counts_and_the_limit_is_lowered_to_leave_a_descriptor_marg
 def test_per_client_limit_and_the_over_capacity_allowance_per_address():
     """Past its per-address limit an address gets a few over-capacity answers, then its sockets
     are closed at once; other addresses are unaffected, and closing frees the slots."""
-    limits = SocketLimits(max_connections=1000, per_client=3, fd_margin=10, nofile=100_000)
+    limits = SocketLimits(max_connections=1000, per_client=3, fd_margin=10, nofile=1040)
+    assert limits.over_per_client == OVER_PER_CLIENT
     keys = [object() for _ in range(3 + OVER_PER_CLIENT + 2)]
     got = [limits.opened(key, "1.1.1.1") for key in keys]
     assert got == [Admission.SERVE] * 3 + [Admission.OVER] * OVER_PER_CLIENT + [Admission.REFUSE] * 2
+    roomy = SocketLimits(max_connections=10_000, per_client=100, fd_margin=100, nofile=20_000)
+    assert roomy.over_per_client == (19_950 - 10_000) // 4
     assert limits.opened(object(), "2.2.2.2") is Admission.SERVE
     for key in keys:
         limits.closed(key)

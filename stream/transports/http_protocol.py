@@ -30,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import HeadTimeout, HeadTooLarge, StreamError
 from ..limits import Admission
-from .stall import StallWatch
+from .stall import StallWatch, drop
 
 __all__ = ["HttpProtocol", "StreamSink"]
 
@@ -194,16 +194,14 @@ class HttpProtocol(HttpToolsProtocol):
             return
         log.info("closing HTTP connection from %s: request body stalled for %g s", self._host(), timeout)
         self.runtime.closed["body_timeout"] += 1
-        self.transport.abort()
+        drop(self.transport)
 
     def _stalled(self) -> None:
         if self.transport.get_protocol() is not self:
             return
         log.info("closing HTTP connection from %s: accepted no output for %g s", self._host(), self.stall.timeout)  # type: ignore[union-attr]
         self.runtime.closed["write_stall"] += 1
-        if self.stream_sink is not None:
-            self.stream_sink.lost()
-        self.transport.abort()
+        drop(self.transport)  # connection_lost follows: the request's cycle and any stream end there
 
     def _refuse(self, exc: StreamError, reason: str) -> None:
         """Answer a request that never got as far as the app, and close."""

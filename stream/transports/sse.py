@@ -21,6 +21,7 @@ from ..errors import StreamError, Unauthorized, Unavailable
 from ..hub import Subscriber
 from ..runtime import Runtime
 from .params import SubscribeRequest
+from .stall import drop
 
 __all__ = ["EventStream", "HEADERS"]
 
@@ -133,7 +134,7 @@ class EventStream(Response):
         if abort_after is not None and self.protocol is not None:
             # The end of the stream may never drain to a stalled client: drop it after a while.
             transport = self.protocol.transport
-            self.abort_timer = asyncio.get_running_loop().call_later(abort_after, transport.abort)
+            self.abort_timer = asyncio.get_running_loop().call_later(abort_after, drop, transport)
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 

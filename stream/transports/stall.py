@@ -9,9 +9,26 @@ reads slowly keeps its connection: any progress restarts the clock.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable
 
-__all__ = ["StallWatch"]
+__all__ = ["StallWatch", "drop"]
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def drop(transport: asyncio.BaseTransport) -> None:
+    """Close at once and let the kernel forget the unsent output too: with SO_LINGER 0 the close
+    is a reset. A plain abort only closes our descriptor; the kernel would keep the socket and
+    its full send buffer in FIN-WAIT-1, probing the stalled peer for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass
+    transport.abort()
 
 
 class StallWatch:

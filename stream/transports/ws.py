@@ -35,7 +35,7 @@ from ..limits import Admission, TokenBucket
 from ..runtime import Runtime
 from . import ws_ops
 from .params import check_origin
-from .stall import StallWatch
+from .stall import StallWatch, drop
 
 __all__ = ["WebSocketProtocol"]
 
@@ -51,6 +51,7 @@ VERSION = 1
 # client is treated as a slow consumer.
 WRITE_BUFFER_CAP = 4 * 1024 * 1024
 MAX_REF_LENGTH = 200
+FEED_BYTES = 16 * 1024
 
 # Close codes (SPEC §5).
 NORMAL, GOING_AWAY, BAD_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000, 1001, 1007, 1008, 1009, 1011, 1013, 4008
@@ -86,6 +87,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.bucket: TokenBucket | None = None
         self.strikes = 0  # ops refused in a row by the rate limit
         self.stall: StallWatch | None = None
+        self.flooded = False  # closed for flooding: nothing more it sends is read
         # The Sink interface the subscriber uses; ``write`` is bound to the transport itself.
         self.encode = wire.ws_event
         self.encode_snapshot = wire.ws_snapshot
@@ -104,8 +106,18 @@ class WebSocketProtocol(asyncio.Protocol):
             self.stall = StallWatch(self.loop, self.transport, timeout, self._stalled)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        # Fed in slices: websockets parses all it is given at once, and 256 KiB of 6-byte PING
+        # frames would be 40,000 frames parsed (and pongs queued) before the flood check runs.
+        for start in range(0, len(data), FEED_BYTES):
+            if self.flooded:
+                return
+            self.conn.receive_data(data[start : start + FEED_BYTES] if len(data) > FEED_BYTES else data)
+            self._handle_events()
+
+    def _handle_events(self) -> None:
         for event in self.conn.events_received():
+            if self.flooded:
+                break
             if isinstance(event, Request):
                 self._handshake(event)
             elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
@@ -166,7 +178,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.sub.pause()
 
     def resume_writing(self) -> None:
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.flooded:
             self.transport.resume_reading()
         if self.stall is not None:
             self.stall.resumed()
@@ -178,7 +190,7 @@ class WebSocketProtocol(asyncio.Protocol):
         log.info("dropping WebSocket %s: accepted no output for %g s", self.client_host, self.stall.timeout)
         self.runtime.closed["write_stall"] += 1
         self._stop_delivery()
-        self.transport.abort()
+        drop(self.transport)
 
     # -- called by uvicorn and the runtime ------------------------------------------------
 
@@ -266,6 +278,13 @@ class WebSocketProtocol(asyncio.Protocol):
         )
         self._schedule_ping()
         if params.get("topics"):
+            # At the loop's next turn: uvicorn makes this object the transport's protocol only
+            # after the handshake returns, and until then flow control (pause_writing) would go
+            # to the HTTP protocol, unheard by this connection's subscriber.
+            self.loop.call_soon(self._subscribe_from_query, params)
+
+    def _subscribe_from_query(self, params: dict[str, str]) -> None:
+        if self.conn.state is OPEN and self.sub is not None:
             self._run_op(ws_ops.subscribe, params, None)
 
     def _reject(self, exc: StreamError, path: str, params: dict[str, str], status: int | None = None) -> None:
@@ -354,11 +373,14 @@ class WebSocketProtocol(asyncio.Protocol):
         self.strikes += 1
         if self.runtime is not None:
             self.runtime.ops_refused += 1
-        if self.strikes > self.bucket.burst:
+        if self.strikes > self.bucket.burst and not self.flooded:
             log.info("closing WebSocket %s: sustained flooding past the op rate limit", self.client_host)
-            if self.runtime is not None and self.conn.state is OPEN:
+            self.flooded = True
+            if self.runtime is not None:
                 self.runtime.closed["flooding"] += 1
             self.close(POLICY, "too many messages")
+            if not self.transport.is_closing():
+                self.transport.pause_reading()  # its close frame, if any, is not awaited: the abort timer ends it
         return False
 
     def _run_op(self, handler, message: dict[str, Any], ref: Any) -> None:
@@ -437,7 +459,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.close_timer = None
-        self.transport.abort()
+        drop(self.transport)
 
     def _stop_delivery(self) -> None:
         if self.sub is not None:
