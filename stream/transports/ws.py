@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -225,14 +226,14 @@ class WebSocketProtocol(asyncio.Protocol):
         params = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
         runtime = self.runtime
         if response.status_code != 101:
-            self._log_access(path, params, response.status_code)
+            self._log_access(request.path, response.status_code)
             self._respond(response)
             return
         if runtime is None:
-            self._reject(Unavailable("the server is starting; retry in a moment"), path, params)
+            self._reject(Unavailable("the server is starting; retry in a moment"), request.path)
             return
         if path != PATH:
-            self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), path, params, 404)
+            self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), request.path, 404)
             return
         self.client_host = runtime.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
         try:
@@ -240,12 +241,12 @@ class WebSocketProtocol(asyncio.Protocol):
             token = bearer_token(request.headers.get("Authorization"), params.get("token"))
             self.principal = runtime.auth.identify(token)
         except StreamError as exc:
-            self._reject(exc, path, params)
+            self._reject(exc, request.path)
             return
 
         self.conn.send_response(response)
         self._flush()
-        self._log_access(path, params, 101)
+        self._log_access(request.path, 101)
         self.write = self.transport.write
         try:
             if runtime.sockets.admission(self.transport) is Admission.OVER:
@@ -287,7 +288,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.conn.state is OPEN and self.sub is not None:
             self._run_op(ws_ops.subscribe, params, None)
 
-    def _reject(self, exc: StreamError, path: str, params: dict[str, str], status: int | None = None) -> None:
+    def _reject(self, exc: StreamError, target: str, status: int | None = None) -> None:
         status = status or exc.status
         body = orjson.dumps({"error": exc.to_dict()})
         headers = Headers(
@@ -299,7 +300,7 @@ class WebSocketProtocol(asyncio.Protocol):
         )
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
-        self._log_access(path, params, status)
+        self._log_access(target, status)
         self._respond(Response(status, _reason(status), headers, body))
 
     def _respond(self, response: Response) -> None:
@@ -307,10 +308,13 @@ class WebSocketProtocol(asyncio.Protocol):
         self._flush()
         self.transport.close()
 
-    def _log_access(self, path: str, params: dict[str, str], status: int) -> None:
+    def _log_access(self, target: str, status: int) -> None:
+        # The request target as sent (percent-encoded, as uvicorn logs HTTP requests): a decoded
+        # %0A would forge a log line. Control characters are escaped all the same, and the
+        # logging filter redacts token= however its name is encoded.
         if access_log.isEnabledFor(logging.INFO):
-            shown = "&".join(f"{k}={'***' if k == 'token' else v}" for k, v in params.items())
-            access_log.info('%s - "WebSocket %s%s" %d', self.client_host, path, f"?{shown}" if shown else "", status)
+            shown = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", target)
+            access_log.info('%s - "WebSocket %s" %d', self.client_host, shown, status)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -478,6 +482,9 @@ class WebSocketProtocol(asyncio.Protocol):
                 # and drops it if unread data keeps it from closing (a peer that stopped reading).
                 self.transport.close()
                 self._arm_abort(self._close_timeout())
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _utf8(data: bytes) -> bool:
