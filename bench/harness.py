@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from array import array
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ import orjson
 __all__ = [
     "BENCH",
     "CHILDREN",
+    "KEY",
+    "Attacker",
     "CONNECTION_MANAGER",
     "FLOOR",
     "NODE_WS",
@@ -38,6 +42,7 @@ ROOT = BENCH.parent
 PYTHON = sys.executable
 KEY = "bench-publisher-key"
 TICK = os.sysconf("SC_CLK_TCK")
+PIPELINE = 8  # publish requests written and not yet answered, at most
 PAD = "x" * 150  # makes a published message about 250 bytes on the wire, as in the issue
 
 
@@ -87,12 +92,13 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, spec: ServerSpec) -> None:
+    def __init__(self, spec: ServerSpec, env: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **env} if env else None)
         CHILDREN.append(self.proc)
         deadline = time.monotonic() + 30
         while True:
@@ -178,16 +184,75 @@ class Clients:
         return merged, latencies
 
 
+# -- the attacker -------------------------------------------------------------------------
+
+
+class Attacker:
+    """bench/attacker.py against ``server``: slowloris, snapshot flood and subscription churn at
+    once from 127.0.0.10-13. ``size`` maps its options (``trickle``, ``idle``, ``topics``,
+    ``snapshot``, ``churn``, …) to values. It stops by itself ``duration`` seconds after it is
+    ready at the latest; ``stop()`` ends it sooner and returns what it did."""
+
+    def __init__(self, server: RunningServer, size: dict[str, float], duration: float, setup_timeout: float = 120) -> None:
+        command = [PYTHON, str(BENCH / "attacker.py"), "--url", server.url, "--key", KEY,
+                   "--duration", str(duration), "--setup-timeout", str(setup_timeout)]
+        for name, value in size.items():
+            command += [f"--{name.replace('_', '-')}", f"{value:g}"]
+        self.bound = setup_timeout + duration + 60  # its own bounds, and a margin
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        CHILDREN.append(self.proc)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of output
+
+    def _line(self, timeout: float) -> str:
+        try:
+            return self.lines.get(timeout=max(0.1, timeout))
+        except queue.Empty:
+            return ""
+
+    def wait_ready(self) -> dict:
+        """Blocks until the setup is done and the sockets are open; what it holds then."""
+        line = self._line(self.bound)
+        if not line.startswith("ready "):
+            self.proc.kill()
+            raise RuntimeError(f"the attacker did not get ready: {line!r}")
+        return orjson.loads(line[6:])
+
+    def stop(self) -> dict:
+        try:
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # it had stopped by itself
+        line = self._line(30)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if not line.startswith("{"):
+            raise RuntimeError(f"the attacker ended without its report: {line!r}")
+        return orjson.loads(line)
+
+
 # -- publishing ---------------------------------------------------------------------------
 
 
 async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tuple[int, float]:
     """Publish ``rate`` messages per second for ``seconds``, ``batch`` per request, each request
-    written on schedule over one keep-alive connection (HTTP/1.1 pipelining: the writer never
-    waits for an answer, a reader collects them). Every message carries its scheduled time, so
-    a server that falls behind shows it in the latency. Returns (messages published, seconds
-    the last answer came after the end of the schedule)."""
+    written on schedule over one keep-alive connection (HTTP/1.1 pipelining: the writer does not
+    wait for an answer, a reader collects them), with at most ``PIPELINE`` requests unanswered
+    (stream closes a socket that pipelines more than 16; a server that falls that far behind
+    makes the writer wait). Every message carries its scheduled time, so a server that falls
+    behind shows it in the latency. Returns (messages published, seconds the last answer came
+    after the end of the schedule)."""
     requests = int(rate * seconds / batch)
+    window = asyncio.Semaphore(PIPELINE)
     interval = batch / rate
     host, port = url.split("//")[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -203,6 +268,7 @@ async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tupl
                 answer = await reader.readuntil(b"0\r\n\r\n")
             if b" 202 " not in status_and_headers[:16]:
                 raise RuntimeError(f"publish failed: {status_and_headers[:40]!r} {answer[:200]!r}")
+            window.release()
 
     collecting = asyncio.create_task(answers())
     seq = 0
@@ -212,6 +278,16 @@ async def publish(url: str, rate: float, seconds: float, batch: int = 1) -> tupl
         delay = start + number * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if window.locked():  # PIPELINE requests unanswered: wait for one answer (or the reader's error)
+            acquire = asyncio.ensure_future(window.acquire())
+            await asyncio.wait({acquire, collecting}, timeout=max(60.0, seconds * 10), return_when=asyncio.FIRST_COMPLETED)
+            if not acquire.done():
+                acquire.cancel()
+                if collecting.done():
+                    collecting.result()
+                raise RuntimeError(f"publish: no answer for {max(60.0, seconds * 10):g} s")
+        else:
+            await window.acquire()
         due = start_wall + number * interval
         items = []
         for _ in range(batch):

@@ -1,14 +1,21 @@
 """Fan-out benchmark: stream against the usual Python patterns (and Node's ws), in one run.
 
-    .venv/bin/python bench/run.py                 # everything, ~3 minutes on 2 cores
+    .venv/bin/python bench/run.py                 # everything, ~4 minutes on 2 cores
     .venv/bin/python bench/run.py --quick         # half a minute: correctness smoke test (no Node)
     .venv/bin/python bench/run.py --only ws,idle  # some scenarios
+    .venv/bin/python bench/run.py --only hostile  # stream's defences: a clean run, then one under attack
 
 For each server it starts the server, opens the subscribers in separate client processes
 (bench/client.py), publishes at a fixed rate through POST /api/publish with the publish time in
 the payload, and reports deliveries, loss, latency (p50/p99/max), the server's user and system
 CPU per delivery (from /proc/PID/stat), its RSS per idle connection, and connect time.
 Results are printed as tables and written as JSON (bench/results/latest.json).
+
+The ``hostile`` scenario (stream alone) runs the same WebSocket fan-out twice: clean, then while
+bench/attacker.py holds slowloris sockets, floods never-read snapshot=1 subscriptions and churns
+subscriptions from 127.0.0.10-13. It passes when the subscribers' p99 under attack is under
+twice the clean one and nothing is lost; the verdict and the attacker's report are printed and
+written to the JSON (``hostile``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -36,6 +44,7 @@ from harness import (  # bench/ is this script's directory, so it is on sys.path
     NODE_WS,
     SSE_QUEUES,
     STREAM,
+    Attacker,
     Clients,
     RunningServer,
     ServerSpec,
@@ -70,6 +79,7 @@ class Result:
     kb_per_idle_connection: float = 0.0
     connect_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # the hostile scenario: server RSS and metrics, the attacker's report
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -98,9 +108,14 @@ def record(result: Result, published: int, expected: int, merged: dict, latencie
 
 
 def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seconds: float, *, scenario: str,
-           batch: int = 1, processes: int = 2, stall: int = 0) -> Result:
+           batch: int = 1, processes: int = 2, stall: int = 0, env: dict[str, str] | None = None,
+           attack: dict[str, float] | None = None) -> Result:
+    """One measured run. With ``attack`` (bench/attacker.py's sizes) the attacker starts once the
+    subscribers are connected and runs through the whole measurement; its report, the server's
+    RSS (before the attack, peak, after) and its socket metrics go into ``result.extra``."""
     result = Result(scenario, spec.name, transport, subscribers, rate, seconds)
-    server = RunningServer(spec)
+    server = RunningServer(spec, env)
+    attacker = None
     try:
         time.sleep(0.5)
         rss_before = server.rss_kb()
@@ -108,6 +123,13 @@ def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seco
         result.connect_s = round(clients.connect_seconds, 2)
         time.sleep(1.0)
         result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
+        watch = RssWatch(server) if env is not None or attack is not None else None
+        if attack is not None:
+            attacker = Attacker(server, attack, duration=seconds + 60)
+            result.extra["attacker_ready"] = attacker.wait_ready()
+            time.sleep(1.0)  # the attack under way before the measurement starts
+        if watch is not None:
+            result.extra["load_average_1m"] = round(os.getloadavg()[0], 2)  # others on the machine show here
         before = server.cpu()
         published, behind = asyncio.run(publish(server.url, rate, seconds, batch))
         merged, latencies = clients.finish()  # each client first waits until nothing more arrives
@@ -117,18 +139,70 @@ def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seco
         result.kept_up = result.lost == 0 and behind < 0.05 * seconds + 0.2
         if merged["closed"] and not stall:
             result.notes.append(f"{merged['closed']} connections closed")
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text if spec is STREAM else ""
+        if attacker is not None:
+            result.extra["attacker"] = attacker.stop()
+            attacker = None
+            time.sleep(1.0)  # its sockets gone
+        if watch is not None:
+            result.extra.update(watch.stop())
+            result.extra["server_metrics"] = socket_metrics(metrics)
         if spec is STREAM:
-            fan_p99 = fanout_p99_ms(server.url)
+            fan_p99 = fanout_p99_ms(metrics)
             if fan_p99 is not None:
                 result.notes.append(f"server-side fan-out (accept -> last socket write) p99 <= {fan_p99:g} ms")
     finally:
+        if attacker is not None:
+            attacker.proc.kill()
         server.stop()
     return result
 
 
-def fanout_p99_ms(url: str) -> float | None:
+class RssWatch:
+    """The server's RSS now, at its peak (sampled every 0.2 s) and when ``stop()`` is called."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.before = self.peak = server.rss_kb()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                self.peak = max(self.peak, self.server.rss_kb())
+            except OSError:
+                return
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        after = self.server.rss_kb()
+        return {"rss_before_kb": self.before, "rss_peak_kb": max(self.peak, after), "rss_after_kb": after}
+
+
+SOCKET_METRICS = ("stream_sockets", "stream_connections", "stream_slow_consumer_disconnects", "stream_ws_ops_refused",
+                  "stream_publish_refused", "stream_history_bytes", "stream_retained_bytes", "stream_retained_topics",
+                  "stream_history_events", "stream_subscriptions")
+
+
+def socket_metrics(text: str) -> dict[str, float]:
+    """The samples of stream's /metrics that tell how it dealt with hostile clients (those it has)."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(SOCKET_METRICS) or "_created" in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            found[name] = float(value)
+        except ValueError:
+            continue
+    return found
+
+
+def fanout_p99_ms(text: str) -> float | None:
     """The 99th percentile bucket of stream's own delivery-latency histogram (from /metrics)."""
-    text = httpx.get(f"{url}/metrics", timeout=5).text
     buckets = []
     for line in text.splitlines():
         if line.startswith("stream_delivery_latency_seconds_bucket"):
@@ -228,28 +302,114 @@ def ensure_node_ws() -> bool:
     return True
 
 
+# -- hostile clients ----------------------------------------------------------------------
+
+# bench/attacker.py's sizes: the issue's attack, and a tenth of it for --quick.
+ATTACK = {"trickle": 500, "idle": 500, "topics": 20_000, "topic_bytes": 1000, "snapshot": 20, "churn": 300, "churn_rate": 20}
+# stream runs with its default per-address limit here (bench/stream.toml raises it for the idle
+# scenario), so the limit binds the attacker's addresses; the subscribers are 500 per address.
+HOSTILE_ENV = {"STREAM_MAX_CONNECTIONS_PER_CLIENT": "1000"}
+
+
+def attack_size(scale: float) -> dict[str, float]:
+    return {name: value if name in ("topic_bytes", "churn_rate") else max(1, round(value * scale)) for name, value in ATTACK.items()}
+
+
+def hostile_summary(clean: Result, hostile: Result) -> tuple[dict, list[str]]:
+    """The verdict (hostile p99 < 2x clean p99, nothing lost) and the lines that report it."""
+    ratio = hostile.p99_ms / max(clean.p99_ms, 0.01)
+    report = hostile.extra.get("attacker", {})
+    groups = report.get("groups", {})
+    complete = bool(groups) and all(g["held_peak"] >= 0.9 * g["target"] for g in groups.values())
+    passed = ratio < 2 and hostile.lost == 0 and clean.lost == 0
+    summary = {
+        "p99_ratio": round(ratio, 2),
+        "p50_ratio": round(hostile.p50_ms / max(clean.p50_ms, 0.01), 2),
+        "lost": hostile.lost,
+        "passed": passed,
+        "attack_complete": complete,
+        "clean": {k: getattr(clean, k) for k in ("p50_ms", "p99_ms", "max_ms", "delivered", "lost", "duplicates", "out_of_order")} | clean.extra,
+        "hostile": {k: getattr(hostile, k) for k in ("p50_ms", "p99_ms", "max_ms", "delivered", "lost", "duplicates", "out_of_order")} | hostile.extra,
+    }
+    mb = lambda kb: f"{kb / 1024:,.0f} MB"  # noqa: E731
+    lines = [f"\nHostile clients: {clean.subscribers} WebSocket subscribers, {clean.rate:g} msg/s for {clean.seconds:g} s, "
+             f"clean and then under attack (stream alone)",
+             "run      delivered  lost  dup  kept up  p50 ms  p99 ms  max ms  load  server RSS before / peak / after"]
+    for name, run in (("clean", clean), ("hostile", hostile)):
+        rss = (f"{mb(run.extra['rss_before_kb'])} / {mb(run.extra['rss_peak_kb'])} / {mb(run.extra['rss_after_kb'])}"
+               if "rss_before_kb" in run.extra else "")
+        lines.append(f"{name:<8} {run.delivered:<10} {run.lost:<5} {run.duplicates:<4} {str(run.kept_up):<8} "
+                     f"{run.p50_ms:<7.1f} {run.p99_ms:<7.1f} {run.max_ms:<7.1f} {run.extra.get('load_average_1m', 0):<5.2f} {rss}")
+    lines.append(f"  load: the 1-minute load average as the measurement began ({os.cpu_count()} CPUs); RSS: before the attack, "
+                 f"its peak, after it")
+    if groups:
+        names = {"slowloris_trickle": "slowloris trickling", "slowloris_idle": "slowloris idle",
+                 "snapshot_flood": "snapshot=1 never reading", "churn": "subscription churn"}
+        setup = report.get("setup", {})
+        lines.append(f"  attacker: setup published {setup.get('statuses', {})} of {setup.get('topics', 0):,} retained topics "
+                     f"(~{setup.get('topic_bytes', 0)} B) in {setup.get('seconds', 0)} s; then held {report['held_total_peak']} sockets "
+                     f"at peak (mean {report['held_total_mean']:g}) for {report['seconds_attacking']} s; "
+                     f"the server closed {report['closed_by_server']}; attacker CPU {report['cpu_s']} s"
+                     + ("; it stopped by itself (--duration) before the measurement ended" if report.get("stopped_by") == "duration" else ""))
+        for key, group in groups.items():
+            extra = ""
+            if key == "churn":
+                errors = {k[6:]: v for k, v in group.items() if k.startswith("error_")}
+                extra = f", ops sent {group.get('ops_sent', 0):,}, answered {group.get('subscribed', 0) + group.get('unsubscribed', 0):,}" + (f", errors {errors}" if errors else "")
+            elif key == "snapshot_flood":
+                extra = f", unread bytes per socket up to {group.get('unread_bytes_max', 0):,}"
+            answers = {**{f"HTTP {k}": v for k, v in group["statuses"].items() if k != "101"}, **{f"close {k}": v for k, v in group["close_codes"].items()}}
+            lines.append(f"    {names.get(key, key)} ({group['source']}): held {group['held_peak']}/{group['target']} at peak, "
+                         f"mean {group['held_mean']:g}, min {group['held_min']}; {group['connects']} connects, "
+                         f"{group['closed_by_server']} closed by the server" + (f" (answers {answers})" if answers else "")
+                         + (f", {group['connect_failed']} connects failed" if group["connect_failed"] else "") + extra)
+    metrics = {k: v for k, v in hostile.extra.get("server_metrics", {}).items() if v}
+    if metrics:
+        lines.append("  server metrics after the attack: " + ", ".join(f"{k} {v:g}" for k, v in metrics.items()))
+    lines.append(f"  p99 under attack / clean: {ratio:.2f}x ({hostile.p99_ms:.1f} ms vs {clean.p99_ms:.1f} ms), p50 "
+                 f"{summary['p50_ratio']:.2f}x; lost {hostile.lost}"
+                 + ("" if complete else "; NOTE: the attacker did not reach its size (see above)"))
+    lines.append(f"  verdict: {'PASS' if passed else 'FAIL'} (needs p99 ratio < 2 and nothing lost)")
+    return summary, lines
+
+
 def main() -> int:
     # An interrupted run (Ctrl-C, or a timeout's SIGTERM) must not leave servers polling away.
     atexit.register(kill_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
-    parser.add_argument("--only", default="ws,sse,burst,idle,slow", help="scenarios: ws,sse,burst,idle,slow")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile", help="scenarios: ws,sse,burst,idle,slow,hostile")
+    parser.add_argument(
+        "--hostile-rate",
+        type=float,
+        default=10,
+        help="publish rate of the hostile scenario's normal run (default 10 msg/s: the attacker, the two client "
+        "processes and the server share the same two cores, and at 50 msg/s the normal run alone needs ~1.7 of them)",
+    )
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--idle", type=int, default=10_000, help="connections in the idle scenario")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="runs per server in the WS/SSE scenarios (median reported)")
+    parser.add_argument("--attack-scale", type=float, default=None,
+                        help="size of the hostile scenario's attack, 1 = full size (500+500 slowloris, 20,000 topics "
+                             "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
     if args.quick:
         args.subscribers, args.seconds, args.idle = 200, 2, 500  # the Python baselines run too, not Node
+        if args.attack_scale is None:
+            args.attack_scale = 0.1
         if args.only == parser.get_default("only"):
-            args.only = "ws,sse"
+            args.only = "ws,sse,hostile"
+    if args.attack_scale is None:
+        args.attack_scale = 1.0
     only = set(args.only.split(","))
     results: list[Result] = []
     report: list[str] = []
+    hostile: dict = {}
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -334,12 +494,42 @@ def main() -> int:
             f"p50 {p50_change:+.1f} %")
         say(f"  noise: the two clean runs of a round differed in p99 by {sorted(drifts)[len(drifts) // 2]:.0f} % (median of {len(drifts)} rounds)")
 
+    failed = False
+    if "hostile" in only:
+        # The normal run, then the same under attack; --repeat rounds, the median p99 of each.
+        size = attack_size(args.attack_scale)
+        cleans, attacked = [], []
+        try:
+            for round_ in range(args.repeat):
+                print(f"… hostile clients (round {round_ + 1}/{args.repeat}): clean, then under attack {size}", flush=True)
+                rate = args.hostile_rate
+                cleans.append(fanout(STREAM, "ws", args.subscribers, rate, args.seconds, scenario="hostile-clean", env=HOSTILE_ENV))
+                attacked.append(fanout(STREAM, "ws", args.subscribers, rate, args.seconds, scenario="hostile", env=HOSTILE_ENV, attack=size))
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nHostile clients: the scenario failed: {exc!r}")  # the other scenarios' results are still written
+            failed = True
+        if cleans and attacked:
+            cleans.sort(key=lambda r: r.p99_ms)
+            attacked.sort(key=lambda r: r.p99_ms)
+            clean, under = cleans[len(cleans) // 2], attacked[len(attacked) // 2]
+            if len(cleans) > 1:
+                clean.notes.append(f"median p99 of {len(cleans)} runs: {[r.p99_ms for r in cleans]}")
+                under.notes.append(f"median p99 of {len(attacked)} runs: {[r.p99_ms for r in attacked]}")
+            results += [clean, under]
+            hostile, lines = hostile_summary(clean, under)
+            hostile["attack_size"] = size
+            for line in lines:
+                say(line)
+            for r in (clean, under):
+                for note in r.notes:
+                    say(f"  note ({r.scenario}): {note}")
+
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                              "results": [asdict(r) for r in results], "report": report}, option=orjson.OPT_INDENT_2))
+                                              "results": [asdict(r) for r in results], "hostile": hostile, "report": report}, option=orjson.OPT_INDENT_2))
     print(f"\nJSON: {args.json}")
     bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
-    return 1 if bad else 0
+    return 1 if bad or failed else 0  # the hostile verdict's latency ratio is reported, not enforced here
 
 
 if __name__ == "__main__":

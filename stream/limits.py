@@ -130,6 +130,8 @@ class TrustedProxies:
     def trusts(self, host: str) -> bool:
         if self.everyone:
             return True
+        if not self.networks:  # the default: nobody, decided without parsing the address
+            return False
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

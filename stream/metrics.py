@@ -84,6 +84,11 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "stream_ws_ops_refused", "WebSocket ops and control frames refused by the op rate", value=runtime.ops_refused
         )
+        yield CounterMetricFamily(
+            "stream_ws_ops_throttled",
+            "Times a WebSocket connection's reading was paused for its address's share of op work",
+            value=runtime.ops_throttled,
+        )
 
         yield GaugeMetricFamily(
             "stream_subscriptions", "Patterns subscribed, over all connections", value=sum(len(s.wants) for s in hub.subscribers)

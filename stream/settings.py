@@ -56,6 +56,8 @@ class ServerSettings:
     providers_public: bool = True  # false: /api/providers needs a valid key or token
     ws_ops_rate: float = 50.0  # client ops per second per WebSocket connection
     ws_ops_burst: int = 100  # ops a connection may send at once before the rate applies
+    ws_ops_rate_per_client: float = 500.0  # op work per second all WebSocket connections of one address share (an op costs 1, a (un)subscribe 1 per pattern)
+    ws_ops_burst_per_client: int = 2000  # op work one address may do at once before its connections are read slower
     publish_rate: float = 100.0  # events per second one key may publish (HTTP and WebSocket together)
     publish_burst: int = 100  # events one key may publish at once before the rate applies
     sse_heartbeat: float | None = 15.0  # seconds between ": ping" comments
@@ -235,6 +237,8 @@ def _check_ranges(s: ServerSettings, given: dict[str, Any], problems: list[str])
     for name in ("history_size", "max_event_bytes", "max_batch_bytes", "max_batch_events", "subscriber_buffer"):
         need(name, getattr(s, name) >= 1, "must be at least 1")
     need("ws_ops_rate", s.ws_ops_rate > 0, "must be a positive number of ops per second")
+    need("ws_ops_rate_per_client", s.ws_ops_rate_per_client > 0, "must be a positive number of ops per second")
+    need("ws_ops_burst_per_client", s.ws_ops_burst_per_client >= 1, "must be at least 1")
     need("publish_rate", s.publish_rate > 0, "must be a positive number of events per second")
     need("publish_burst", s.publish_burst >= 1, "must be at least 1")
     need("max_topics", s.max_topics >= 1, "must be at least 1")

@@ -550,3 +550,17 @@ async def test_private_metrics_and_providers_need_a_key():
         assert wrong.status_code == 401, (path, wrong.text)
         assert keyed.status_code == 200, (path, keyed.text)
     canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
+
+
+async def test_one_address_churning_past_its_share_is_read_slower_not_served_first(server):
+    """60 connections from one address churning 10 patterns per op at 40 ops/s (24,000 pattern
+    ops/s, past the address's share of 2,000) are throttled — their ops wait, none is refused or
+    closed — while the canary sees no gap over 1 s."""
+    with Canary(server) as canary:
+        results = await asyncio.gather(*(churn(server.ws_url, ATTACKERS[0], 1000 + n, 40, 3) for n in range(60)))
+        async with httpx.AsyncClient() as http:
+            throttled = metric_total((await http.get(f"{server.url}/metrics")).text, "stream_ws_ops_throttled_total")
+    totals = sum(results, Counter())
+    assert throttled > 0, "the address's share never throttled it"
+    assert totals["error"] == 0 and totals["subscribed"] + totals["unsubscribed"] > 0, totals
+    canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)

@@ -37,7 +37,7 @@ __all__ = ["Policy", "Sink", "SnapshotScan", "State", "Subscriber", "Want"]
 FLUSH_BYTES = 64 * 1024
 # Catch-up steps (each at most FLUSH_BYTES written, or the hub's SCAN_STEP examined) one flush
 # runs before it yields the loop to other work and continues at its next turn.
-STEPS_PER_TURN = 4
+STEPS_PER_TURN = 1
 
 
 class Policy(enum.Enum):

@@ -178,8 +178,11 @@ class HttpProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is still being answered; its head arrived in time
-        if self.head_bytes == 0 and self.cycle is not None:
-            self.transport.close()  # an idle keep-alive socket: nothing to say
+        if self.head_bytes == 0:
+            # Not a byte of a request: nobody to answer (saves a write per idle socket).
+            self.runtime.closed["head_timeout"] += 1
+            self._cancel_timers()
+            self.transport.close()
             return
         self._refuse(HeadTimeout("request head: not received in time"), "head_timeout")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 from http import HTTPStatus
 from typing import Any
@@ -89,6 +90,11 @@ class WebSocketProtocol(asyncio.Protocol):
         self.strikes = 0  # ops refused in a row by the rate limit
         self.stall: StallWatch | None = None
         self.flooded = False  # closed for flooding: nothing more it sends is read
+        self.write_paused = False
+        self.throttle: asyncio.TimerHandle | None = None  # reading paused for the address's op share
+        self.unread: list[bytes] = []  # received while throttled (at most one read's worth)
+        self.held: list[Any] = []  # frames parsed but not yet handled while throttled
+        self.op_debt_checked = True  # whether the ops since the last check were charged
         # The Sink interface the subscriber uses; ``write`` is bound to the transport itself.
         self.encode = wire.ws_event
         self.encode_snapshot = wire.ws_snapshot
@@ -112,12 +118,55 @@ class WebSocketProtocol(asyncio.Protocol):
         for start in range(0, len(data), FEED_BYTES):
             if self.flooded:
                 return
+            if self.throttle is not None:  # its address spent its share: the rest waits for it
+                self.unread.append(data[start:])
+                return
             self.conn.receive_data(data[start : start + FEED_BYTES] if len(data) > FEED_BYTES else data)
             self._handle_events()
 
+    def _throttle_if_due(self) -> None:
+        """Past its address's share of op work (``ws_ops_rate_per_client``), stop reading this
+        connection until the debt is paid: ops wait in the kernel, costing nothing, instead of
+        being answered at the expense of everyone else's deliveries."""
+        if self.op_debt_checked or self.runtime is None or self.flooded:
+            return
+        self.op_debt_checked = True
+        wait = self.runtime.ops_debt(self.client_host, self.loop.time())
+        if wait > 0 and self.throttle is None and not self.transport.is_closing():
+            self.runtime.ops_throttled += 1
+            self.transport.pause_reading()
+            self._wait_for_share(wait)
+
+    def _wait_for_share(self, wait: float) -> None:
+        # Spread over up to twice the wait: an address's connections share one debt, and waking
+        # them all at the same instant would be the very burst the share is there to prevent.
+        self.throttle = self.loop.call_later(wait * (1 + random.random()), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.throttle = None
+        if self.transport.is_closing() or self.runtime is None:
+            return
+        wait = self.runtime.ops_debt(self.client_host, self.loop.time())
+        if wait > 0:  # others of its address spent the share meanwhile
+            self._wait_for_share(wait)
+            return
+        if not self.write_paused:
+            self.transport.resume_reading()
+        if self.held:
+            self._handle_events()
+        pending, self.unread = self.unread, []
+        for data in pending:
+            self.data_received(data)
+
     def _handle_events(self) -> None:
-        for event in self.conn.events_received():
+        events = self.conn.events_received()
+        if self.held:
+            events, self.held = self.held + events, []
+        for index, event in enumerate(events):
             if self.flooded:
+                break
+            if self.throttle is not None:
+                self.held = events[index:]  # at most one slice's frames, handled when the share allows
                 break
             if isinstance(event, Request):
                 self._handshake(event)
@@ -140,6 +189,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._control_allowed()  # websockets has queued the pong; a flood is closed
             elif event.opcode is Opcode.CLOSE:
                 self._stop_delivery()
+            self._throttle_if_due()
         self._flush()
         if self.conn.parser_exc is not None:
             # websockets already queued the close frame (1009 too big, 1002, 1007); stop here.
@@ -153,10 +203,11 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_delivery()
-        for timer in (self.ping_timer, self.pong_timer, self.close_timer):
+        for timer in (self.ping_timer, self.pong_timer, self.close_timer, self.throttle):
             if timer is not None:
                 timer.cancel()
-        self.ping_timer = self.pong_timer = self.close_timer = None
+        self.ping_timer = self.pong_timer = self.close_timer = self.throttle = None
+        self.held, self.unread = [], []
         for task in self.tasks:
             task.cancel()
         if self.stall is not None:
@@ -171,6 +222,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         # A client that does not read gets no more of our attention either: stop reading its
         # ops (and pings) until it drains, so it cannot grow our buffers with replies.
+        self.write_paused = True
         if not self.transport.is_closing():
             self.transport.pause_reading()
         if self.stall is not None:
@@ -179,7 +231,8 @@ class WebSocketProtocol(asyncio.Protocol):
             self.sub.pause()
 
     def resume_writing(self) -> None:
-        if not self.transport.is_closing() and not self.flooded:
+        self.write_paused = False
+        if not self.transport.is_closing() and not self.flooded and self.throttle is None:
             self.transport.resume_reading()
         if self.stall is not None:
             self.stall.resumed()
@@ -371,6 +424,9 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _spend(self) -> bool:
         assert self.bucket is not None
+        if self.runtime is not None:
+            self.runtime.charge_ops(self.client_host)
+            self.op_debt_checked = False
         if self.bucket.take(self.loop.time()):
             self.strikes = 0
             return True

@@ -27,6 +27,7 @@ def subscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> Non
     """``subscribe``: answer ``subscribed`` with the position, then snapshot / replay / live."""
     assert conn.runtime is not None and conn.sub is not None
     request = subscribe_request(message)
+    conn.runtime.charge_ops(conn.client_host, len(request.topics) - 1)  # each pattern is work
     conn.runtime.auth.check_subscribe(conn.principal, request.topics)
 
     def announce(position: str) -> None:
@@ -45,6 +46,7 @@ def subscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> Non
 def unsubscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
     assert conn.runtime is not None and conn.sub is not None
     topics = parse_pattern_list(message.get("topics"), "topics")
+    conn.runtime.charge_ops(conn.client_host, len(topics) - 1)
     conn.runtime.hub.unsubscribe(conn.sub, topics)
     conn.send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
 
