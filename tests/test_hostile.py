@@ -256,13 +256,14 @@ async def _publish_around(server: Server, seconds: float) -> int:
 
 
 async def test_subscription_churn_does_not_stall_delivery(server):
-    """300 WebSocket clients subscribing and unsubscribing groups of unique patterns at 4 ops/s
-    each for 5 s (up to 24,000 patterns live), while 1,000 events/s go to 100 other topics, get
-    every op answered without an error, the publisher keeps its pace and the canary sees no gap
-    over 1 s; RSS stays within 100 MB of the baseline."""
+    """300 WebSocket clients from 60 addresses (each within its address's share of op work)
+    subscribing and unsubscribing groups of unique patterns at 4 ops/s each for 5 s (up to
+    24,000 patterns live), while 1,000 events/s go to 100 other topics, get every op answered
+    without an error, the publisher keeps its pace and the canary sees no gap over 1 s; RSS
+    stays within 100 MB of the baseline. (One address past its share: the next test.)"""
     with Canary(server) as canary:
         *results, batches = await asyncio.gather(
-            *(churn(server.ws_url, ATTACKERS[i % 2], i, rate=4, seconds=5) for i in range(300)),
+            *(churn(server.ws_url, f"127.0.1.{1 + i % 60}", i, rate=4, seconds=5) for i in range(300)),
             _publish_around(server, 5),
         )
     total = sum(results, Counter())
