@@ -6,14 +6,15 @@ which the app turns into ``{"error": {"code", "message"}}`` with the matching st
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from starlette.requests import ClientDisconnect
 
+from .. import wire
 from ..auth import bearer_token
 from ..errors import (
     BadRequest,
@@ -32,7 +33,6 @@ from ..runtime import Runtime
 from ..topics import parse_pattern_list, validate_topic
 from .params import check_origin, parse_symbols, subscribe_request
 from .sse import EventStream
-from .. import wire
 
 __all__ = ["Gate", "error_parts", "router"]
 
@@ -42,6 +42,8 @@ TOPICS_PAGE = 1000
 TOPICS_SCAN = 10 * TOPICS_PAGE
 # Longest decimal Content-Length we parse: anything longer is over every body limit anyway.
 _MAX_LENGTH_DIGITS = 18
+
+log = logging.getLogger("stream.http")
 
 router = APIRouter()
 
@@ -128,7 +130,7 @@ async def topics(request: Request) -> JSON:
 
 
 @router.get("/api/topics/{topic}", tags=["api"])
-async def topic(topic: str, request: Request) -> JSON:
+async def topic(topic: str, request: Request) -> Response:
     """The retained (latest) event of one topic."""
     runtime = _runtime(request)
     validate_topic(topic, "topic")
@@ -155,7 +157,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 
 
 @router.get("/api/events", tags=["api"])
-async def events(request: Request) -> JSON:
+async def events(request: Request) -> Response:
     """History after ``since`` (or the latest events), long-polling up to ``wait`` seconds."""
     runtime = _runtime(request)
     params = request.query_params
@@ -208,27 +210,31 @@ def _check_length(declared: str | None, limit: int) -> None:
         raise PayloadTooLarge(f"body: Content-Length {declared[:40]} is over the {limit}-byte limit")
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    _check_length(request.headers.get("content-length"), limit)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body: over the {limit}-byte limit")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise BadRequest("body: the client went away before sending it") from None
-    return b"".join(chunks)
-
-
 @router.post("/api/publish", status_code=202, tags=["api"])
-async def publish(request: Request) -> JSON:
+async def publish(request: Request) -> Response:
     """Publish ``{"topic", "data"}`` or a list of them; 202 once accepted into history."""
-    runtime = _runtime(request)
-    principal = _principal(request, runtime)
-    body = await _body(request, runtime.settings.server.max_batch_bytes)
-    return JSON({"ids": await publish_body(runtime, principal, body)}, status_code=202)
+    status, headers, body = await answer_publish(_runtime(request), request.scope, request.receive)
+    return Response(body, status_code=status, headers={name.decode(): value.decode() for name, value in headers})
+
+
+async def answer_publish(runtime: Runtime, scope: Any, receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The one publish path, for the route and for ``Gate``: credentials, body, validation,
+    publish; the answer as (status, headers, body), errors in the one error shape."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)  # the first of repeated headers, as Starlette reads them
+    try:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        principal = runtime.auth.identify(bearer_token(authorization, (query.get("token") or [None])[-1]))
+        body = await _read(receive, headers.get(b"content-length", b""), runtime.settings.server.max_batch_bytes)
+        ids = await publish_body(runtime, principal, body)
+    except StreamError as exc:
+        return error_parts(exc)
+    except Exception:
+        log.exception("publish failed")
+        return error_parts(StreamError("internal error; it has been logged"))
+    return 202, [(b"content-type", b"application/json")], orjson.dumps({"ids": ids})
 
 
 async def publish_body(runtime: Runtime, principal: Any, body: bytes) -> list[str]:
@@ -306,22 +312,9 @@ class Gate:
             return await self._over_capacity(scope, receive, send)
         if scope["path"] != "/api/publish" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        headers: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, value)  # the first of repeated headers, as Starlette reads them
-        if b"origin" in headers:
-            return await self.app(scope, receive, send)
-        runtime = self.runtime
-        try:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-            principal = runtime.auth.identify(bearer_token(authorization, (query.get("token") or [None])[-1]))
-            body = await _read(receive, headers.get(b"content-length", b""), runtime.settings.server.max_batch_bytes)
-            ids = await publish_body(runtime, principal, body)
-        except StreamError as exc:
-            status, response_headers, payload = error_parts(exc)
-        else:
-            status, response_headers, payload = 202, [(b"content-type", b"application/json")], orjson.dumps({"ids": ids})
+        if any(name == b"origin" for name, _ in scope["headers"]):
+            return await self.app(scope, receive, send)  # browsers: the app's CORS middleware
+        status, response_headers, payload = await answer_publish(self.runtime, scope, receive)
         response_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": payload})
