@@ -305,7 +305,7 @@ class Attacker:
         self.address = (parts.hostname, parts.port)
         self.host = parts.netloc
         first = [int(x) for x in args.first_source.split(".")]
-        sources = [".".join(map(str, first[:3] + [first[3] + i])) for i in range(4)]
+        sources = [".".join(map(str, [*first[:3], first[3] + i])) for i in range(4)]
         for source in sources:
             if not source.startswith("127."):
                 raise SystemExit(f"source addresses must be 127.0.0.x, got {source}")
@@ -372,7 +372,7 @@ class Attacker:
                 sock.setblocking(False)
                 await asyncio.wait_for(loop.sock_connect(sock, self.address), 5)
                 _, conn = await loop.create_connection(lambda: factory(group), sock=sock)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 sock.close()
                 group.connect_failed += 1
                 await asyncio.sleep(1.0)

@@ -228,7 +228,7 @@ async def run(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.3)
     counts = [c.count for c in connections if not c.stall]
     if args.latencies:
-        with open(args.latencies, "wb") as out:
+        with open(args.latencies, "wb") as out:  # noqa: ASYNC230 - once, after the measurement
             stats.latencies.tofile(out)
     print(
         orjson.dumps(

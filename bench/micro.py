@@ -26,8 +26,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stream import wire  # noqa: E402
-from stream.hub import Hub  # noqa: E402
+from stream import wire
+from stream.hub import Hub
 
 SINK = """
 import asyncio, sys, uvloop

@@ -265,8 +265,8 @@ def table(title: str, results: list[Result]) -> str:
     rows = [[fmt.format(getattr(r, key)) for _, key, fmt in COLUMNS] for r in results]
     heads = [head for head, _, _ in COLUMNS]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
-    lines = [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(heads, widths))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=False))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     for r in results:
         for note in r.notes:
             lines.append(f"  note ({r.server}): {note}")
@@ -338,7 +338,7 @@ def hostile_summary(clean: Result, hostile: Result) -> tuple[dict, list[str]]:
     for name, run in (("clean", clean), ("hostile", hostile)):
         rss = (f"{mb(run.extra['rss_before_kb'])} / {mb(run.extra['rss_peak_kb'])} / {mb(run.extra['rss_after_kb'])}"
                if "rss_before_kb" in run.extra else "")
-        lines.append(f"{name:<8} {run.delivered:<10} {run.lost:<5} {run.duplicates:<4} {str(run.kept_up):<8} "
+        lines.append(f"{name:<8} {run.delivered:<10} {run.lost:<5} {run.duplicates:<4} {run.kept_up!s:<8} "
                      f"{run.p50_ms:<7.1f} {run.p99_ms:<7.1f} {run.max_ms:<7.1f} {run.extra.get('load_average_1m', 0):<5.2f} {rss}")
     lines.append(f"  load: the 1-minute load average as the measurement began ({os.cpu_count()} CPUs); RSS: before the attack, "
                  f"its peak, after it")

@@ -79,6 +79,8 @@ class Auth:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError:
             raise Unauthorized("token: not a known key or a valid JWT") from None
+        if not isinstance(algorithm, str):
+            raise Unauthorized("token: a JWT without an algorithm (alg) is not accepted")
         key = self._verifiers.get(algorithm)
         if key is None:
             accepted = ", ".join(self._verifiers)

@@ -14,7 +14,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -84,7 +84,7 @@ class Event:
     memory is one copy per event (``size`` counts it, see ``History``).
     """
 
-    __slots__ = ("seq", "id", "topic", "ts", "json", "symbols", "policy", "_data_at", "size")
+    __slots__ = ("_data_at", "id", "json", "policy", "seq", "size", "symbols", "topic", "ts")
 
     def __init__(self, seq: int, id: str, topic: str, ts: int, data: Any, data_json: bytes, policy: Any = None):
         self.seq = seq
@@ -158,7 +158,7 @@ def parse_since(value: str, *, now_ms: int | None = None, field: str = "since") 
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return Since(text, time_ms=int(moment.timestamp() * 1000))
     except (ValueError, OverflowError, OSError):
         raise BadRequest(

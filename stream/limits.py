@@ -12,7 +12,7 @@ __all__ = ["Admission", "SocketLimits", "TokenBucket", "TrustedProxies"]
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; ``take`` spends one."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate

@@ -244,7 +244,8 @@ class Poller:
     def _fresh(self, items: list[Item]) -> tuple[list[Item], dict[str, bytes | None]]:
         """The items not published before (new ids, or changed values), and what to remember
         about them once they are published."""
-        seen, fresh, remember = self.seen, [], {}
+        seen, fresh = self.seen, []
+        remember: dict[str, bytes | None] = {}
         missing = object()
         for item in items:
             if item.key in seen:

@@ -42,7 +42,7 @@ class Pollers:
         # Per provider, so a chatty source cannot push the others out of /api/news.
         self.headlines: dict[str, deque[tuple[float, Event]]] = {}
         self.on_poll: Callable[[str, str, float], None] | None = None
-        self._status_tasks: set[asyncio.Task[None]] = set()
+        self._status_tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, base_url: str) -> None:
         """Create the client and one task per enabled provider (call once the server listens)."""

@@ -93,14 +93,14 @@ def read_providers(items: Any, env: Mapping[str, str], problems: list[str]) -> t
 
 
 def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problems: list[str]) -> ProviderSettings | None:
-    for name in table:
-        if name not in _FIELDS:
-            problems.append(f"{where}.{name}: unknown setting")
+    for key in table:
+        if key not in _FIELDS:
+            problems.append(f"{where}.{key}: unknown setting")
     name = table.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(f"{where}.name: expected 1-64 characters of A-Z a-z 0-9 _ -, got {name!r}")
         return None
-    kind = table.get("kind")
+    kind: Any = table.get("kind")
     known_kind = kind in KINDS
     if not known_kind:
         problems.append(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")

@@ -41,7 +41,7 @@ def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicor
         log_config=None,
         # Our own drain (Runtime.drain) already waited for clients; what is left after it is
         # cancelled quickly so SIGTERM always ends the process within shutdown_timeout + ~1 s.
-        timeout_graceful_shutdown=1.0,
+        timeout_graceful_shutdown=1,
         timeout_keep_alive=server.keep_alive_timeout,
         # X-Forwarded-For is believed only from forwarded_allow_ips (default: nobody).
         proxy_headers=bool(server.forwarded_allow_ips),

@@ -169,7 +169,7 @@ def _server(table: Any, env: Mapping[str, str], problems: list[str]) -> ServerSe
         values["port"] = env["PORT"]
     checked: dict[str, Any] = {}
     for name, value in values.items():
-        result = _check(f"server.{name}", _SERVER_FIELDS[name].type, value, problems)
+        result = _check(f"server.{name}", str(_SERVER_FIELDS[name].type), value, problems)
         if result is not _INVALID:
             checked[name] = result
     settings = ServerSettings(**checked)

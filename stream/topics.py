@@ -9,7 +9,6 @@ not match them (subscribe to ``_system.>`` explicitly).
 from __future__ import annotations
 
 import re
-
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -100,7 +99,7 @@ def parse_pattern_list(value: object, field: str = "topics") -> list[str]:
 class Pattern:
     """A validated pattern, split once, that answers ``matches(topic)``."""
 
-    __slots__ = ("text", "_head", "_tail", "_wild_start", "_literal")
+    __slots__ = ("_head", "_literal", "_tail", "_wild_start", "text")
 
     def __init__(self, text: str) -> None:
         self.text = validate_pattern(text)
@@ -127,7 +126,7 @@ class Pattern:
                 return False
         elif len(segments) != len(head):
             return False
-        for want, got in zip(head, segments):
+        for want, got in zip(head, segments, strict=False):
             if want != "*" and want != got:
                 return False
         return True
@@ -280,4 +279,4 @@ def covers(outer: str, inner: str) -> bool:
         fixed = o
         if i[-1] == ">" or len(i) != len(o):
             return False
-    return all(want == "*" or (got not in ("*", ">") and got == want) for want, got in zip(fixed, i))
+    return all(want == "*" or (got not in ("*", ">") and got == want) for want, got in zip(fixed, i, strict=False))

@@ -19,6 +19,7 @@ Tests use the ``Canary`` context manager::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import select
@@ -68,7 +69,7 @@ class _State:
     def report(self) -> dict[str, Any]:
         numbers = [n for n, _ in self.received]
         times = [t for _, t in self.received]
-        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         if times and self.publishing_stopped is not None and self.publishing_stopped > times[-1]:
             gaps.append(self.publishing_stopped - times[-1])  # a stall at the very end counts too
         missing = sorted(set(self.published) - set(numbers))

@@ -28,12 +28,12 @@ from .support import RawWebSocket
 __all__ = [
     "ATTACKERS",
     "AttackWebSocket",
+    "Held",
     "Response",
     "allow_open_files",
     "churn",
     "closed_by_peer",
     "endless_head",
-    "Held",
     "exchange",
     "hold_requests",
     "open_stream",
@@ -249,7 +249,7 @@ async def hold_requests(port: int, source: str, requests: list[bytes], *, refusa
     """Send each request on its own socket at once; wait until ``refusals`` of them are answered or
     closed (or ``timeout``), then half a second more for any beyond those; then close them all."""
     streams = await asyncio.gather(*(open_stream(port, source) for _ in requests))
-    for (_, writer), request in zip(streams, requests):
+    for (_, writer), request in zip(streams, requests, strict=False):
         writer.write(request)
     reading = {asyncio.ensure_future(read_response(reader, timeout + 1)) for reader, _ in streams}
     done: set[asyncio.Future] = set()

@@ -69,7 +69,7 @@ def test_hs256_token_grants_its_claims():
     assert principal.subscribe == ("news.>",) and principal.publish == ("bots.bot",)
     assert principal.expires == pytest.approx(time.time() + 60 + LEEWAY, abs=2)
     auth.check_publish(principal, "bots.bot")
-    with pytest.raises(Forbidden, match="token 'bot' may not publish to 'news.x'"):
+    with pytest.raises(Forbidden, match=r"token 'bot' may not publish to 'news\.x'"):
         auth.check_publish(principal, "news.x")
     assert auth.identify("ops-key-123").name == "ops"
 
@@ -109,7 +109,7 @@ def test_bad_signatures_and_garbage_are_401():
         auth.identify("a.b.c")
     with pytest.raises(Unauthorized, match="not a known key or a valid JWT"):
         auth.identify("not-a-key")
-    with pytest.raises(Unauthorized, match="^token: not a known key$"):
+    with pytest.raises(Unauthorized, match=r"^token: not a known key$"):
         _auth().identify(_token())  # no JWT settings: only keys are looked up
 
 

@@ -83,7 +83,7 @@ overflow = "squash"                      # 5: unknown policy
 def test_the_example_providers_are_valid_config(tmp_path):
     """examples/providers.toml with every block switched on passes `stream check`."""
     example = Path(__file__).parent.parent / "examples" / "providers.toml"
-    switched_on = "\n".join(line[2:] if line.startswith("# ") and "=" in line or line.startswith("# [[") else line for line in example.read_text().splitlines())
+    switched_on = "\n".join(line[2:] if (line.startswith("# ") and "=" in line) or line.startswith("# [[") else line for line in example.read_text().splitlines())
     path = tmp_path / "all.toml"
     path.write_text(switched_on)
     env = {"PATH": "/usr/bin:/bin", "NEWSAPI_KEY": "k" * 32, "EODHD_API_KEY": "e" * 16, "FINNHUB_API_KEY": "f" * 20}

@@ -139,14 +139,13 @@ async def test_the_example_bot_survives_odd_events_and_a_restart_without_acting_
     import subprocess
     import sys
     import threading
-    import time
     from pathlib import Path
 
     bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
     config = (Path(__file__).parent.parent / "stream" / "default.toml").read_text() + KEYS
     lines: list[str] = []
     first = Server(config).start()
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - the bot runs for the whole test; nothing awaits its start
         [sys.executable, "-u", str(bot), "--url", first.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -685,7 +685,7 @@ def frames(draw, epoch: str) -> Wire:
     if kind == "fragmented":
         message = draw(op_messages(epoch).map(str.encode) | st.binary(max_size=200))
         cuts = sorted(draw(st.lists(st.integers(0, len(message)), min_size=1, max_size=4)))
-        parts = [message[a:b] for a, b in zip([0, *cuts], [*cuts, len(message)])]
+        parts = [message[a:b] for a, b in zip([0, *cuts], [*cuts, len(message)], strict=False)]
         opcode = draw(st.sampled_from([0x1, 0x1, 0x2]))
         shape = draw(st.sampled_from(["whole", "whole", "ping-inside", "unfinished", "starts-with-cont", "new-message-inside", "fragmented-ping"]))
         out = [frame_bytes(opcode if i == 0 else 0x0, part, fin=i == len(parts) - 1) for i, part in enumerate(parts)]
@@ -919,7 +919,7 @@ def framed(draw, body: bytes) -> tuple[list[tuple[bytes, bytes]], bytes, str]:
         return [(b"Content-Length", b"99999999999")], b"", how
     chunked = [(b"Transfer-Encoding", b"chunked")]
     cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
-    parts = [part for part in (body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])) if part]
+    parts = [part for part in (body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=False)) if part]
     size = draw(st.sampled_from(["{:x}", "{:X}", "{:x};ext=1", "000{:x}"]))
     wire = b"".join(size.format(len(part)).encode() + b"\r\n" + part + b"\r\n" for part in parts) + b"0\r\n\r\n"
     if how == "chunked":

@@ -77,7 +77,7 @@ async def test_publishing_is_refused_without_any_key_configured():
 
 async def test_topics_and_retained_value(server, client):
     """/api/topics lists retained topics with last id/ts and subscribers; /api/topics/{t} returns the event."""
-    [first, last] = await publish(client, server, [{"topic": "ret.x", "data": 1}, {"topic": "ret.x", "data": 2}])
+    [_first, last] = await publish(client, server, [{"topic": "ret.x", "data": 1}, {"topic": "ret.x", "data": 2}])
     listing = {t["topic"]: t for t in (await client.get(f"{server.url}/api/topics")).json()}
     assert listing["ret.x"]["last_id"] == last and listing["ret.x"]["subscribers"] == 0
     event = (await client.get(f"{server.url}/api/topics/ret.x")).json()

@@ -99,7 +99,7 @@ def test_event_json_is_encoded_once_with_the_documented_fields():
 def test_pattern_subscribers_get_exactly_the_matching_events_in_order():
     """A subscriber receives only events matching one of its patterns, once each, in hub order."""
     hub = make_hub()
-    sub, sink = subscriber(hub, ["news.>", "quotes.AAPL", "news.sec"])
+    _sub, sink = subscriber(hub, ["news.>", "quotes.AAPL", "news.sec"])
     expected = []
     for topic in ["news.sec", "quotes.AAPL", "quotes.MSFT", "news", "news.sec.8k", "_system.x"]:
         event = asyncio.run(hub.publish(topic, 1, internal=True))
@@ -127,7 +127,7 @@ def test_retained_value_is_the_latest_per_topic_and_snapshot_sends_it_first_mark
     last_a = publish(hub, "quotes.A", 2)
     b = publish(hub, "quotes.B", 3)
     publish(hub, "news.x", 4)
-    sub, sink = subscriber(hub, ["quotes.*"], snapshot=True)
+    _sub, sink = subscriber(hub, ["quotes.*"], snapshot=True)
     live = publish(hub, "quotes.B", 5)
     assert hub.retained["quotes.A"] is last_a
     assert sink.frames == [("S", last_a.id, "quotes.A"), ("S", b.id, "quotes.B"), ("E", live.id, "quotes.B")]
@@ -149,7 +149,7 @@ def test_replay_from_since_then_live_without_hole_or_duplicate():
     """since=<id> replays what followed in history, then continues live, each event once."""
     hub = make_hub()
     events = publish_many(hub, 10)
-    sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[3].id))
+    _sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[3].id))
     more = publish_many(hub, 3)
     assert sink.ids() == [e.id for e in events[4:] + more]
 
@@ -177,7 +177,7 @@ def test_since_older_than_history_sends_a_history_gap_then_everything_kept():
     """When history no longer reaches back to since, a gap comes first, then what history holds."""
     hub = make_hub(history_size=5)
     events = publish_many(hub, 10)
-    sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[1].id))
+    _sub, sink = subscriber(hub, ["news.>"], since=parse_since(events[1].id))
     assert sink.frames[0] == ("G", events[1].id, "history")
     assert sink.ids() == [e.id for e in events[5:]]
 
@@ -186,7 +186,7 @@ def test_id_from_another_epoch_sends_an_epoch_gap_then_everything_kept():
     """An id from an earlier life of the hub is recognised: gap(epoch), then all of history."""
     hub = make_hub()
     events = publish_many(hub, 3)
-    sub, sink = subscriber(hub, ["news.>"], since=parse_since("zzzz0-2"))
+    _sub, sink = subscriber(hub, ["news.>"], since=parse_since("zzzz0-2"))
     assert sink.frames[0] == ("G", "None", "epoch")
     assert sink.ids() == [e.id for e in events]
 
@@ -198,7 +198,7 @@ def test_since_as_time_replays_from_that_time():
     old = publish_many(hub, 2)
     clock.now += 120
     recent = publish_many(hub, 2)
-    sub, sink = subscriber(hub, ["news.>"], since=parse_since("-60s", now_ms=int(clock.now * 1000)))
+    _sub, sink = subscriber(hub, ["news.>"], since=parse_since("-60s", now_ms=int(clock.now * 1000)))
     assert sink.ids() == [e.id for e in recent]
     assert old
 
@@ -229,7 +229,7 @@ def test_pattern_limit_per_connection():
 def test_symbols_filter_passes_matching_and_symbol_less_events():
     """symbols=AAPL keeps events sharing a symbol and events without a symbols list."""
     hub = make_hub()
-    sub, sink = subscriber(hub, ["news.>"], symbols=frozenset({"AAPL"}))
+    _sub, sink = subscriber(hub, ["news.>"], symbols=frozenset({"AAPL"}))
     a = publish(hub, "news.a", {"symbols": ["aapl", "MSFT"]})
     publish(hub, "news.b", {"symbols": ["TSLA"]})
     c = publish(hub, "news.c", {"title": "no symbols"})
@@ -252,7 +252,7 @@ def test_disconnect_policy_closes_a_full_subscriber_and_spares_the_rest():
     """A paused subscriber whose buffer fills is detached and told to close; others get everything."""
     hub = make_hub(subscriber_buffer=10)
     slow, slow_sink = subscriber(hub, ["news.>"])
-    fast, fast_sink = subscriber(hub, ["news.>"])
+    _fast, fast_sink = subscriber(hub, ["news.>"])
     slow.pause()
     events = publish_many(hub, 50)
     assert slow_sink.overflows == 1 and slow.state is State.CLOSED
@@ -298,7 +298,7 @@ def test_a_subscriber_that_raises_is_detached_without_stopping_the_fan_out():
 
     broken_sub = hub.new_subscriber(Broken())
     hub.subscribe(broken_sub, ["a"])
-    sub, sink = subscriber(hub, ["a"])
+    _sub, sink = subscriber(hub, ["a"])
     event = publish(hub, "a")
     assert sink.ids() == [event.id]
     assert broken_sub.state is State.CLOSED
@@ -395,8 +395,8 @@ def test_published_metric_prefixes_are_bounded():
 def test_a_batch_leaves_in_one_write_per_subscriber():
     """Events accepted together reach each subscriber in one write, in order, each once."""
     hub = make_hub()
-    sub, sink = subscriber(hub, ["a.>", "a.x"])
-    other, other_sink = subscriber(hub, ["a.y"])
+    _sub, sink = subscriber(hub, ["a.>", "a.x"])
+    _other, other_sink = subscriber(hub, ["a.y"])
 
     async def run():
         return await hub.publish_many([hub.draft("a.x", n) for n in range(3)] + [hub.draft("a.y", 9)])
@@ -447,7 +447,7 @@ def test_routing_structures_do_not_grow_with_subscribe_churn():
     """Thousands of subscribe/unsubscribe cycles of unique patterns leave no routing state behind,
     and each publish still reaches exactly its subscribers."""
     hub = make_hub()
-    steady, sink = subscriber(hub, ["quotes.AAPL", "news.>"])
+    _steady, sink = subscriber(hub, ["quotes.AAPL", "news.>"])
     churner = hub.new_subscriber(Sink(), transport="test")
     for n in range(5000):
         hub.subscribe(churner, [f"churn.c{n}.>", f"*.x{n}"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 import httpx
@@ -86,11 +86,11 @@ async def polls(poller: Poller, count: int) -> list[float]:
 def test_retry_after_accepts_seconds_and_http_dates_and_caps_at_an_hour():
     """Retry-After as delta-seconds or an HTTP date; never negative, never over 3600 s."""
     now = 1_800_000_000.0
-    date = format_datetime(datetime.fromtimestamp(now + 90, timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(now + 90, UTC), usegmt=True)
     assert parse_retry_after("120", now) == 120
     assert parse_retry_after(date, now) == pytest.approx(90, abs=1)
     assert parse_retry_after("999999", now) == 3600
-    assert parse_retry_after(format_datetime(datetime.fromtimestamp(now - 50, timezone.utc), usegmt=True), now) == 0
+    assert parse_retry_after(format_datetime(datetime.fromtimestamp(now - 50, UTC), usegmt=True), now) == 0
     assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
 
 
@@ -109,7 +109,7 @@ def test_failures_back_off_then_fail_and_a_success_resets():
     """Failures 1-4: backoff; from the 5th: failing, still probing; one success: ok, interval again."""
     clock = Clock()
     script = Script(*[(500, b"oops", {})] * 7, (200, items("a"), {}))
-    poller, hub, changes = make(script, clock, interval=10, jitter=0.1)
+    poller, _hub, changes = make(script, clock, interval=10, jitter=0.1)
     delays = run(polls(poller, 8))
     states = [c["state"] for c in changes]
     assert states == ["backoff", "failing", "ok"]
@@ -125,7 +125,7 @@ def test_failures_back_off_then_fail_and_a_success_resets():
 def test_retry_after_on_429_and_503_is_honoured():
     """429/503 with Retry-After wait at least that long; the status says when the next poll is."""
     clock = Clock()
-    date = format_datetime(datetime.fromtimestamp(clock.now + 600, timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(clock.now + 600, UTC), usegmt=True)
     script = Script((429, b"", {"Retry-After": "120"}), (503, b"", {"Retry-After": date}), (429, b"", {}))
     poller, _, _ = make(script, clock, interval=5)
     first, second, third = run(polls(poller, 3))

@@ -99,3 +99,11 @@ def test_the_docs_stand_alone():
         text = path.read_text()
         for phrase in ("SPEC", "the issue", "issue's"):
             assert phrase not in text, f"{path.name} mentions {phrase!r}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run is the README's Quick start command 2, so a green CI means that command works."""
+    quick_start = re.search(r"^# 2\..*\n(.+)$", README, flags=re.MULTILINE)
+    assert quick_start is not None
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert quick_start.group(1).strip() in ci.splitlines()

@@ -31,7 +31,7 @@ async def _round(server: Server, http: httpx.AsyncClient, clients: list, total: 
     """Publish ``total`` events at a steady pace; every client must receive all of them."""
     latencies: list[float] = []
     seen: list[list[int]] = [[] for _ in clients]
-    readers = [asyncio.create_task(_collect(ws, total, latencies, s)) for ws, s in zip(clients, seen)]
+    readers = [asyncio.create_task(_collect(ws, total, latencies, s)) for ws, s in zip(clients, seen, strict=False)]
     for start in range(0, total, 100):
         await publish(http, server, [{"topic": "load.a", "data": {"n": n, "pad": PAD}} for n in range(start, start + 100)])
         await asyncio.sleep(0.1)

@@ -217,7 +217,7 @@ async def test_duplicate_ids_in_one_response(upstream):
     """The same id twice in one body: one event."""
     body = orjson.dumps([{"id": "d-1", "title": "first"}, {"id": "d-1", "title": "again"}])
     url = upstream.route("/dupes", text(body, media_type="application/json"))
-    bad, hub = await side_by_side(upstream, {}, url)
+    _bad, hub = await side_by_side(upstream, {}, url)
     assert published(hub) == ["d-1"]
 
 
@@ -229,7 +229,7 @@ async def test_an_item_that_vanishes_and_comes_back(upstream):
         "/vanish",
         sequence(text(one, media_type="application/json"), text(none, media_type="application/json"), text(one, media_type="application/json")),
     )
-    bad, hub = await side_by_side(upstream, {}, url, polls=3)
+    _bad, hub = await side_by_side(upstream, {}, url, polls=3)
     assert published(hub) == ["v-1", "v-2"]
 
 

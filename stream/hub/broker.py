@@ -36,10 +36,10 @@ class Broker(abc.ABC):
     def bind(self, accept: Callable[[list[Event]], None]) -> None:
         self._accept = accept
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook: a memory broker has nothing to connect
         """Connect; called once from the app's lifespan."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Disconnect; called once on shutdown."""
 
     def problem(self) -> str | None:

@@ -299,7 +299,7 @@ class Hub:
             announce(position)
         wants = [Want(Pattern(text), cursor, symbols) for text in new]
         sub.started = True
-        for text, want in zip(new, wants):
+        for text, want in zip(new, wants, strict=False):
             sub.wants[text] = want
             self._join(sub, text, want)
         if gap is not None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from operator import attrgetter
+from typing import cast
 
 from ..events import Event
 
 __all__ = ["History"]
 
 _seq = attrgetter("seq")
+# What a dropped slot holds: nothing (every reader starts at ``_start``, past the dropped ones).
+_RELEASED = cast(Event, None)
 _ts = attrgetter("ts")
 
 
@@ -26,7 +29,7 @@ class History:
         self.max_bytes = max_bytes
         self.bytes = 0  # sum of the held events' ``size``
         # Slots before ``_start`` are None: a dropped event is released at once, not at compaction.
-        self._events: list[Event | None] = []
+        self._events: list[Event] = []
         self._start = 0
         self.trimmed_seq = 0
         self.trimmed_ts = 0
@@ -56,7 +59,7 @@ class History:
     def _drop_bytes(self, excess: int) -> None:
         events, count, freed = self._events, 0, 0
         while freed < excess and self._start + count < len(events):
-            freed += events[self._start + count].size  # type: ignore[union-attr]
+            freed += events[self._start + count].size
             count += 1
         self._drop(count)
 
@@ -73,12 +76,11 @@ class History:
     def _drop(self, count: int) -> None:
         events = self._events
         last = events[self._start + count - 1]
-        assert last is not None
         self.trimmed_seq = last.seq
         self.trimmed_ts = last.ts
         for index in range(self._start, self._start + count):
-            self.bytes -= events[index].size  # type: ignore[union-attr]
-            events[index] = None
+            self.bytes -= events[index].size
+            events[index] = _RELEASED
         self._start += count
         # Compact once the dead prefix outgrows the live part: amortised O(1) per event.
         if self._start > 1024 and self._start * 2 > len(self._events):
@@ -106,7 +108,7 @@ class History:
         return self.trimmed_seq
 
     def latest(self, limit: int) -> list[Event]:
-        return self._events[max(self._start, len(self._events) - limit) :]  # type: ignore[return-value]
+        return self._events[max(self._start, len(self._events) - limit) :]
 
     def before(self, index: int) -> Event | None:
         """The event at ``index - 1`` while it is held (a backwards reader's next step)."""

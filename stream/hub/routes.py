@@ -18,7 +18,7 @@ _Group = tuple[Callable[[Event], bytes], str, tuple[tuple[Subscriber, "frozenset
 class Route:
     """The subscribers of one pattern, with their symbol filters, grouped by wire format."""
 
-    __slots__ = ("pattern", "members", "_groups")
+    __slots__ = ("_groups", "members", "pattern")
 
     def __init__(self, pattern: Pattern) -> None:
         self.pattern = pattern

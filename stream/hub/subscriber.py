@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..events import Event, format_id, symbols_match
 
@@ -91,7 +91,7 @@ class SnapshotScan:
     """A snapshot in progress: the retained values of ``topics`` (or of every topic known when
     it began, when ``topics`` is None) at indexes ``index``..``end``, as of seq ``cursor``."""
 
-    __slots__ = ("matcher", "cursor", "topics", "index", "end")
+    __slots__ = ("cursor", "end", "index", "matcher", "topics")
 
     def __init__(self, matcher: Matcher, cursor: int, topics: list[str] | None, end: int) -> None:
         self.matcher = matcher
@@ -105,27 +105,27 @@ class Subscriber:
     """A connection's view of the hub. Owned by its transport; registered with one hub."""
 
     __slots__ = (
-        "hub",
-        "sink",
-        "state",
-        "paused",
-        "last_seq",
+        "__weakref__",
+        "capacity",
         "cursor",
-        "wants",
+        "direct",
+        "dropped",
+        "hub",
+        "last_seq",
+        "latest",
+        "paused",
         "pending",
         "pending_gap",
-        "latest",
-        "stale",
-        "snapshots",
         "scheduled",
-        "started",
-        "direct",
-        "capacity",
         "sent",
-        "dropped",
+        "sink",
+        "snapshots",
+        "stale",
+        "started",
+        "state",
         "transport_name",
+        "wants",
         "write",
-        "__weakref__",
     )
 
     def __init__(self, hub: Hub, sink: Sink, *, capacity: int, transport: str = "") -> None:

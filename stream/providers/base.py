@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -101,7 +101,7 @@ def parse_time(value: Any) -> datetime | None:
             if value <= 0:
                 return None
             seconds = value / 1000 if value > 1e11 else value
-            return datetime.fromtimestamp(seconds, timezone.utc)
+            return datetime.fromtimestamp(seconds, UTC)
         text = str(value).strip()
         if _NUMBER.match(text):
             return parse_time(float(text))
@@ -112,8 +112,8 @@ def parse_time(value: Any) -> datetime | None:
     except (TypeError, ValueError, OverflowError, OSError):
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -119,7 +119,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {"stream.http": self}  # type: ignore[typeddict-unknown-key]
+        self.scope["extensions"] = {"stream.http": self}  # type: ignore[dict-item]
         if self.runtime is not None:
             self.head_bytes = 0
             if self.head_timer is None:  # a keep-alive socket's next request

@@ -14,6 +14,7 @@ import random
 from typing import Any
 
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .. import wire
 from ..auth import Principal
@@ -23,7 +24,7 @@ from ..runtime import Runtime
 from .params import SubscribeRequest
 from .stall import drop
 
-__all__ = ["EventStream", "HEADERS"]
+__all__ = ["HEADERS", "EventStream"]
 
 log = logging.getLogger("stream.sse")
 
@@ -65,7 +66,7 @@ class EventStream(Response):
 
     # -- ASGI -----------------------------------------------------------------------------
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = self.runtime.settings.server
         self.protocol = scope.get("extensions", {}).get("stream.http")
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})

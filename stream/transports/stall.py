@@ -18,7 +18,7 @@ __all__ = ["StallWatch", "drop"]
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
-def drop(transport: asyncio.BaseTransport) -> None:
+def drop(transport: asyncio.Transport) -> None:
     """Close at once and let the kernel forget the unsent output too: with SO_LINGER 0 the close
     is a reset. A plain abort only closes our descriptor; the kernel would keep the socket and
     its full send buffer in FIN-WAIT-1, probing the stalled peer for minutes."""
@@ -32,7 +32,7 @@ def drop(transport: asyncio.BaseTransport) -> None:
 
 
 class StallWatch:
-    __slots__ = ("loop", "transport", "timeout", "on_stall", "timer", "mark")
+    __slots__ = ("loop", "mark", "on_stall", "timeout", "timer", "transport")
 
     def __init__(
         self,

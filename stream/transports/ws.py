@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from websockets.datastructures import Headers
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
@@ -170,31 +170,36 @@ class WebSocketProtocol(asyncio.Protocol):
                 break
             if isinstance(event, Request):
                 self._handshake(event)
-            elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
-                self.fragments_binary = event.opcode is Opcode.BINARY
-                if event.fin:
-                    self._message(event.data)
-                else:
-                    self.fragments = [event.data]
-            elif event.opcode is Opcode.CONT:
-                if self.fragments is not None:
-                    self.fragments.append(event.data)
-                    if event.fin:
-                        data, self.fragments = b"".join(self.fragments), None
-                        self._message(data)
-            elif event.opcode is Opcode.PONG:
-                if self._control_allowed():
-                    self._pong(event.data)
-            elif event.opcode is Opcode.PING:
-                self._control_allowed()  # websockets has queued the pong; a flood is closed
-            elif event.opcode is Opcode.CLOSE:
-                self._stop_delivery()
+            elif isinstance(event, Frame):
+                self._frame(event)
             self._throttle_if_due()
         self._flush()
         if self.conn.parser_exc is not None:
             # websockets already queued the close frame (1009 too big, 1002, 1007); stop here.
             self._stop_delivery()
             self._flush()
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.fragments_binary = opcode is Opcode.BINARY
+            if frame.fin:
+                self._message(bytes(frame.data))
+            else:
+                self.fragments = [bytes(frame.data)]
+        elif opcode is Opcode.CONT:
+            if self.fragments is not None:
+                self.fragments.append(bytes(frame.data))
+                if frame.fin:
+                    data, self.fragments = b"".join(self.fragments), None
+                    self._message(data)
+        elif opcode is Opcode.PONG:
+            if self._control_allowed():
+                self._pong(bytes(frame.data))
+        elif opcode is Opcode.PING:
+            self._control_allowed()  # websockets has queued the pong; a flood is closed
+        elif opcode is Opcode.CLOSE:
+            self._stop_delivery()
 
     def eof_received(self) -> bool | None:
         self.conn.receive_eof()
