@@ -84,7 +84,7 @@ class Event:
     memory is one copy per event (``size`` counts it, see ``History``).
     """
 
-    __slots__ = ("_data_at", "id", "json", "policy", "seq", "size", "symbols", "topic", "ts")
+    __slots__ = ("_data_at", "id", "json", "policy", "primed", "seq", "size", "symbols", "topic", "ts")
 
     def __init__(self, seq: int, id: str, topic: str, ts: int, data: Any, data_json: bytes, policy: Any = None):
         self.seq = seq
@@ -97,6 +97,7 @@ class Event:
         self._data_at = len(head)
         self.symbols = symbols_of(data)
         self.policy = policy
+        self.primed = False  # a retained value set by a provider's first poll: never in history
         self.size = (
             _EVENT_BYTES
             + sys.getsizeof(self.json)
@@ -120,8 +121,8 @@ class Event:
         return f"Event({self.id!r}, {self.topic!r})"
 
 
-# The object itself: sys.getsizeof of an Event (104 on CPython 3.11) plus its GC header.
-_EVENT_BYTES = 120
+# The object itself: sys.getsizeof of an Event (112 on CPython 3.11) plus its GC header.
+_EVENT_BYTES = 128
 
 
 def _symbols_bytes(symbols: frozenset[str]) -> int:

@@ -530,3 +530,46 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0)
+
+
+def test_a_value_updated_during_a_lazy_snapshot_is_not_lost_when_history_moves_on():
+    """A topic updated while its snapshot is still being written, whose update then falls out of
+    history before the catch-up reaches it, still gets its latest value (as a snapshot value)."""
+    hub = make_hub(history_size=100)
+    for start in range(0, 3000, 100):
+        asyncio.run(hub.publish_many([hub.draft(f"q.t{n}", n) for n in range(start, start + 100)]))
+    sub, sink = subscriber(hub, ["q.>"])
+    sub.pause()
+    hub.unsubscribe(sub, ["q.>"])
+    hub.subscribe(sub, ["q.>"], snapshot=True)
+    update = publish(hub, "q.t2999", "new")
+    publish_many(hub, 200, topic="other")
+    sub.resume()
+    got = {frame[2]: frame[1] for frame in sink.frames if frame[0] in ("S", "E")}
+    assert got["q.t2999"] == update.id
+    assert len([frame for frame in sink.frames if frame[0] == "S"]) == 3000
+
+
+def test_unsubscribing_stops_a_snapshot_still_being_written():
+    """After unsubscribe, no more snapshot values of that pattern are written."""
+    hub = make_hub()
+    for start in range(0, 5000, 100):
+        asyncio.run(hub.publish_many([hub.draft(f"a.t{n}", n) for n in range(start, start + 100)]))
+    sink = Sink()
+    sub = hub.new_subscriber(sink, transport="test")
+    sub.pause()
+    hub.subscribe(sub, ["a.>"], snapshot=True)
+    hub.unsubscribe(sub, ["a.>"])
+    sub.resume()
+    assert sink.writes == [] and not sub.snapshots
+
+
+def test_primed_values_are_in_every_snapshot_even_one_that_resumes():
+    """A value set by prime (never in history) is sent in a snapshot whatever the since."""
+    hub = make_hub()
+    first = publish(hub, "x.a", 1)
+    publish(hub, "x.b", 2)
+    assert hub.prime([hub.draft("q.AAPL", {"price": 1})]) == 1
+    _sub, sink = subscriber(hub, ["q.>", "x.>"], since=parse_since(first.id), snapshot=True)
+    assert ("S", hub.retained["q.AAPL"].id, "q.AAPL") in sink.frames
+    assert [frame for frame in sink.frames if frame[0] == "E"] == [("E", hub.retained["x.b"].id, "x.b")]

@@ -319,3 +319,11 @@ async def test_forwarded_for_from_a_trusted_proxy_names_the_client():
             raw.close()
     assert welcome["type"] == "welcome"
     assert code == 1013 and messages[-1]["code"] == "over_capacity"
+
+
+async def test_a_repeated_authorization_header_is_a_bad_request_not_a_traceback(server):
+    """Two Authorization headers on /ws get 400 before the upgrade, and the log has no traceback."""
+    raw = RawWebSocket(server.port, headers="Authorization: Bearer a\r\nAuthorization: Bearer b\r\n")
+    raw.close()
+    assert raw.status == 400
+    assert "Traceback" not in server.output() and "Fatal error" not in server.output()

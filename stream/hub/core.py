@@ -10,8 +10,9 @@ import asyncio
 import logging
 import time
 from bisect import bisect_right, insort
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManySubscriptions, TooManyTopics
@@ -20,6 +21,7 @@ from ..topics import Pattern, PatternIndex, is_system, validate_topic
 from .broker import Broker, Draft, MemoryBroker
 from .history import History
 from .routes import Matcher, Route, WakeSink
+from .stats import HubStats
 from .subscriber import Policy, SnapshotScan, State, Subscriber, Want
 
 __all__ = ["Hub", "HubConfig", "HubStats"]
@@ -47,20 +49,6 @@ class HubConfig:
     max_patterns: int = 100
     overflow: tuple[tuple[str, Policy], ...] = ()  # (pattern, policy), first match wins
     default_overflow: Policy = Policy.DISCONNECT
-
-
-@dataclass
-class HubStats:
-    published: dict[str, int] = field(default_factory=dict)  # by first topic segment
-    delivered: dict[str, int] = field(default_factory=dict)  # by transport, written on the fast path
-    slow_consumers: int = 0
-    gaps: dict[str, int] = field(default_factory=dict)  # by reason
-    sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers
-    dropped_by_closed: int = 0
-    topics_refused: int = 0  # publishes refused by max_topics
-
-    def gap(self, reason: str) -> None:
-        self.gaps[reason] = self.gaps.get(reason, 0) + 1
 
 
 class Hub:
@@ -159,6 +147,7 @@ class Hub:
                 continue
             event = Event(seq, self.id_of(seq), topic, now_ms, draft.data, draft.data_json)
             event.policy = self.policy_for(topic)
+            event.primed = True
             self._retain(event)
             primed += 1
         return primed
@@ -318,12 +307,11 @@ class Hub:
     def _snapshot_scan(self, wants: list[Want], cursor: int) -> SnapshotScan:
         """What a snapshot will walk: the named topics when every pattern is literal, else every
         topic known now (later topics are newer than ``cursor`` and come from history)."""
-        matcher = Matcher(wants)
         if all(want.pattern.literal for want in wants):
             found = [self.retained[w.pattern.text] for w in wants if w.pattern.text in self.retained]
             topics = [event.topic for event in sorted(found, key=lambda event: event.seq)]
-            return SnapshotScan(matcher, cursor, topics, len(topics))
-        return SnapshotScan(matcher, cursor, None, len(self.topic_order))
+            return SnapshotScan(wants, Matcher, cursor, topics, len(topics))
+        return SnapshotScan(wants, Matcher, cursor, None, len(self.topic_order))
 
     def _join(self, sub: Subscriber, text: str, want: Want) -> None:
         route = self._routes.get(text)
@@ -345,6 +333,9 @@ class Hub:
             if sub.wants.pop(text, None) is not None:
                 self._leave(sub, text)
                 removed.append(text)
+        if removed and sub.snapshots:
+            # A snapshot still being written stops for the patterns just dropped.
+            sub.snapshots = deque(scan for scan in sub.snapshots if scan.without(removed))
         return removed
 
     def detach(self, sub: Subscriber) -> None:
@@ -410,8 +401,10 @@ class Hub:
                 continue
             event = retained[order[scan.index]]
             scan.index += 1
-            # A value newer than the subscribe point reaches the subscriber from history.
-            if event.seq <= scan.cursor and scan.matcher.wants(event):
+            # A value newer than the subscribe point reaches the subscriber from history — unless
+            # history no longer holds it, or it never went there (a primed value).
+            fresh = event.seq > scan.cursor and event.seq > self.history.trimmed_seq and not event.primed
+            if not fresh and scan.matcher.wants(event):
                 data = encode(event)
                 chunk.append(data)
                 size += len(data)

@@ -23,15 +23,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from ..events import Event, format_id, symbols_match
+from .stats import HubStats
 
-if TYPE_CHECKING:
-    from .core import Hub
-    from .routes import Matcher
-
-__all__ = ["Policy", "Sink", "SnapshotScan", "State", "Subscriber", "Want"]
+__all__ = ["Filter", "Owner", "Policy", "Sink", "SnapshotScan", "State", "Subscriber", "Want"]
 
 # How many bytes one flush hands to the transport before checking whether it paused.
 FLUSH_BYTES = 64 * 1024
@@ -76,6 +74,29 @@ class Sink(Protocol):
         """The buffer overflowed under the ``disconnect`` policy: close as a slow consumer."""
 
 
+class Owner(Protocol):
+    """What a subscriber needs of the hub it belongs to (the hub implements it)."""
+
+    stats: HubStats
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def head_seq(self) -> int: ...
+
+    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
+        """Append the next snapshot values / history events for ``sub`` to ``chunk``."""
+
+    def detach(self, sub: Subscriber) -> None:
+        """Remove ``sub`` from every route and mark it closed."""
+
+
+class Filter(Protocol):
+    def wants(self, event: Event) -> bool:
+        """Whether a retained value matches the patterns (and symbol filter) of a snapshot."""
+
+
 class Want:
     """One of a subscriber's patterns: from which seq it applies and which symbols it wants."""
 
@@ -89,16 +110,29 @@ class Want:
 
 class SnapshotScan:
     """A snapshot in progress: the retained values of ``topics`` (or of every topic known when
-    it began, when ``topics`` is None) at indexes ``index``..``end``, as of seq ``cursor``."""
+    it began, when ``topics`` is None) at indexes ``index``..``end``, as of seq ``cursor``, for
+    the patterns ``wants`` (``matcher`` is built from them by ``make_filter``)."""
 
-    __slots__ = ("cursor", "end", "index", "matcher", "topics")
+    __slots__ = ("cursor", "end", "index", "make_filter", "matcher", "topics", "wants")
 
-    def __init__(self, matcher: Matcher, cursor: int, topics: list[str] | None, end: int) -> None:
-        self.matcher = matcher
+    def __init__(
+        self, wants: list[Want], make_filter: Callable[[list[Want]], Filter], cursor: int, topics: list[str] | None, end: int
+    ) -> None:
+        self.wants = wants
+        self.make_filter = make_filter
+        self.matcher = make_filter(wants)
         self.cursor = cursor
         self.topics = topics
         self.index = 0
         self.end = end
+
+    def without(self, patterns: list[str]) -> bool:
+        """Stop covering ``patterns`` (unsubscribed); False when no pattern is left."""
+        kept = [want for want in self.wants if want.pattern.text not in patterns]
+        if len(kept) != len(self.wants):
+            self.wants = kept
+            self.matcher = self.make_filter(kept)
+        return bool(kept)
 
 
 class Subscriber:
@@ -128,7 +162,7 @@ class Subscriber:
         "write",
     )
 
-    def __init__(self, hub: Hub, sink: Sink, *, capacity: int, transport: str = "") -> None:
+    def __init__(self, hub: Owner, sink: Sink, *, capacity: int, transport: str = "") -> None:
         self.hub = hub
         self.sink = sink
         self.state = State.LIVE

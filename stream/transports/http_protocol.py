@@ -177,7 +177,10 @@ class HttpProtocol(HttpToolsProtocol):
         if self.transport.get_protocol() is not self or self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is still being answered; its head arrived in time
+            # A request is still being answered (uvicorn reads no further meanwhile): the next
+            # head's clock starts again once it can arrive.
+            self._arm_head_timer()
+            return
         if self.head_bytes == 0:
             # Not a byte of a request: nobody to answer (saves a write per idle socket).
             self.runtime.closed["head_timeout"] += 1

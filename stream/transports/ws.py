@@ -279,6 +279,17 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- handshake ------------------------------------------------------------------------
 
     def _handshake(self, request: Request) -> None:
+        try:
+            self._accept(request)
+        except Exception as exc:  # a header websockets parsed but we cannot use; never a traceback
+            malformed = isinstance(exc, LookupError)  # e.g. a repeated Authorization header
+            if not malformed:
+                log.exception("WebSocket handshake failed")
+            if self.conn.state is State.CONNECTING and not self.transport.is_closing():
+                error = BadRequest(f"request headers: {exc}") if malformed else StreamError("internal error; it has been logged")
+                self._reject(error, request.path)
+
+    def _accept(self, request: Request) -> None:
         response = self.conn.accept(request)
         path, _, query = request.path.partition("?")
         params = {name: values[-1] for name, values in parse_qs(query, keep_blank_values=True).items()}
@@ -296,7 +307,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self.client_host = runtime.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
         try:
             check_origin(request.headers.get("Origin"), runtime.settings.server.allowed_origins)
-            token = bearer_token(request.headers.get("Authorization"), params.get("token"))
+            authorization = request.headers.get_all("Authorization")
+            if len(authorization) > 1:
+                raise BadRequest("Authorization: send one Authorization header, not several")
+            token = bearer_token(authorization[0] if authorization else None, params.get("token"))
             self.principal = runtime.auth.identify(token)
         except StreamError as exc:
             self._reject(exc, request.path)
@@ -498,6 +512,12 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _keepalive_timeout(self) -> None:
         self.pong_timer = None
+        if self.throttle is not None:
+            # Its pong may be waiting unread behind its address's op share: not its fault.
+            timeout = self.runtime.settings.server.ws_ping_timeout if self.runtime else None
+            if timeout is not None:
+                self.pong_timer = self.loop.call_later(timeout, self._keepalive_timeout)
+                return
         log.info("closing WebSocket %s: no pong within the keepalive timeout", self.client_host)
         self.close(INTERNAL, "keepalive ping timeout")
 

@@ -6,24 +6,39 @@ connection, and a StreamError it raises becomes an ``error`` frame (the connecti
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ..auth import Principal
 from ..errors import BadRequest, StreamError
-from ..hub import Draft
+from ..hub import Draft, Subscriber
+from ..runtime import Runtime
 from ..topics import parse_pattern_list
 from .params import subscribe_request
 
-if TYPE_CHECKING:
-    from .ws import WebSocketProtocol
+__all__ = ["OPS", "Connection"]
 
-__all__ = ["OPS"]
+
+class Connection(Protocol):
+    """What an op needs of its WebSocket connection (``ws.WebSocketProtocol`` is one)."""
+
+    runtime: Runtime | None
+    sub: Subscriber | None
+    principal: Principal | None
+    client_host: str
+    loop: asyncio.AbstractEventLoop
+    tasks: set[asyncio.Task[None]]
+
+    def send_json(self, message: dict[str, Any]) -> None: ...
+
+    def send_error(self, exc: StreamError, ref: Any) -> None: ...
 
 log = logging.getLogger("stream.ws")
 
 
-def subscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+def subscribe(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     """``subscribe``: answer ``subscribed`` with the position, then snapshot / replay / live."""
     assert conn.runtime is not None and conn.sub is not None
     request = subscribe_request(message)
@@ -43,7 +58,7 @@ def subscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> Non
     )
 
 
-def unsubscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+def unsubscribe(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     assert conn.runtime is not None and conn.sub is not None
     topics = parse_pattern_list(message.get("topics"), "topics")
     conn.runtime.charge_ops(conn.client_host, len(topics) - 1)
@@ -51,7 +66,7 @@ def unsubscribe(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> N
     conn.send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
 
 
-def publish(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+def publish(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     """``publish``: validated and charged now; ``published`` once the event is accepted."""
     assert conn.runtime is not None
     if "data" not in message:
@@ -65,7 +80,7 @@ def publish(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
     task.add_done_callback(conn.tasks.discard)
 
 
-async def _publish(conn: WebSocketProtocol, draft: Draft, ref: Any) -> None:
+async def _publish(conn: Connection, draft: Draft, ref: Any) -> None:
     assert conn.runtime is not None
     try:
         (event,) = await conn.runtime.hub.publish_many([draft])
@@ -78,11 +93,11 @@ async def _publish(conn: WebSocketProtocol, draft: Draft, ref: Any) -> None:
         conn.send_json({"type": "published", "id": event.id, "ref": ref})
 
 
-def ping(conn: WebSocketProtocol, message: dict[str, Any], ref: Any) -> None:
+def ping(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     conn.send_json({"type": "pong", "ref": ref})
 
 
-OPS: dict[str, Callable[[WebSocketProtocol, dict[str, Any], Any], None]] = {
+OPS: dict[str, Callable[[Connection, dict[str, Any], Any], None]] = {
     "subscribe": subscribe,
     "unsubscribe": unsubscribe,
     "publish": publish,

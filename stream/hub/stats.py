@@ -1,0 +1,21 @@
+"""The hub's plain counters: bumped on the hot path, read by the metrics collector at scrape time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["HubStats"]
+
+
+@dataclass
+class HubStats:
+    published: dict[str, int] = field(default_factory=dict)  # by first topic segment
+    delivered: dict[str, int] = field(default_factory=dict)  # by transport, written on the fast path
+    slow_consumers: int = 0
+    gaps: dict[str, int] = field(default_factory=dict)  # by reason
+    sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers
+    dropped_by_closed: int = 0
+    topics_refused: int = 0  # publishes refused by max_topics
+
+    def gap(self, reason: str) -> None:
+        self.gaps[reason] = self.gaps.get(reason, 0) + 1
