@@ -265,6 +265,21 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def metric_now(server: Server, line_prefix: str) -> float:
+    """One metric of a running server, read synchronously (0 when the line is absent)."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_prefix)), 0.0)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """The synchronous wait_for: poll a condition, fail if it does not hold in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
 async def metric(client: httpx.AsyncClient, server: Server, line_prefix: str) -> float:
     text = (await client.get(f"{server.url}/metrics")).text
     return float(next(line for line in text.splitlines() if line.startswith(line_prefix)).split()[-1])

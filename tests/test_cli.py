@@ -110,7 +110,7 @@ def test_tail_follows_a_real_server_across_a_restart(tmp_path):
     import signal
     import threading
 
-    from .support import KEYS, Server, publish_sync
+    from .support import KEYS, Server, metric_now, publish_sync, wait_until
 
     first = Server(KEYS).start()
     tail = subprocess.Popen(
@@ -123,9 +123,7 @@ def test_tail_follows_a_real_server_across_a_restart(tmp_path):
     threading.Thread(target=lambda: stderr.extend(tail.stderr), daemon=True).start()
     try:
         lines = []
-        import time
-
-        time.sleep(1.0)  # let tail subscribe
+        wait_until(lambda: metric_now(first, "stream_subscriptions ") >= 1)  # tail has subscribed
         ids = publish_sync(first, [{"topic": "clitail.a", "data": {"n": n}} for n in range(3)])
         lines = [json.loads(tail.stdout.readline()) for _ in range(3)]
         assert [line["id"] for line in lines] == ids
@@ -133,7 +131,7 @@ def test_tail_follows_a_real_server_across_a_restart(tmp_path):
         second = Server(KEYS)
         second.port, second.url, second.ws_url = first.port, first.url, first.ws_url
         with second:
-            time.sleep(2.5)  # tail reconnects with backoff
+            wait_until(lambda: metric_now(second, "stream_subscriptions ") >= 1)  # tail is back
             [after] = publish_sync(second, {"topic": "clitail.a", "data": {"n": 3}})
             gap = json.loads(tail.stdout.readline())
             event = json.loads(tail.stdout.readline())

@@ -9,7 +9,7 @@ import orjson
 import websockets
 from websockets.asyncio.client import connect
 
-from .support import PUBLISH_KEY, Server
+from .support import PUBLISH_KEY, Server, metric_now, wait_for
 
 LIMITED = f"""
 [server]
@@ -42,7 +42,7 @@ async def test_over_capacity_websocket_is_closed_1013_and_sse_gets_200_with_retr
         assert response.status_code == 200
         assert response.text.startswith("retry: ") and "over capacity" in response.text
         await held[0].close()
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: metric_now(server, 'stream_connections{transport="ws"}') == 2)  # its slot is free
         async with connect(server.ws_url) as again:
             assert orjson.loads(await again.recv())["type"] == "welcome"
         for ws in held[1:]:
@@ -91,7 +91,7 @@ async def test_token_expiry_timer_fires_once_and_release_cancels_it():
     runtime.admit(kept)
     runtime.admit(released)
     runtime.release(released)
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: kept.expired == 1, 5)
     assert (kept.expired, released.expired) == (1, 0)
     runtime.release(kept)
     assert runtime._expiries == {} and runtime.connections == set()
