@@ -190,11 +190,11 @@ async def test_a_busy_server_is_retried_not_fatal():
         async with httpx.AsyncClient(transport=publisher) as http, Subscriber(
             server.url, ["client.busy.>"], min_delay=0.05, max_delay=0.2, on_state=lambda s, d: states.append(s)
         ) as sub:
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: "reconnecting" in states)  # refused with 1013, retrying
             blocker.close()
             got: list = []
             reader = asyncio.create_task(collect(sub, 1, got))
-            await asyncio.sleep(1.0)  # the subscriber reconnects meanwhile
+            await wait_for(lambda: "connected" in states[states.index("reconnecting") :])  # it got in
             [event_id] = await publish(http, server, {"topic": "client.busy.a", "data": 1})
             await asyncio.wait_for(reader, 10)
     assert "reconnecting" in states and got[-1].id == event_id
