@@ -10,6 +10,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 
+from .uvicorn_seam import access_log_path
+
 __all__ = ["configure_logging", "redact"]
 
 # A query parameter: its name (any encoding) and its value.
@@ -51,8 +53,8 @@ class _QuietDemo(logging.Filter):
     """The demo providers poll this process every second or two: keep that out of the access log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        return not (isinstance(args, tuple) and len(args) >= 3 and str(args[2]).startswith("/demo/"))
+        path = access_log_path(record)
+        return not (path is not None and path.startswith("/demo/"))
 
 
 class _JSONFormatter(logging.Formatter):

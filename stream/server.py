@@ -7,13 +7,12 @@ import socket
 import sys
 from types import FrameType
 
-import uvicorn
-
 from . import __version__
 from .runtime import Runtime
 from .transports.http import Gate
 from .transports.http_protocol import HttpProtocol
 from .transports.ws import WebSocketProtocol
+from .uvicorn_seam import Config, Server
 
 __all__ = ["StreamServer", "make_config"]
 
@@ -28,9 +27,9 @@ def _loop() -> str:
     return "uvloop"
 
 
-def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicorn.Config:
+def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> Config:
     server = app.state.runtime.settings.server
-    return uvicorn.Config(
+    return Config(
         Gate(app, app.state.runtime),
         host=host,
         port=port,
@@ -50,10 +49,10 @@ def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> uvicor
     )
 
 
-class StreamServer(uvicorn.Server):
-    """uvicorn.Server whose shutdown first drains stream's connections (SPEC §8)."""
+class StreamServer(Server):
+    """uvicorn's Server (touchpoint 3 of ``uvicorn_seam``) whose shutdown first drains stream's connections (SPEC §8)."""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: Config, runtime: Runtime) -> None:
         super().__init__(config)
         self.runtime = runtime
 

@@ -1,9 +1,9 @@
 """What stream relies on in uvicorn's internals, one test per touchpoint.
 
-stream runs its own protocol classes under uvicorn (`stream/transports/http_protocol.py`,
-`stream/transports/ws.py`, `stream/server.py`, `stream/logs.py`). uvicorn does not promise
-these internals, so pyproject pins its minor series; each test here names the contract it checks,
-so an upgrade that breaks one fails with that name instead of a mysterious streaming failure.
+stream runs its own protocol classes under uvicorn; `stream/uvicorn_seam.py` lists every
+internal it relies on, numbered, and is the only module that imports uvicorn. uvicorn does not
+promise these, so pyproject pins its minor series; each test here checks one touchpoint and fails
+with its name, instead of a mysterious streaming failure after an upgrade.
 """
 
 from __future__ import annotations
@@ -87,3 +87,16 @@ def test_stream_runs_on_the_pinned_uvicorn_series():
     """pyproject pins uvicorn ~=0.54.0: these contracts were checked against that series."""
     assert uvicorn.__version__.startswith("0.54."), f"uvicorn {uvicorn.__version__}: re-check this file, then move the pin"
     assert issubclass(HttpProtocol, HttpToolsProtocol)
+
+
+def test_only_the_seam_imports_uvicorn():
+    """Every other module reaches uvicorn through stream/uvicorn_seam.py."""
+    from pathlib import Path
+
+    package = Path(__file__).parent.parent / "stream"
+    importers = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if any(line.startswith(("import uvicorn", "from uvicorn")) for line in path.read_text().splitlines())
+    )
+    assert importers == ["uvicorn_seam.py"], importers

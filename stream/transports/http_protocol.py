@@ -12,11 +12,8 @@ uvicorn parses requests and runs the ASGI app; this subclass adds, per socket:
   ``extensions["stream.http"]`` = this protocol; an event stream registers itself as
   ``stream_sink`` and then hears about flow control and about the connection going away.
 
-The uvicorn contract relied on: the ``httptools`` parser callbacks ``on_message_begin``,
-``on_headers_complete``, ``on_body``, ``on_message_complete`` and the ``asyncio.Protocol``
-methods, called in that order, with ``self.transport``, ``self.parser``, ``self.cycle`` and
-``self.app_state`` set by ``HttpToolsProtocol``; after a WebSocket upgrade the transport's
-protocol is the WebSocket one and this object hears nothing more.
+What it relies on in uvicorn is touchpoint 1 of ``stream.uvicorn_seam``; after a WebSocket
+upgrade the transport's protocol is the WebSocket one and this object hears nothing more.
 """
 
 from __future__ import annotations
@@ -26,10 +23,10 @@ import logging
 from typing import Any, Protocol
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import HeadTimeout, HeadTooLarge, StreamError
 from ..limits import Admission
+from ..uvicorn_seam import HttpToolsProtocol
 from .stall import StallWatch, drop
 
 __all__ = ["HttpProtocol", "StreamSink"]

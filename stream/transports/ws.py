@@ -60,6 +60,9 @@ NORMAL, GOING_AWAY, BAD_DATA, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, SLOW = 1000,
 
 
 class WebSocketProtocol(asyncio.Protocol):
+    """uvicorn's ``ws_protocol_class``: built and handed the transport as touchpoint 2 of
+    ``stream.uvicorn_seam`` describes."""
+
     transport_name = "ws"
 
     def __init__(
