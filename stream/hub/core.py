@@ -2,6 +2,11 @@
 
 It knows nothing of HTTP. Publishing is validated here, ordered by the broker, then handed to
 every matching subscriber synchronously: the publish path never awaits a client.
+
+Over 400 lines, for now: besides publishing and routing it holds the reading side (snapshots,
+catch-up steps, ``read`` for /api/events, topic pages), which works on the same history and
+retained values. That side is the next to move out, behind the broker seam the Redis broker
+needs (history and retained values then live in the broker).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ Lifecycle (``ServerProtocol.state`` drives it):
     CONNECTING --101--> OPEN --close sent/received--> CLOSING --TCP closed--> CLOSED
 A close we start (slow consumer, shutdown, keepalive) is followed by an abort if the client has
 not finished the closing handshake within ``close_timeout``: a stalled client cannot drain.
+
+Over 400 lines, for now: one connection's whole life is here — handshake, frames, keepalive,
+closing, and the limits on what a client may make it do (op rate, flood, its address's share,
+write stalls), which all act on the same reading and writing state. The ops themselves are in
+``ws_ops`` and the framing in ``wire``; the limits are the next candidate to move out.
 """
 
 from __future__ import annotations
