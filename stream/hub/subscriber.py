@@ -181,7 +181,7 @@ class Subscriber:
         self.started = False  # has ever held a pattern (``since`` is only for a fresh subscriber)
         # The hot path's one question: live, writable and nothing waiting? Kept current by
         # _refresh() whenever any of those changes (enum comparisons cost ~0.2 µs each).
-        self.direct = True
+        self.direct = True  # from here on only _refresh() sets it
         self.capacity = capacity
         self.sent = 0
         self.dropped = 0
@@ -233,7 +233,7 @@ class Subscriber:
     def pause(self) -> None:
         """The transport's buffer is above its high-water mark."""
         self.paused = True
-        self.direct = False
+        self._refresh()
 
     def resume(self) -> None:
         """The transport drained: send what waited, in as few writes as possible."""
@@ -309,7 +309,7 @@ class Subscriber:
     # -- overflow ---------------------------------------------------------------------------
 
     def _enqueue(self, event: Event) -> None:
-        self.direct = False
+        # Only reached when not ``direct`` (see deliver), which stays so while anything waits.
         latest = self.latest
         if latest is not None and event.policy is Policy.CONFLATE and event.topic in latest:
             # Conflating: the newest value supersedes the waiting one, so it needs no room.
