@@ -28,6 +28,13 @@ class TokenBucket:
             return True
         return False
 
+    def spend(self, now: float, count: float) -> float:
+        """Spend ``count`` tokens even past zero (the work is done already); the seconds until
+        the bucket is out of debt again (0 when it is not in debt)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - count
+        self.stamp = now
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
     def wait_time(self, count: float = 1.0) -> float:
         """Seconds until ``count`` tokens are available."""
         return max(0.0, (min(count, self.burst) - self.tokens) / self.rate)

@@ -79,7 +79,8 @@ class Runtime:
         self.closed: Counter[str] = Counter()  # sockets the server closed on a client, by reason
         self.ops_refused = 0  # WebSocket ops and control frames refused by the op rate
         self.ops_throttled = 0  # times a connection's reading was paused for its address's op share
-        self._client_ops: dict[str, _OpShare] = {}
+        self._client_ops: dict[str, TokenBucket] = {}  # per address, may go into debt
+        self._ops_spent: Counter[str] = Counter()  # op work not yet charged to its address's bucket
         self.publish_refused: Counter[str] = Counter()  # by reason
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
@@ -249,42 +250,22 @@ class Runtime:
 
     def charge_ops(self, host: str, cost: int = 1) -> None:
         """WebSocket op work from ``host``: 1 per op or control frame, plus 1 per pattern beyond
-        the first of a (un)subscribe (all of an address's connections share a rate)."""
-        share = self._client_ops.get(host)
-        if share is None:
-            if len(self._client_ops) >= _MAX_BUCKETS:
-                self._client_ops.clear()  # a fresh share for everyone is only ever more lenient
-            share = self._client_ops[host] = _OpShare()
-        share.spent += cost
+        the first of a (un)subscribe (all of an address's connections share a rate). Settled
+        against the address's bucket by ``ops_debt``."""
+        self._ops_spent[host] += cost
 
     def ops_debt(self, host: str, now: float) -> float:
         """Seconds ``host`` must wait before its connections are read again (0: within its share)."""
-        share = self._client_ops.get(host)
-        if share is None:
-            return 0.0
         server = self.settings.server
-        return share.debt(now, server.ws_ops_rate_per_client, server.ws_ops_burst_per_client)
+        bucket = self._client_ops.get(host)
+        if bucket is None:
+            if len(self._client_ops) >= _MAX_BUCKETS:
+                self._client_ops.clear()  # a fresh share for everyone is only ever more lenient
+            bucket = self._client_ops[host] = TokenBucket(server.ws_ops_rate_per_client, server.ws_ops_burst_per_client, now)
+        return bucket.spend(now, self._ops_spent.pop(host, 0))
 
     def count(self, transport: str) -> int:
         return sum(1 for connection in self.connections if connection.transport_name == transport)
-
-
-class _OpShare:
-    """An address's WebSocket op budget: a token bucket that may go into debt (ops already read
-    are handled), repaid by not reading its connections for a while."""
-
-    __slots__ = ("spent", "stamp", "tokens")
-
-    def __init__(self) -> None:
-        self.tokens: float | None = None
-        self.stamp = 0.0
-        self.spent = 0
-
-    def debt(self, now: float, rate: float, burst: float) -> float:
-        tokens = burst if self.tokens is None else min(burst, self.tokens + (now - self.stamp) * rate)
-        tokens -= self.spent
-        self.tokens, self.stamp, self.spent = tokens, now, 0
-        return -tokens / rate if tokens < 0 else 0.0
 
 
 def _decrement(counter: Counter[str], key: str) -> None:

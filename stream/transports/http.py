@@ -7,14 +7,12 @@ which the app turns into ``{"error": {"code", "message"}}`` with the matching st
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from .. import wire
 from ..auth import bearer_token
 from ..errors import (
     BadRequest,
@@ -32,7 +30,7 @@ from ..hub import Draft
 from ..runtime import Runtime
 from ..topics import parse_pattern_list, validate_topic
 from .params import check_origin, parse_symbols, subscribe_request
-from .sse import EventStream
+from .sse import EventStream, retry_later
 
 __all__ = ["Gate", "error_parts", "router"]
 
@@ -330,8 +328,7 @@ class Gate:
         server = self.runtime.settings.server
         exc = Unavailable("over capacity: too many connections; retry later", code="over_capacity")
         if scope["path"] == "/sse":
-            retry = server.sse_retry + random.randint(0, 4 * server.sse_retry)
-            body = wire.sse_retry(retry) + wire.sse_comment(exc.message)
+            body = retry_later(server.sse_retry, exc.message)
             await closing({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return

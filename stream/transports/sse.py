@@ -35,6 +35,12 @@ HEADERS = [
 ]
 
 
+def retry_later(retry_ms: int, message: str) -> bytes:
+    """The whole body for a stream that cannot start now (over capacity): EventSource gives up
+    for good on a non-200, so it gets 200, a randomised ``retry:`` hint and an immediate end."""
+    return wire.sse_retry(retry_ms + random.randint(0, 4 * retry_ms)) + wire.sse_comment(message)
+
+
 def _chunked(encode):
     return lambda *args: wire.sse_chunk(encode(*args))
 
@@ -75,9 +81,7 @@ class EventStream(Response):
         try:
             self.runtime.admit(self)
         except Unavailable as exc:
-            # EventSource gives up for good on a non-200: answer 200, say when to retry, end.
-            retry = wire.sse_retry(server.sse_retry + random.randint(0, 4 * server.sse_retry))
-            await send({"type": "http.response.body", "body": retry + wire.sse_comment(exc.message)})
+            await send({"type": "http.response.body", "body": retry_later(server.sse_retry, exc.message)})
             return
         try:
             await send({"type": "http.response.body", "body": wire.sse_retry(server.sse_retry), "more_body": True})
