@@ -8,7 +8,6 @@ when its time is up, never later.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import resource
 import select
@@ -324,20 +323,17 @@ class AttackWebSocket(RawWebSocket):
     """RawWebSocket from a chosen source address, with its receive buffer set before connecting."""
 
     def __init__(self, port: int, path: str = "/ws", *, source: str = ATTACKERS[0], rcvbuf: int | None = None) -> None:
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        self.sock = stalled_socket(port, source, request.encode(), rcvbuf)
-        self.sock.settimeout(10)
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed during handshake")
-            self.buffer += chunk
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        self.status = int(head.split(b" ", 2)[1])
+        self.source = source
+        super().__init__(port, path, rcvbuf=rcvbuf)
+
+    def open(self, port: int, rcvbuf: int | None) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+        sock.bind((self.source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        return sock
 
     def messages_until(self, wanted: Callable[[dict[str, Any]], bool], timeout: float) -> list[dict[str, Any]]:
         """Text messages up to and including the first ``wanted`` one; fewer if the socket closes

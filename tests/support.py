@@ -156,9 +156,7 @@ class RawWebSocket:
     """A WebSocket peer over a plain socket, so a test can stop reading or ignore pings."""
 
     def __init__(self, port: int, path: str = "/ws", *, rcvbuf: int | None = None, headers: str = "") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock = self.open(port, rcvbuf)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -173,6 +171,12 @@ class RawWebSocket:
             self.buffer += chunk
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])
+
+    def open(self, port: int, rcvbuf: int | None) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port))
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        return sock
 
     def send_text(self, text: str) -> None:
         self.send_frame(0x1, text.encode())
