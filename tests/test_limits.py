@@ -49,3 +49,13 @@ def test_forwarded_for_is_believed_only_from_listed_proxies():
     proxy = TrustedProxies(["127.0.0.1", "10.0.0.0/8"])
     assert proxy.client("127.0.0.1", ["203.0.113.9, 10.1.2.3"]) == "203.0.113.9"
     assert proxy.client("192.0.2.1", ["203.0.113.9"]) == "192.0.2.1"
+
+
+def test_a_bucket_charged_past_zero_says_how_long_the_debt_lasts():
+    """spend() takes work already done even past the burst and answers the wait until it is repaid."""
+    from stream.limits import TokenBucket
+
+    bucket = TokenBucket(rate=100, burst=50, now=0.0)
+    assert bucket.spend(0.0, 30) == 0.0
+    assert bucket.spend(0.0, 120) == 1.0  # 100 tokens short at 100/s
+    assert bucket.spend(1.0, 0) == 0.0 and bucket.tokens == 0
