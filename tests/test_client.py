@@ -116,7 +116,7 @@ def test_the_example_bot_runs_against_a_demo_server():
     bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
     with Server(None) as demo:
         process = subprocess.Popen(
-            [sys.executable, str(bot), "--url", demo.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
+            [sys.executable, str(bot), "--url", demo.url, "--symbols", symbols],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -136,6 +136,7 @@ def test_the_example_bot_runs_against_a_demo_server():
 async def test_the_example_bot_survives_odd_events_and_a_restart_without_acting_twice():
     """Fed a string event, a headline without symbols and a server restart (epoch gap, catch-up
     from /api/news, then the replay), the bot neither crashes nor prints any headline twice."""
+    import signal
     import subprocess
     import sys
     import threading
@@ -143,10 +144,15 @@ async def test_the_example_bot_survives_odd_events_and_a_restart_without_acting_
 
     bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
     config = (Path(__file__).parent.parent / "stream" / "default.toml").read_text() + KEYS
+    symbols = "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"
     lines: list[str] = []
+
+    def news_count(server: Server) -> int:
+        return len(httpx.get(f"{server.url}/api/news", params={"symbols": symbols}).json()["headlines"])
+
     first = Server(config).start()
     process = subprocess.Popen(  # noqa: ASYNC220 - the bot runs for the whole test; nothing awaits its start
-        [sys.executable, "-u", str(bot), "--url", first.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
+        [sys.executable, "-u", str(bot), "--url", first.url, "--symbols", symbols],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -159,14 +165,20 @@ async def test_the_example_bot_survives_odd_events_and_a_restart_without_acting_
             await publish(http, first, [{"topic": "news.odd", "data": "just a string"}, {"topic": "news.odd", "data": {"title": "No symbols here"}}])
             [marker] = await publish(http, first, {"topic": "news.odd", "data": {"title": "Marker", "symbols": ["AAPL"]}})
             await wait_for(lambda: any(marker in line for line in lines), 10)
+            # The bot is held (SIGSTOP) while the server restarts, until the new server's pollers
+            # have headlines in /api/news: then its catch-up and the replay overlap for certain.
+            process.send_signal(signal.SIGSTOP)
             first.stop()
             with Server(config, port=first.port) as second:
+                await wait_for(lambda: news_count(second) > 0, 20)
+                process.send_signal(signal.SIGCONT)
                 await wait_for(lambda: any("catching up" in line for line in lines), 20)
                 seen = len(lines)
                 await wait_for(lambda: sum(line.startswith("[") for line in lines[seen:]) >= 3, 30)
                 [after] = await publish(http, second, {"topic": "news.odd", "data": {"title": "After", "symbols": ["MSFT"]}})
                 await wait_for(lambda: any(after in line for line in lines), 10)
     finally:
+        process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(10)
         first.stop()
