@@ -116,7 +116,7 @@ def test_the_example_bot_runs_against_a_demo_server():
     bot = Path(__file__).parent.parent / "examples" / "headline_bot.py"
     with Server(None) as demo:
         process = subprocess.Popen(
-            [sys.executable, str(bot), "--url", demo.url, "--symbols", symbols],
+            [sys.executable, str(bot), "--url", demo.url, "--symbols", "AAPL,MSFT,NVDA,TSLA,AMZN,GOOGL,META"],
             stdout=subprocess.PIPE,
             text=True,
         )
