@@ -100,7 +100,6 @@ class _HubCollector(Collector):
         yield published
 
         sent = Counter(stats.sent_by_closed)
-        sent.update(stats.delivered)
         for sub in hub.subscribers:
             sent[sub.transport_name] += sub.sent
         deliveries = CounterMetricFamily("stream_deliveries", "Events written to subscribers", labels=["transport"])
@@ -119,11 +118,11 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "stream_slow_consumer_disconnects", "Subscribers closed because their buffer overflowed", value=stats.slow_consumers
         )
-        yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.history))
-        yield GaugeMetricFamily("stream_history_bytes", "Memory held by history (Event.size)", value=hub.history.bytes)
-        yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.retained))
+        yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.store.history))
+        yield GaugeMetricFamily("stream_history_bytes", "Memory held by history (Event.size)", value=hub.store.history.bytes)
+        yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.store.retained))
         yield GaugeMetricFamily(
-            "stream_retained_bytes", "Memory of the retained events (shared with history while held there)", value=hub.retained_bytes
+            "stream_retained_bytes", "Memory of the retained events (shared with history while held there)", value=hub.store.retained_bytes
         )
         yield GaugeMetricFamily(
             "stream_pending_events", "Events waiting in subscriber buffers", value=sum(s.backlog for s in hub.subscribers)

@@ -286,7 +286,7 @@ class Poller:
             if not provider.backfill:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
-                primed = self.hub.prime(self._drafts(fresh))
+                primed = await self.hub.prime(self._drafts(fresh))
                 self._remember(remember, len(parsed.items))
                 log.info(
                     "provider %s: primed with %d items, %d retained values (backfill off)",

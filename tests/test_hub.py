@@ -129,7 +129,7 @@ def test_retained_value_is_the_latest_per_topic_and_snapshot_sends_it_first_mark
     publish(hub, "news.x", 4)
     _sub, sink = subscriber(hub, ["quotes.*"], snapshot=True)
     live = publish(hub, "quotes.B", 5)
-    assert hub.retained["quotes.A"] is last_a
+    assert hub.store.retained["quotes.A"] is last_a
     assert sink.frames == [("S", last_a.id, "quotes.A"), ("S", b.id, "quotes.B"), ("E", live.id, "quotes.B")]
 
 
@@ -138,11 +138,11 @@ def test_history_is_bounded_by_count_and_by_age():
     clock = Clock()
     hub = Hub(HubConfig(history_size=5, history_ttl=10), clock=clock)
     events = publish_many(hub, 8)
-    assert [e.seq for e in hub.history] == [e.seq for e in events[-5:]]
+    assert [e.seq for e in hub.store.history] == [e.seq for e in events[-5:]]
     clock.now += 11
     fresh = publish(hub, "news.b")
-    assert [e.seq for e in hub.history] == [fresh.seq]
-    assert hub.history.trimmed_seq == events[-1].seq
+    assert [e.seq for e in hub.store.history] == [fresh.seq]
+    assert hub.store.history.trimmed_seq == events[-1].seq
 
 
 def test_replay_from_since_then_live_without_hole_or_duplicate():
@@ -308,11 +308,11 @@ def test_read_for_the_http_history_endpoint():
     """read(): latest events without since; after since up to limit with a next cursor; gap flag."""
     hub = make_hub(history_size=6)
     events = publish_many(hub, 10)
-    latest, position, gap = hub.read(["news.>"], None, 3, None)
+    latest, position, gap = hub.reader.read(["news.>"], None, 3, None)
     assert [e.id for e in latest] == [e.id for e in events[-3:]] and not gap
-    page, position, gap = hub.read(["news.>"], parse_since(events[5].id), 2, None)
+    page, position, gap = hub.reader.read(["news.>"], parse_since(events[5].id), 2, None)
     assert [e.id for e in page] == [events[6].id, events[7].id] and position == events[7].id and not gap
-    _, _, gap = hub.read(["news.>"], parse_since(events[0].id), 2, None)
+    _, _, gap = hub.reader.read(["news.>"], parse_since(events[0].id), 2, None)
     assert gap
 
 
@@ -424,9 +424,9 @@ def test_history_is_bounded_by_bytes_one_copy_per_event():
     """history_bytes drops the oldest events once their counted size (one JSON copy each) is over it."""
     hub = make_hub(history_size=10_000, history_bytes=1024 * 1024)
     events = publish_many(hub, 100, data="x" * 60_000)
-    assert hub.history.bytes <= 1024 * 1024
-    assert hub.history.bytes == sum(event.size for event in hub.history)
-    held = list(hub.history)
+    assert hub.store.history.bytes <= 1024 * 1024
+    assert hub.store.history.bytes == sum(event.size for event in hub.store.history)
+    held = list(hub.store.history)
     assert 10 <= len(held) < 20 and held[-1] is events[-1]
     assert all(event.size < len(event.json) + 400 for event in held)
 
@@ -440,7 +440,7 @@ def test_a_publish_that_would_create_a_topic_past_max_topics_is_refused():
         publish(hub, "d")
     with pytest.raises(TooManyTopics):  # a batch is refused whole
         asyncio.run(hub.publish_many([hub.draft("a", 1), hub.draft("e", 1)]))
-    assert publish(hub, "a", 2).topic == "a" and len(hub.retained) == 3
+    assert publish(hub, "a", 2).topic == "a" and len(hub.store.retained) == 3
 
 
 def test_routing_structures_do_not_grow_with_subscribe_churn():
@@ -509,7 +509,7 @@ def test_a_paused_subscriber_gets_its_snapshot_only_as_it_drains():
 
 def test_read_examines_a_bounded_part_of_history_and_says_where_to_continue():
     """/api/events' read stops after READ_SCAN events and returns a position to continue from."""
-    from stream.hub.core import READ_SCAN
+    from stream.hub.reading import READ_SCAN
 
     hub = make_hub(history_size=20_000)
     first = publish(hub, "noise", 0)
@@ -517,10 +517,10 @@ def test_read_examines_a_bounded_part_of_history_and_says_where_to_continue():
     for _ in range((READ_SCAN + 1000) // 100):
         asyncio.run(hub.publish_many([hub.draft("noise", n) for n in range(100)]))
     wanted = publish(hub, "rare", 1)
-    found, position, gap = hub.read(["rare"], parse_since(first.id), 10)
+    found, position, gap = hub.reader.read(["rare"], parse_since(first.id), 10)
     assert found == [] and not gap and position != hub.id_of(hub.head_seq)
     while not found:
-        found, position, gap = hub.read(["rare"], parse_since(position), 10)
+        found, position, gap = hub.reader.read(["rare"], parse_since(position), 10)
     assert found == [wanted]
 
 
@@ -569,7 +569,7 @@ def test_primed_values_are_in_every_snapshot_even_one_that_resumes():
     hub = make_hub()
     first = publish(hub, "x.a", 1)
     publish(hub, "x.b", 2)
-    assert hub.prime([hub.draft("q.AAPL", {"price": 1})]) == 1
+    assert asyncio.run(hub.prime([hub.draft("q.AAPL", {"price": 1})])) == 1
     _sub, sink = subscriber(hub, ["q.>", "x.>"], since=parse_since(first.id), snapshot=True)
-    assert ("S", hub.retained["q.AAPL"].id, "q.AAPL") in sink.frames
-    assert [frame for frame in sink.frames if frame[0] == "E"] == [("E", hub.retained["x.b"].id, "x.b")]
+    assert ("S", hub.store.retained["q.AAPL"].id, "q.AAPL") in sink.frames
+    assert [frame for frame in sink.frames if frame[0] == "E"] == [("E", hub.store.retained["x.b"].id, "x.b")]

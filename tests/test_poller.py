@@ -160,11 +160,11 @@ def test_first_poll_primes_dedup_unless_backfill():
     script = Script((200, items("b", "a"), {}), (200, items("c", "b", "a"), {}))
     poller, hub, _ = make(script)
     run(polls(poller, 2))
-    assert [e.data["id"] for e in hub.history] == ["c"]
+    assert [e.data["id"] for e in hub.store.history] == ["c"]
     script = Script((200, items("b", "a"), {}))
     poller, hub, _ = make(script, backfill=True)
     run(polls(poller, 1))
-    assert [e.data["id"] for e in hub.history if e.topic != "_system.providers"] == ["a", "b"]
+    assert [e.data["id"] for e in hub.store.history if e.topic != "_system.providers"] == ["a", "b"]
 
 
 def test_repeats_reorders_duplicates_and_returning_items_never_publish_twice():
@@ -178,7 +178,7 @@ def test_repeats_reorders_duplicates_and_returning_items_never_publish_twice():
     )
     poller, hub, _ = make(script)
     run(polls(poller, 5))
-    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["b", "c", "d"]
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["b", "c", "d"]
 
 
 def test_dedup_memory_is_bounded_oldest_forgotten_first():
@@ -196,7 +196,7 @@ def test_snapshot_publishes_only_changed_values():
     script = Script((200, first, {}), (200, second, {}), (200, second, {}))
     poller, hub, _ = make(script, kind="snapshot", split="", topic="quotes.{key}", backfill=True)
     run(polls(poller, 3))
-    published = [(e.topic, e.data) for e in hub.history if e.topic.startswith("quotes.")]
+    published = [(e.topic, e.data) for e in hub.store.history if e.topic.startswith("quotes.")]
     assert published == [("quotes.AAPL", {"p": 1}), ("quotes.MSFT", {"p": 2}), ("quotes.MSFT", {"p": 3}), ("quotes.NVDA", {"p": 4})]
 
 
@@ -210,7 +210,7 @@ def test_items_are_published_oldest_first():
     )
     poller, hub, _ = make(Script((200, body, {})), backfill=True)
     run(polls(poller, 1))
-    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["old", "new"]
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["old", "new"]
 
 
 def test_state_changes_are_published_on_system_providers():
@@ -227,7 +227,7 @@ def test_state_changes_are_published_on_system_providers():
         await pollers.pollers[0].poll_once()
         await asyncio.sleep(0)
         await pollers.stop()
-        return [e.data for e in hub.history if e.topic == "_system.providers"]
+        return [e.data for e in hub.store.history if e.topic == "_system.providers"]
 
     statuses = run(scenario())
     assert [s["state"] for s in statuses] == ["backoff", "ok"]
@@ -288,7 +288,7 @@ def test_snapshots_with_more_keys_than_dedup_size_do_not_republish_unchanged_val
     script = Script((200, body, {}))
     poller, hub, _ = make(script, kind="snapshot", split="", topic="v.{key}", backfill=True, dedup_size=2)
     run(polls(poller, 4))
-    assert len([e for e in hub.history if e.topic.startswith("v.")]) == 5
+    assert len([e for e in hub.store.history if e.topic.startswith("v.")]) == 5
 
 
 def test_an_empty_first_answer_does_not_prime_dedup():
@@ -296,7 +296,7 @@ def test_an_empty_first_answer_does_not_prime_dedup():
     script = Script((200, b"[]", {}), (200, items("a", "b"), {}), (200, items("c", "b", "a"), {}))
     poller, hub, _ = make(script)
     run(polls(poller, 3))
-    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["c"]
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["c"]
 
 
 def test_items_whose_publish_failed_are_tried_again():
@@ -321,7 +321,7 @@ def test_items_whose_publish_failed_are_tried_again():
         await poller.poll_once()  # b again: published now
 
     run(scenario())
-    assert [e.data["id"] for e in hub.history if e.topic.startswith("news.")] == ["b"]
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["b"]
 
 
 def test_redirects_keep_keys_on_their_origin_and_never_downgrade():

@@ -68,7 +68,7 @@ async def side_by_side(upstream, table, url, polls: int = 1):
 
 
 def published(hub: Hub, provider: str = "bad") -> list[str]:
-    ids = [e.data["id"] for e in hub.history if e.topic.startswith("news.") and e.data.get("provider") == provider]
+    ids = [e.data["id"] for e in hub.store.history if e.topic.startswith("news.") and e.data.get("provider") == provider]
     assert len(ids) == len(set(ids)), "duplicate event"
     return ids
 
@@ -273,12 +273,12 @@ async def test_first_poll_of_a_snapshot_provider_primes_retained_values_without_
     async with httpx.AsyncClient() as client:
         poller = make(upstream, hub, client, upstream.url("/prices"), name="px", kind="snapshot", split="", topic="quotes.{key}", backfill=False)
         await poller.poll_once()
-        assert {topic: event.data for topic, event in hub.retained.items()} == {
+        assert {topic: event.data for topic, event in hub.store.retained.items()} == {
             "quotes.AAPL": {"price": 228.0},
             "quotes.MSFT": {"price": 410.5},
         }
-        assert len(hub.history) == 0 and poller.items_published == 0
+        assert len(hub.store.history) == 0 and poller.items_published == 0
         prices["MSFT"] = {"price": 411.0}
         await poller.poll_once()
-    assert [(event.topic, event.data) for event in hub.history] == [("quotes.MSFT", {"price": 411.0})]
-    assert hub.retained["quotes.AAPL"].data == {"price": 228.0}
+    assert [(event.topic, event.data) for event in hub.store.history] == [("quotes.MSFT", {"price": 411.0})]
+    assert hub.store.retained["quotes.AAPL"].data == {"price": 228.0}

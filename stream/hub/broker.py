@@ -1,9 +1,13 @@
-"""Brokers: where ids are assigned and accepted events come from.
+"""Brokers: the seam between the hub's routing and where events are ordered and stored.
 
 The hub hands a broker validated drafts; the broker gives each an id and a timestamp, stores it
-wherever it keeps history, and calls the hub's ``accept`` with the events in their final order.
-``MemoryBroker`` does all of this synchronously inside ``publish``; a Redis broker appends to a
-stream and delivers what its reader sees, so every node accepts the same events in one order.
+wherever it keeps history, records it in this node's :class:`~.store.Store` and then calls the
+hub's ``accept`` with the events in their final order, for fan-out. The hub never assigns a
+sequence or writes history and retained values itself: a broker that keeps them in Redis
+replaces all of that without touching routing.
+
+``MemoryBroker`` does it all synchronously inside ``publish``; a Redis broker appends to a
+stream and records what its reader sees, so every node accepts the same events in one order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events import Event, format_id, new_epoch
+from .store import Store
 
 __all__ = ["Broker", "Draft", "MemoryBroker"]
 
@@ -32,6 +37,7 @@ class Broker(abc.ABC):
     """The seam between the hub's fan-out and the place events are ordered and stored."""
 
     epoch: str
+    store: Store  # this node's view of history and retained values; only the broker writes it
 
     def bind(self, accept: Callable[[list[Event]], None]) -> None:
         self._accept = accept
@@ -50,12 +56,18 @@ class Broker(abc.ABC):
     async def publish(self, drafts: list[Draft]) -> list[Event]:
         """Accept drafts into history, in order; return them as events once accepted."""
 
+    @abc.abstractmethod
+    async def prime(self, drafts: list[Draft]) -> list[Event]:
+        """Make drafts the retained values of topics that have none yet, publishing no event
+        (SPEC §7); the last draft of a topic wins. Returns the values retained."""
+
 
 class MemoryBroker(Broker):
-    """One process is the whole hub: a counter orders events, the hub's history stores them."""
+    """One process is the whole hub: a counter orders events, the store keeps them."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
         self.epoch = new_epoch()
+        self.store = store or Store()
         self._clock = clock
         self._seq = 0
         self._last_ts = 0
@@ -74,5 +86,21 @@ class MemoryBroker(Broker):
             events.append(
                 Event(self._seq, format_id(self.epoch, self._seq), draft.topic, ts, draft.data, draft.data_json)
             )
+        self.store.record(events, int(self._clock() * 1000))
         self._accept(events)
         return events
+
+    async def prime(self, drafts: list[Draft]) -> list[Event]:
+        store = self.store
+        latest = {draft.topic: draft for draft in drafts if draft.topic not in store.retained}
+        # Stamped with the current position: a state as of now, not a point in history.
+        seq, now_ms = self._seq, int(self._clock() * 1000)
+        primed = []
+        for topic, draft in latest.items():
+            if not store.has_room(1):
+                break
+            event = Event(seq, format_id(self.epoch, seq), topic, now_ms, draft.data, draft.data_json)
+            event.primed = True
+            store.retain(event)
+            primed.append(event)
+        return primed

@@ -1,12 +1,13 @@
-"""The hub: accepts events, keeps history and retained values, fans events out to subscribers.
+"""The hub: validates events, hands them to the broker, fans accepted events out to subscribers.
 
-It knows nothing of HTTP. Publishing is validated here, ordered by the broker, then handed to
-every matching subscriber synchronously: the publish path never awaits a client.
+It knows nothing of HTTP. Publishing is validated here, ordered and stored by the broker (which
+keeps history and retained values in its :class:`~.store.Store`), then handed to every matching
+subscriber synchronously: the publish path never awaits a client. What subscribers read of the
+past (snapshots, catch-up, /api/events) is :class:`~.reading.Reader`'s.
 
-Over 400 lines, for now: besides publishing and routing it holds the reading side (snapshots,
-catch-up steps, ``read`` for /api/events, topic pages), which works on the same history and
-retained values. That side is the next to move out, behind the broker seam the Redis broker
-needs (history and retained values then live in the broker).
+    publish ─▶ Hub.draft ─▶ Broker.publish ─▶ Store.record ─▶ Hub._accept ─▶ routes ─▶ Subscriber
+                                                  │
+                       Reader (snapshot, since, /api/events) ◀─┘
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from bisect import bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,25 +24,17 @@ from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManySubscription
 from ..events import Event, Since, encode_data, format_id
 from ..topics import Pattern, PatternIndex, is_system, validate_topic
 from .broker import Broker, Draft, MemoryBroker
-from .history import History
-from .routes import Matcher, Route, WakeSink
+from .reading import Reader
+from .routes import Route, WakeSink
 from .stats import HubStats
-from .subscriber import Policy, SnapshotScan, State, Subscriber, Want
+from .store import Store
+from .subscriber import Policy, State, Subscriber, Want
 
 __all__ = ["Hub", "HubConfig", "HubStats"]
 
 log = logging.getLogger("stream.hub")
 
 _PREFIX_LIMIT = 100
-# History events one catch-up or snapshot step examines before it lets the loop run others:
-# a few milliseconds of matching, whatever a client asked for.
-SCAN_STEP = 2048
-# One /api/events answer: at most this many history events examined and this much event JSON;
-# the answer's ``next`` continues where it stopped.
-READ_SCAN = 5000
-READ_BYTES = 1024 * 1024
-
-
 @dataclass(frozen=True)
 class HubConfig:
     history_size: int = 10_000
@@ -64,19 +56,16 @@ class Hub:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config or HubConfig()
+        self.config = config = config or HubConfig()
         self.clock = clock
-        self.broker = broker or MemoryBroker(clock)
+        if broker is None:
+            store = Store(config.history_size, config.history_ttl, config.history_bytes, config.max_topics)
+            broker = MemoryBroker(store, clock)
+        self.broker = broker
+        self.store = broker.store  # read only: the broker writes it
         self.broker.bind(self._accept)
-        ttl = self.config.history_ttl
-        self.history = History(self.config.history_size, None if ttl is None else int(ttl * 1000), self.config.history_bytes)
-        self.retained: dict[str, Event] = {}
-        # Topics in the order they were first published: a snapshot walks it lazily by index,
-        # since retained topics are never removed.
-        self.topic_order: list[str] = []
-        self._sorted_topics: list[str] = []  # the same, sorted: /api/topics pages through it
-        self.retained_bytes = 0
         self.stats = HubStats()
+        self.reader = Reader(broker, self.stats)
         self.subscribers: set[Subscriber] = set()
         self.on_fanout: Callable[[Event], None] | None = None  # metrics hook, once per event
         self._routes: PatternIndex[Route] = PatternIndex()
@@ -92,7 +81,7 @@ class Hub:
 
     @property
     def head_seq(self) -> int:
-        return self.history.head_seq
+        return self.store.head_seq
 
     def id_of(self, seq: int) -> str:
         return format_id(self.epoch, seq)
@@ -129,44 +118,33 @@ class Hub:
         return await self.broker.publish(drafts)
 
     def _check_topics(self, drafts: list[Draft]) -> None:
-        retained = self.retained
-        new = {draft.topic for draft in drafts if draft.topic not in retained}
-        if new and len(retained) + len(new) > self.config.max_topics:
+        new = self.store.new_topics(draft.topic for draft in drafts)
+        if new and not self.store.has_room(len(new)):
             self.stats.topics_refused += 1
             raise TooManyTopics(
                 f"topic: {sorted(new)[0]!r} would be a new topic, and the hub holds its maximum of "
                 f"{self.config.max_topics} topics (max_topics); publish to an existing topic"
             )
 
-    def prime(self, drafts: list[Draft]) -> int:
+    async def prime(self, drafts: list[Draft]) -> int:
         """Make ``drafts`` the retained values of topics that have none yet, publishing no event
-        (a provider's first poll, SPEC §7); the last draft of a topic wins. Each value is stamped
-        with the current position: it is a state as of now, not a point in history. Returns how
-        many topics got a value."""
-        latest = {draft.topic: draft for draft in drafts if draft.topic not in self.retained}
-        seq, now_ms = self.head_seq, int(self.clock() * 1000)
-        primed = 0
-        for topic, draft in latest.items():
-            if len(self.retained) >= self.config.max_topics:
-                self.stats.topics_refused += 1
-                continue
-            event = Event(seq, self.id_of(seq), topic, now_ms, draft.data, draft.data_json)
-            event.policy = self.policy_for(topic)
-            event.primed = True
-            self._retain(event)
-            primed += 1
-        return primed
+        (a provider's first poll, SPEC §7). Returns how many topics got a value."""
+        wanted = len(self.store.new_topics(draft.topic for draft in drafts))
+        primed = await self.broker.prime(drafts)
+        for event in primed:
+            event.policy = self.policy_for(event.topic)
+        self.stats.topics_refused += wanted - len(primed)
+        return len(primed)
 
     def policy_for(self, topic: str) -> Policy:
         rules = self._overflow.match(topic)
         return min(rules, key=lambda rule: rule[0])[1] if rules else self.config.default_overflow
 
     def _accept(self, events: list[Event]) -> None:
-        """Called by the broker, in accept order, for every event of this hub: into history,
-        then out to every matching subscriber, before the publish call returns."""
-        now_ms = int(self.clock() * 1000)
+        """Called by the broker, in accept order, for every event of this hub (already in its
+        store): out to every matching subscriber, before the publish call returns."""
         for event in events:
-            self._record(event, now_ms)
+            self._count(event)
         if len(events) == 1:
             self._fanout(events[0], None)
             return
@@ -182,33 +160,19 @@ class Hub:
                     log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                     self.detach(sub)
 
-    def _record(self, event: Event, now_ms: int) -> None:
+    def _count(self, event: Event) -> None:
         event.policy = self.policy_for(event.topic)
-        self.history.append(event, now_ms)
-        self._retain(event)
         published = self.stats.published
         prefix = event.topic.split(".", 1)[0]
         if prefix not in published and len(published) >= _PREFIX_LIMIT:
             prefix = "other"  # publishers choose topics: keep the metric's label set bounded
         published[prefix] = published.get(prefix, 0) + 1
 
-    def _retain(self, event: Event) -> None:
-        previous = self.retained.get(event.topic)
-        if previous is None:
-            self.topic_order.append(event.topic)
-            insort(self._sorted_topics, event.topic)
-        else:
-            self.retained_bytes -= previous.size
-        self.retained[event.topic] = event
-        self.retained_bytes += event.size
-
     def _fanout(self, event: Event, batch: dict[Subscriber, list[bytes]] | None) -> None:
         seq = event.seq
-        delivered = self.stats.delivered
         for route in self._routes.match(event.topic):
-            for encode, transport, members in route.groups():
+            for encode, _transport, members in route.groups():
                 frame = None
-                sent = 0
                 for sub, symbols in members:
                     try:
                         # The hot path, inlined: live, writable, nothing waiting, no filter.
@@ -216,8 +180,8 @@ class Hub:
                             if frame is None:
                                 frame = encode(event)
                             sub.last_seq = seq
+                            sub.sent += 1
                             sub.write(frame)
-                            sent += 1
                         else:
                             if frame is None and sub.direct:
                                 frame = encode(event)
@@ -226,8 +190,6 @@ class Hub:
                         # A broken connection must not stop the fan-out to everyone else.
                         log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                         self.detach(sub)
-                if sent:
-                    delivered[transport] = delivered.get(transport, 0) + sent
         if self.on_fanout is not None:
             self.on_fanout(event)
 
@@ -237,25 +199,6 @@ class Hub:
         sub = Subscriber(self, sink, capacity=self.config.subscriber_buffer, transport=transport)
         self.subscribers.add(sub)
         return sub
-
-    def resolve(self, since: Since | None) -> tuple[int, tuple[str | None, str] | None]:
-        """The seq after which a subscriber starts, and the gap to announce first, if any."""
-        history = self.history
-        if since is None:
-            return history.head_seq, None
-        if since.time_ms is not None:
-            cursor = history.seq_before_time(since.time_ms)
-            if history.trimmed_seq and history.trimmed_ts >= since.time_ms:
-                return cursor, (None, "history")
-            return cursor, None
-        assert since.seq is not None
-        if since.epoch != self.epoch:
-            return history.trimmed_seq, (None, "epoch")
-        if since.seq > history.head_seq:
-            raise BadRequest(f"since: {since.text!r} is newer than the newest event of this hub")
-        if since.seq < history.trimmed_seq:
-            return history.trimmed_seq, (since.text, "history")
-        return since.seq, None
 
     def subscribe(
         self,
@@ -287,7 +230,7 @@ class Hub:
                 "since: only a connection's first subscribe can replay history; "
                 "put every pattern in that subscribe, or open a new connection"
             )
-        cursor, gap = self.resolve(since)
+        cursor, gap = self.reader.resolve(since)
         position = self.id_of(cursor)
         if announce is not None:
             announce(position)
@@ -299,24 +242,15 @@ class Hub:
         if gap is not None:
             sub.pending_gap = gap
             self.stats.gap(gap[1])
-        replay = since is not None and cursor < self.history.head_seq
+        replay = since is not None and cursor < self.store.head_seq
         if snapshot and wants:
-            sub.snapshots.append(self._snapshot_scan(wants, cursor))
+            sub.snapshots.append(self.reader.snapshot_scan(wants, cursor))
         if gap is not None or replay or sub.snapshots:
             if sub.state is State.LIVE:
                 sub.cursor = cursor
                 sub.set_state(State.CATCHING_UP)
             sub.flush()
         return position
-
-    def _snapshot_scan(self, wants: list[Want], cursor: int) -> SnapshotScan:
-        """What a snapshot will walk: the named topics when every pattern is literal, else every
-        topic known now (later topics are newer than ``cursor`` and come from history)."""
-        if all(want.pattern.literal for want in wants):
-            found = [self.retained[w.pattern.text] for w in wants if w.pattern.text in self.retained]
-            topics = [event.topic for event in sorted(found, key=lambda event: event.seq)]
-            return SnapshotScan(wants, Matcher, cursor, topics, len(topics))
-        return SnapshotScan(wants, Matcher, cursor, None, len(self.topic_order))
 
     def _join(self, sub: Subscriber, text: str, want: Want) -> None:
         route = self._routes.get(text)
@@ -358,126 +292,17 @@ class Hub:
         sub.pending.clear()
         sub.snapshots.clear()
 
-    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
-        """One step of a catching-up subscriber: snapshot values, then history after
-        ``sub.cursor``, appended to ``chunk`` up to ``budget`` bytes or ``SCAN_STEP`` items
-        examined; turns ``sub`` live when it reaches the newest event."""
-        if sub.snapshots and not self._snapshot_step(sub, chunk, budget):
-            return
-        history = self.history
-        if sub.cursor < history.trimmed_seq:
-            # History moved past this reader while it was catching up.
-            chunk.append(sub.sink.encode_gap(self.id_of(sub.cursor), "history"))
-            self.stats.gap("history")
-            sub.cursor = history.trimmed_seq
-        index = history.index_after(sub.cursor)
-        matcher = Matcher(list(sub.wants.values()))
-        encode = sub.sink.encode
-        size = 0
-        for _ in range(SCAN_STEP):
-            event = history.at(index)
-            if event is None:
-                # Caught up: every later event is newer than the head and arrives live.
-                sub.set_state(State.LIVE)
-                return
-            index += 1
-            sub.cursor = event.seq
-            if matcher.accepts(event):
-                data = encode(event)
-                chunk.append(data)
-                size += len(data)
-                sub.sent += 1
-                if size >= budget:
-                    return
-
-    def _snapshot_step(self, sub: Subscriber, chunk: list[bytes], budget: int) -> bool:
-        """Write the oldest pending snapshot's next values; True once every snapshot is done."""
-        scan = sub.snapshots[0]
-        order = self.topic_order if scan.topics is None else scan.topics
-        retained, encode = self.retained, sub.sink.encode_snapshot
-        size = 0
-        for _ in range(SCAN_STEP):
-            if scan.index >= scan.end:
-                sub.snapshots.popleft()
-                if not sub.snapshots:
-                    return True
-                scan = sub.snapshots[0]
-                order = self.topic_order if scan.topics is None else scan.topics
-                continue
-            event = retained[order[scan.index]]
-            scan.index += 1
-            # A value newer than the subscribe point reaches the subscriber from history — unless
-            # history no longer holds it, or it never went there (a primed value).
-            fresh = event.seq > scan.cursor and event.seq > self.history.trimmed_seq and not event.primed
-            if not fresh and scan.matcher.wants(event):
-                data = encode(event)
-                chunk.append(data)
-                size += len(data)
-                sub.sent += 1
-                if size >= budget:
-                    return False
-        return False
+    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> int:
+        """One bounded step of ``sub``'s snapshot and replay (see ``Reader.catch_up``)."""
+        return self.reader.catch_up(sub, chunk, budget)
 
     # -- reading --------------------------------------------------------------------------
-
-    def topics_after(self, after: str, count: int) -> tuple[list[str], bool]:
-        """Up to ``count`` retained topics sorted after ``after``, and whether more follow."""
-        start = bisect_right(self._sorted_topics, after)
-        names = self._sorted_topics[start : start + count]
-        return names, start + count < len(self._sorted_topics)
 
     def subscriber_count(self, topic: str) -> int:
         routes = self._routes.match(topic)
         if len(routes) == 1:
             return len(routes[0].members)
         return len({sub for route in routes for sub in route.members})
-
-    def read(
-        self,
-        patterns: list[str],
-        since: Since | None,
-        limit: int,
-        symbols: frozenset[str] | None = None,
-    ) -> tuple[list[Event], str, bool]:
-        """History for ``/api/events``: (events oldest first, next position, gap?).
-
-        At most ``READ_SCAN`` history events are examined and ``READ_BYTES`` of events returned;
-        ``next`` is where a further request continues.
-        """
-        matcher = Matcher([Want(Pattern(text), 0, symbols) for text in patterns])
-        history = self.history
-        found: list[Event] = []
-        size = 0
-        if since is None:
-            index = history.end()
-            for _ in range(READ_SCAN):
-                event = history.before(index)
-                if event is None:
-                    break
-                index -= 1
-                if matcher.accepts(event):
-                    found.append(event)
-                    size += len(event.json)
-                    if len(found) >= limit or size >= READ_BYTES:
-                        break
-            found.reverse()
-            return found, self.id_of(history.head_seq), False
-        cursor, gap = self.resolve(since)
-        position = cursor
-        index = history.index_after(cursor)
-        for _ in range(READ_SCAN):
-            event = history.at(index)
-            if event is None:
-                position = history.head_seq
-                break
-            index += 1
-            position = event.seq
-            if matcher.accepts(event):
-                found.append(event)
-                size += len(event.json)
-                if len(found) >= limit or size >= READ_BYTES:
-                    break
-        return found, self.id_of(position), gap is not None
 
     async def wait(
         self,

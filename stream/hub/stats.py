@@ -10,7 +10,6 @@ __all__ = ["HubStats"]
 @dataclass
 class HubStats:
     published: dict[str, int] = field(default_factory=dict)  # by first topic segment
-    delivered: dict[str, int] = field(default_factory=dict)  # by transport, written on the fast path
     slow_consumers: int = 0
     gaps: dict[str, int] = field(default_factory=dict)  # by reason
     sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers

@@ -85,8 +85,8 @@ class Owner(Protocol):
     @property
     def head_seq(self) -> int: ...
 
-    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> None:
-        """Append the next snapshot values / history events for ``sub`` to ``chunk``."""
+    def catch_up(self, sub: Subscriber, chunk: list[bytes], budget: int) -> int:
+        """Append the next snapshot values / history events for ``sub`` to ``chunk``; how many."""
 
     def detach(self, sub: Subscriber) -> None:
         """Remove ``sub`` from every route and mark it closed."""
@@ -183,7 +183,7 @@ class Subscriber:
         # _refresh() whenever any of those changes (enum comparisons cost ~0.2 µs each).
         self.direct = True  # from here on only _refresh() sets it
         self.capacity = capacity
-        self.sent = 0
+        self.sent = 0  # every event written to this subscriber; the one count of deliveries
         self.dropped = 0
         self.transport_name = transport
         self.write = sink.write
@@ -260,7 +260,7 @@ class Subscriber:
                 steps += 1
                 if steps > STEPS_PER_TURN and self._continue_later():
                     return
-                self.hub.catch_up(self, chunk, FLUSH_BYTES)
+                self.sent += self.hub.catch_up(self, chunk, FLUSH_BYTES)
             elif not chunk:
                 return
             if chunk:

@@ -110,13 +110,13 @@ async def topics(request: Request) -> JSON:
     principal = _principal(request, runtime)
     limit = _int_param(request, "limit", TOPICS_PAGE, 1, TOPICS_PAGE)
     after = request.query_params.get("cursor") or ""
-    names, more = hub.topics_after(after, TOPICS_SCAN)
+    names, more = hub.store.topics_after(after, TOPICS_SCAN)
     page = []
     last = after
     for name in names:
         last = name
         if auth.may_subscribe(principal, name):
-            event = hub.retained[name]
+            event = hub.store.retained[name]
             page.append({"topic": name, "last_id": event.id, "last_ts": event.ts, "subscribers": hub.subscriber_count(name)})
             if len(page) >= limit:
                 more = more or name != names[-1]
@@ -133,7 +133,7 @@ async def topic(topic: str, request: Request) -> Response:
     runtime = _runtime(request)
     validate_topic(topic, "topic")
     runtime.auth.check_subscribe(_principal(request, runtime), [topic], "topic")
-    event = runtime.hub.retained.get(topic)
+    event = runtime.hub.store.retained.get(topic)
     if event is None:
         raise NotFound(f"topic: {topic!r} has no retained value")
     return Response(event.json, media_type="application/json")
@@ -168,11 +168,11 @@ async def events(request: Request) -> Response:
     wait = _int_param(request, "wait", 0, 0, 60)
     symbols = parse_symbols(params.get("symbols"))
     hub = runtime.hub
-    found, position, gap = hub.read(patterns, since, limit, symbols)
+    found, position, gap = hub.reader.read(patterns, since, limit, symbols)
     if not found and not gap and wait:
         cursor = parse_since(position)
         await hub.wait(patterns, cursor, wait, symbols)
-        found, position, gap = hub.read(patterns, cursor, limit, symbols)
+        found, position, gap = hub.reader.read(patterns, cursor, limit, symbols)
     # The events' own JSON, spliced in: no decode and re-encode of every event per request.
     body = b'{"events":[%s],"next":"%s","gap":%s}' % (
         b",".join(event.json for event in found),
@@ -364,6 +364,6 @@ async def sse(request: Request) -> EventStream:
     subscription = subscribe_request(params, since_override=request.headers.get("last-event-id"))
     runtime.auth.check_subscribe(principal, subscription.topics)
     _check_pattern_count(runtime, subscription.topics)
-    runtime.hub.resolve(subscription.since)  # a since from the future is a 400 before streaming
+    runtime.hub.reader.resolve(subscription.since)  # a since from the future is a 400 before streaming
     client = request.client.host if request.client else ""
     return EventStream(runtime, subscription, principal, client)
