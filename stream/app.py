@@ -1,14 +1,22 @@
-"""Composition root: ``create_app(settings)`` wires settings, hub, auth, transports and metrics.
+"""Composition root: ``build(settings)`` makes every part of one process, in one place.
 
-The lifespan starts the runtime (hub, broker, heartbeat ticker) and publishes it to every
-request through the ASGI lifespan state; WebSocket connections find it the same way, through
-uvicorn's ``app_state``.
+    settings ─▶ Store ─▶ MemoryBroker ─▶ Hub ◀─ Pollers (providers)
+                                          │
+          Metrics (hooks) ─▶ Runtime (connections, limits, auth) ─▶ FastAPI app ─▶ Gate (ASGI entry)
+
+No other module constructs a hub, broker, poller set, auth or runtime. The lifespan starts the
+runtime (hub, broker, heartbeat ticker) and publishes it, and the demo market, to every request
+through the ASGI lifespan state; WebSocket connections find them the same way, through
+uvicorn's ``app_state``. ``create_app(settings)`` is the same, for running under any ASGI server.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
+import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +30,20 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .auth import Auth
 from .errors import StreamError
+from .hub import Hub, HubConfig, MemoryBroker, Policy
+from .hub.store import Store
+from .limits import SocketLimits, TrustedProxies
 from .metrics import Metrics
+from .pollers import Pollers
+from .providers import DemoMarket
 from .runtime import Runtime
 from .settings import Settings, load_settings
 from .transports import demo
-from .transports.http import error_parts, router
+from .transports.http import Gate, error_parts, router
 
-__all__ = ["create_app"]
+__all__ = ["Service", "build", "create_app"]
 
 log = logging.getLogger("stream")
 
@@ -79,16 +93,48 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal", "internal error; it has been logged")
 
 
+@dataclass(frozen=True)
+class Service:
+    """One process's parts, as ``build`` wired them."""
+
+    settings: Settings
+    runtime: Runtime
+    metrics: Metrics
+    app: FastAPI
+    entry: Gate  # what the server runs: over-capacity answers and the publish path, then the app
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
-    runtime = Runtime(settings)
-    metrics = Metrics(runtime)
+    return build(settings or load_settings()).app
+
+
+def build(settings: Settings) -> Service:
+    server = settings.server
+    metrics = Metrics()
+    store = Store(server.history_size, server.history_ttl, server.history_bytes, server.max_topics)
+    hub = Hub(_hub_config(settings), MemoryBroker(store), on_fanout=metrics.fanned_out)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    runtime = Runtime(
+        settings,
+        hub=hub,
+        pollers=Pollers(settings.providers, hub, on_poll=metrics.polled),
+        auth=Auth(settings.keys, server, settings.jwt_public_key),
+        sockets=SocketLimits(
+            server.max_connections,
+            server.max_connections_per_client,
+            server.fd_margin,
+            1 << 20 if nofile == resource.RLIM_INFINITY else nofile,
+        ),
+        proxies=TrustedProxies(list(server.forwarded_allow_ips)),
+    )
+    metrics.watch(runtime)
+    market = DemoMarket(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await runtime.start()
         try:
-            yield {"stream": runtime, "metrics": metrics}
+            yield {"stream": runtime, "metrics": metrics, "demo": market}
         finally:
             await runtime.drain()
             await runtime.stop()
@@ -99,7 +145,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Real-time push: WebSocket, Server-Sent Events and HTTP over one hub.",
         lifespan=lifespan,
     )
-    app.state.runtime = runtime
     app.add_exception_handler(StreamError, _stream_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -115,7 +160,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(demo.router)
     if STATIC.is_dir():
         app.mount("/", _SecurityHeaders(StaticFiles(directory=STATIC, html=True)), name="dashboard")
-    return app
+    return Service(settings, runtime, metrics, app, Gate(app, runtime))
+
+
+def _hub_config(settings: Settings) -> HubConfig:
+    server = settings.server
+    overflow = list(settings.overflow)
+    overflow += [(p.topic_pattern(), p.overflow) for p in settings.providers if p.overflow]
+    return HubConfig(
+        history_size=server.history_size,
+        history_ttl=server.history_ttl,
+        history_bytes=server.history_bytes,
+        max_event_bytes=server.max_event_bytes,
+        max_topics=server.max_topics,
+        subscriber_buffer=server.subscriber_buffer,
+        max_patterns=server.max_patterns,
+        overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
+    )
 
 
 # The dashboard loads only its own scripts, styles and connections, cannot be framed, and leaks

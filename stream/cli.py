@@ -42,17 +42,14 @@ def _serve(args: argparse.Namespace) -> int:
         server_settings = dataclasses.replace(server_settings, **overrides)
         settings = dataclasses.replace(settings, server=server_settings)
 
-    from .app import create_app
+    from .app import build
     from .logs import configure_logging
     from .server import StreamServer, make_config
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
     print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
-    app = create_app(settings)
-    config = make_config(
-        app, server_settings.host, server_settings.port, shutdown_timeout=server_settings.shutdown_timeout
-    )
-    server = StreamServer(config, app.state.runtime)
+    service = build(settings)
+    server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime)
     server.run()
     return 0 if server.started else 1
 

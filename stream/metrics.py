@@ -23,7 +23,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.02
 
 
 class Metrics:
-    def __init__(self, runtime: Runtime) -> None:
+    """Built first by the composition root: the hub and the pollers get ``fanned_out`` and
+    ``polled`` as their hooks, then ``watch`` reads the runtime's counters at scrape time."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "stream_delivery_latency_seconds",
@@ -38,15 +41,15 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=self.registry,
         )
+
+    def watch(self, runtime: Runtime) -> None:
         self.registry.register(_HubCollector(runtime))
         self.registry.register(_ProviderCollector(runtime))
-        runtime.hub.on_fanout = self._fanned_out
-        runtime.pollers.on_poll = self._polled
 
-    def _fanned_out(self, event: Event) -> None:
+    def fanned_out(self, event: Event) -> None:
         self.latency.observe(max(0.0, time.time() - event.ts / 1000))
 
-    def _polled(self, provider: str, outcome: str, seconds: float) -> None:
+    def polled(self, provider: str, outcome: str, seconds: float) -> None:
         self.poll_seconds.labels(provider, outcome).observe(seconds)
 
     def render(self) -> bytes:

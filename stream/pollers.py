@@ -31,7 +31,14 @@ HEADLINES_KEPT = 500  # per provider
 class Pollers:
     """Every provider's poller, the shared HTTP client, and the latest headlines for /api/news."""
 
-    def __init__(self, providers: tuple[ProviderSettings, ...], hub: Hub, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        providers: tuple[ProviderSettings, ...],
+        hub: Hub,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_poll: Callable[[str, str, float], None] | None = None,
+    ):
         self.providers = providers
         self.hub = hub
         self.clock = clock
@@ -41,7 +48,7 @@ class Pollers:
         self.started = False
         # Per provider, so a chatty source cannot push the others out of /api/news.
         self.headlines: dict[str, deque[tuple[float, Event]]] = {}
-        self.on_poll: Callable[[str, str, float], None] | None = None
+        self.on_poll = on_poll  # (provider, outcome, seconds) after every poll: the poll histogram
         self._status_tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, base_url: str) -> None:

@@ -1,6 +1,7 @@
-"""The running service's shared state: settings, hub, auth, open connections, readiness.
+"""The running service's shared state: open connections, their limits, readiness, shutdown.
 
-One ``Runtime`` per app. The transports reach it through the ASGI lifespan state
+One ``Runtime`` per app, built with its parts (hub, pollers, auth, socket limits) by the
+composition root, ``stream.app.build``. The transports reach it through the ASGI lifespan state
 (``scope["state"]["stream"]``); the CLI's server calls :meth:`Runtime.drain` on SIGTERM before
 uvicorn closes anything, so clients are told to come back before the process goes.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import socket
 import time
 from collections import Counter
@@ -17,10 +17,9 @@ from typing import Protocol
 
 from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
-from .hub import Hub, HubConfig, Policy
+from .hub import Hub
 from .limits import SocketLimits, TokenBucket, TrustedProxies
 from .pollers import Pollers
-from .providers import DemoMarket
 from .settings import Settings
 
 __all__ = ["Connection", "Runtime"]
@@ -48,34 +47,23 @@ class Connection(Protocol):
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        hub: Hub,
+        pollers: Pollers,
+        auth: Auth,
+        sockets: SocketLimits,
+        proxies: TrustedProxies,
+    ) -> None:
         self.settings = settings
-        server = settings.server
-        overflow = list(settings.overflow)
-        overflow += [(p.topic_pattern(), p.overflow) for p in settings.providers if p.overflow]
-        self.hub = Hub(
-            HubConfig(
-                history_size=server.history_size,
-                history_ttl=server.history_ttl,
-                history_bytes=server.history_bytes,
-                max_event_bytes=server.max_event_bytes,
-                max_topics=server.max_topics,
-                subscriber_buffer=server.subscriber_buffer,
-                max_patterns=server.max_patterns,
-                overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
-            )
-        )
-        self.pollers = Pollers(settings.providers, self.hub)
-        self.demo = DemoMarket(time.time())
-        self.auth = Auth(settings.keys, server, settings.jwt_public_key)
+        self.hub = hub
+        self.pollers = pollers
+        self.auth = auth
         self.connections: set[Connection] = set()
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if nofile == resource.RLIM_INFINITY:
-            nofile = 1 << 20
-        self.sockets = SocketLimits(
-            server.max_connections, server.max_connections_per_client, server.fd_margin, nofile
-        )
-        self.proxies = TrustedProxies(list(server.forwarded_allow_ips))
+        self.sockets = sockets
+        self.proxies = proxies
         self.closed: Counter[str] = Counter()  # sockets the server closed on a client, by reason
         self.ops_refused = 0  # WebSocket ops and control frames refused by the op rate
         self.ops_throttled = 0  # times a connection's reading was paused for its address's op share

@@ -8,8 +8,8 @@ import sys
 from types import FrameType
 
 from . import __version__
+from .app import Service
 from .runtime import Runtime
-from .transports.http import Gate
 from .transports.http_protocol import HttpProtocol
 from .transports.ws import WebSocketProtocol
 from .uvicorn_seam import Config, Server
@@ -27,10 +27,10 @@ def _loop() -> str:
     return "uvloop"
 
 
-def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> Config:
-    server = app.state.runtime.settings.server
+def make_config(service: Service, host: str, port: int) -> Config:
+    server = service.settings.server
     return Config(
-        Gate(app, app.state.runtime),
+        service.entry,
         host=host,
         port=port,
         http=HttpProtocol,
@@ -41,7 +41,8 @@ def make_config(app, host: str, port: int, *, shutdown_timeout: float) -> Config
         # Our own drain (Runtime.drain) already waited for clients; what is left after it is
         # cancelled quickly so SIGTERM always ends the process within shutdown_timeout + ~1 s.
         timeout_graceful_shutdown=1,
-        timeout_keep_alive=server.keep_alive_timeout,
+        # uvicorn annotates it int but only ever uses it as a call_later delay; fractions work.
+        timeout_keep_alive=server.keep_alive_timeout,  # type: ignore[arg-type]
         # X-Forwarded-For is believed only from forwarded_allow_ips (default: nobody).
         proxy_headers=bool(server.forwarded_allow_ips),
         forwarded_allow_ips=list(server.forwarded_allow_ips) or "",

@@ -83,10 +83,10 @@ class _FakeStream:
 async def test_token_expiry_timer_fires_once_and_release_cancels_it():
     """A JWT connection is told once when its token expires; one released before then never is,
     and the runtime keeps no timer for either afterwards."""
-    from stream.runtime import Runtime
+    from stream.app import build
     from stream.settings import Settings
 
-    runtime = Runtime(Settings())
+    runtime = build(Settings()).runtime
     kept, released = _FakeStream(0.2), _FakeStream(0.2)
     runtime.admit(kept)
     runtime.admit(released)

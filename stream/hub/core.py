@@ -55,6 +55,7 @@ class Hub:
         broker: Broker | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        on_fanout: Callable[[Event], None] | None = None,
     ) -> None:
         self.config = config = config or HubConfig()
         self.clock = clock
@@ -67,7 +68,7 @@ class Hub:
         self.stats = HubStats()
         self.reader = Reader(broker, self.stats)
         self.subscribers: set[Subscriber] = set()
-        self.on_fanout: Callable[[Event], None] | None = None  # metrics hook, once per event
+        self.on_fanout = on_fanout  # once per event, after its fan-out (the latency histogram)
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):

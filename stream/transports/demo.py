@@ -29,13 +29,13 @@ def _conditional(request: Request, body: bytes, tag: str, media_type: str) -> Re
 @router.get("/quotes")
 async def quotes(request: Request) -> Response:
     """Random-walk quotes for a handful of symbols, one step per second."""
-    return Response(request.state.stream.demo.quotes(time.time()), media_type="application/json")
+    return Response(request.state.demo.quotes(time.time()), media_type="application/json")
 
 
 @router.get("/news.rss")
 async def news_rss(request: Request) -> Response:
     """The Demo Newswire as RSS 2.0; a new headline every few seconds."""
-    market = request.state.stream.demo
+    market = request.state.demo
     now = time.time()
     return _conditional(request, market.rss(now, _base(request)), market.latest_id("newswire", now), "application/rss+xml")
 
@@ -43,7 +43,7 @@ async def news_rss(request: Request) -> Response:
 @router.get("/news.json")
 async def news_json(request: Request) -> Response:
     """The Demo Markets API as JSON: {"items": [...]}."""
-    market = request.state.stream.demo
+    market = request.state.demo
     now = time.time()
     return _conditional(request, market.json_feed(now, _base(request)), market.latest_id("markets", now), "application/json")
 
@@ -51,7 +51,7 @@ async def news_json(request: Request) -> Response:
 @router.get("/news/{ident}")
 async def article(ident: str, request: Request) -> Response:
     """The page a demo headline links to."""
-    item = request.state.stream.demo.article(ident)
+    item = request.state.demo.article(ident)
     if item is None:
         raise NotFound(f"ident: no demo article {ident!r} (only the latest are kept)")
     page = (
