@@ -13,12 +13,13 @@
     ├── HeadTooLarge                head_too_large  431
     ├── RateLimited                 rate_limited    429
     ├── Unavailable                 not_ready / over_capacity 503
+    │   └── BrokerUnavailable       broker_unavailable 503 (with Retry-After)
     └── TooManyTopics               too_many_topics 507
     ConfigError                     (not a request error: `stream check` / startup)
     UpstreamError                   (a provider's upstream misbehaved; kind = poll outcome)
 
 Every error carries a stable ``code`` and a message that names the field at fault. Foreign
-exceptions (orjson, pydantic, websockets) are translated into these where they enter.
+exceptions (orjson, pydantic, websockets, redis) are translated into these where they enter.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "BadTopic",
+    "BrokerUnavailable",
     "ConfigError",
     "Forbidden",
     "HeadTimeout",
@@ -119,6 +121,16 @@ class RateLimited(StreamError):
 class Unavailable(StreamError):
     code = "not_ready"
     status = 503
+
+
+class BrokerUnavailable(Unavailable):
+    """The broker (Redis) cannot be reached: a publish is refused, never half accepted."""
+
+    code = "broker_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TooManyTopics(StreamError):

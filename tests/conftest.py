@@ -56,3 +56,15 @@ def chromium() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server of its own on a free loopback port (installed with apt-get when missing)."""
+    from .redis_server import RedisServer, debian_binary
+
+    server = RedisServer(debian_binary("redis-server", "redis-server")).start()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -38,9 +38,17 @@ class Broker(abc.ABC):
 
     epoch: str
     store: Store  # this node's view of history and retained values; only the broker writes it
+    shared = False  # True when other processes publish into the same order (Redis)
 
-    def bind(self, accept: Callable[[list[Event]], None]) -> None:
+    def bind(self, accept: Callable[[list[Event]], None], gap: Callable[[str], None] | None = None) -> None:
+        """``accept(events)`` fans accepted events out; ``gap(reason)`` tells every subscriber
+        that events may be missing ("epoch": the broker lost its data; "history": trimmed)."""
         self._accept = accept
+        self._gap = gap
+
+    def _announce_gap(self, reason: str) -> None:
+        if self._gap is not None:
+            self._gap(reason)
 
     async def start(self) -> None:  # noqa: B027 - optional hook: a memory broker has nothing to connect
         """Connect; called once from the app's lifespan."""

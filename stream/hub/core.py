@@ -64,7 +64,7 @@ class Hub:
             broker = MemoryBroker(store, clock)
         self.broker = broker
         self.store = broker.store  # read only: the broker writes it
-        self.broker.bind(self._accept)
+        self.broker.bind(self._accept, self._gap_all)
         self.stats = HubStats()
         self.reader = Reader(broker, self.stats)
         self.subscribers: set[Subscriber] = set()
@@ -161,6 +161,13 @@ class Hub:
                     log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                     self.detach(sub)
 
+    def _gap_all(self, reason: str) -> None:
+        """The broker lost events (its data, or history while away): every subscriber is told
+        before its next event, as if it had resumed from a position the hub no longer has."""
+        for sub in list(self.subscribers):
+            if sub.announce_gap(reason):
+                self.stats.gap(reason)
+
     def _count(self, event: Event) -> None:
         event.policy = self.policy_for(event.topic)
         published = self.stats.published
@@ -232,6 +239,8 @@ class Hub:
                 "put every pattern in that subscribe, or open a new connection"
             )
         cursor, gap = self.reader.resolve(since)
+        if cursor > sub.last_seq:
+            sub.last_seq = cursor  # resumed after an event this node has not read yet (Redis)
         position = self.id_of(cursor)
         if announce is not None:
             announce(position)

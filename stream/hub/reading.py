@@ -48,6 +48,9 @@ class Reader:
         if since.epoch != self.broker.epoch:
             return history.trimmed_seq, (None, "epoch")
         if since.seq > history.head_seq:
+            if self.broker.shared:
+                # Another node accepted it and this one has not read it yet: start after it.
+                return since.seq, None
             raise BadRequest(f"since: {since.text!r} is newer than the newest event of this hub")
         if since.seq < history.trimmed_seq:
             return history.trimmed_seq, (since.text, "history")
@@ -166,7 +169,7 @@ class Reader:
         for _ in range(READ_SCAN):
             event = history.at(index)
             if event is None:
-                position = history.head_seq
+                position = max(position, history.head_seq)
                 break
             index += 1
             position = event.seq

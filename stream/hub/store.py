@@ -25,14 +25,29 @@ class Store:
         history_bytes: int | None = 256 * 1024 * 1024,
         max_topics: int = 100_000,
     ) -> None:
-        self.history = History(history_size, None if history_ttl is None else int(history_ttl * 1000), history_bytes)
-        self.retained: dict[str, Event] = {}
+        self._limits = (history_size, None if history_ttl is None else int(history_ttl * 1000), history_bytes)
         self.max_topics = max_topics
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything: the events belonged to an epoch that is gone (its data was lost)."""
+        self.history = History(*self._limits)
+        self.retained: dict[str, Event] = {}
         # Topics in the order they were first seen: a snapshot walks it lazily by index, since
-        # retained topics are never removed.
+        # retained topics are never removed (only all at once, by ``clear``).
         self.topic_order: list[str] = []
         self._sorted_topics: list[str] = []  # the same, sorted: /api/topics pages through it
         self.retained_bytes = 0
+
+    def load(self, history: list[Event], retained: list[Event], trimmed: tuple[int, int], now_ms: int) -> None:
+        """Fill an empty store from what the broker keeps: ``history`` oldest first, the
+        retained values in any order, and (seq, ts) of the newest event already gone from
+        history ((0, 0) if none ever was)."""
+        self.history.trimmed_seq, self.history.trimmed_ts = trimmed
+        for event in history:
+            self.history.append(event, now_ms)
+        for event in sorted(retained, key=lambda event: event.seq):
+            self.retain(event)
 
     @property
     def head_seq(self) -> int:

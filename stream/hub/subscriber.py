@@ -228,6 +228,14 @@ class Subscriber:
             self._enqueue(event)
         # CATCHING_UP reads this event from history itself; CLOSED wants nothing.
 
+    def announce_gap(self, reason: str) -> bool:
+        """Send a gap (``after`` unknown) before anything else; False if closed or one waits."""
+        if self.state is State.CLOSED or self.pending_gap is not None:
+            return False
+        self.pending_gap = (None, reason)
+        self.flush()
+        return True
+
     # -- flow control -----------------------------------------------------------------------
 
     def pause(self) -> None:

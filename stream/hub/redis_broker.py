@@ -1,0 +1,356 @@
+"""The Redis broker (SPEC §10): any number of processes on any number of hosts, one hub.
+
+Keys (all under ``stream:``):
+
+    stream:epoch      the hub's epoch: created once (SET NX); only losing Redis's data loses it
+    stream:events     one Redis Stream of every event in accept order: fields t (topic), d (data
+                      JSON), and p on a primed value (a retained value that is not an event)
+    stream:retained   hash topic -> "<entry id> <-|p> <data JSON>", written by the same script
+                      as the XADD, so a snapshot and the stream never disagree
+
+An event's seq is its entry id ``<ms>-<n>`` as ``ms * 1_000_000 + n``: global, strictly
+increasing on every node, and its ``ts`` is the ``ms`` (Redis's clock, one for all nodes).
+
+Each node runs one reader task (XREAD BLOCK from the last entry id it read). What it reads goes
+into this node's :class:`~.store.Store` and then to the hub's fan-out; replay, ``since``,
+/api/events and snapshots are served from that store, which mirrors the stream (loaded with
+XREVRANGE and HSCAN when the node connects): no subscriber ever causes Redis traffic. A publish
+returns once its XADD succeeded and this node's reader has seen it (read-your-writes on a node).
+
+Losing Redis: ``problem()`` says so (``/readyz`` 503), publishes get ``BrokerUnavailable`` (503
+with Retry-After), subscribers stay connected; the reader reconnects with backoff and goes on
+from its last entry id, so every event accepted meanwhile (by other nodes) arrives once. If the
+epoch key is gone when it comes back (FLUSHALL, a new Redis), a new epoch starts: the store is
+emptied and every subscriber is sent an ``epoch`` gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from ..errors import BrokerUnavailable
+from ..events import Event, format_id, new_epoch
+from .broker import Broker, Draft
+from .store import Store
+
+__all__ = ["RedisBroker", "seq_of"]
+
+log = logging.getLogger("stream.broker")
+
+PREFIX = "stream:"
+EPOCH, EVENTS, RETAINED = PREFIX + "epoch", PREFIX + "events", PREFIX + "retained"
+READ_BLOCK_MS = 1000  # one XREAD waits this long for new entries before checking the epoch
+READ_COUNT = 1000  # entries one XREAD returns at most: one fan-out batch
+SEEN_WAIT = 2.0  # seconds a publish waits for this node's reader to see its events
+BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between reconnects, the last repeated
+
+# Publishes drafts (or, with ARGV[4] == "1", primes the topics that have no retained value) in
+# one atomic step: XADD to the stream, HSET the retained value, trim by count and by age.
+# Refuses with STREAMEPOCH when the epoch key is not the caller's (Redis lost its data).
+_SCRIPT = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return redis.error_reply('STREAMEPOCH the hub epoch changed')
+end
+local prime = ARGV[4] == '1'
+local ids = {}
+for i = 5, #ARGV, 2 do
+  local topic, data = ARGV[i], ARGV[i + 1]
+  if prime and redis.call('HEXISTS', KEYS[2], topic) == 1 then
+    ids[#ids + 1] = ''
+  else
+    local id
+    if prime then
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'd', data, 'p', '1')
+    else
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'd', data)
+    end
+    redis.call('HSET', KEYS[2], topic, id .. (prime and ' p ' or ' - ') .. data)
+    ids[#ids + 1] = id
+  end
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  local now = redis.call('TIME')
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d', cutoff))
+end
+return ids
+"""
+
+
+def seq_of(entry_id: bytes | str) -> int:
+    """A stream entry id ``<ms>-<n>`` as one strictly increasing integer."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, n = text.partition("-")
+    return int(ms) * 1_000_000 + int(n)
+
+
+def _entry_id(seq: int) -> str:
+    return f"{seq // 1_000_000}-{seq % 1_000_000}"
+
+
+class RedisBroker(Broker):
+    shared = True  # other nodes publish too: an id may be newer than what this node has read
+
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        *,
+        history_size: int,
+        history_ttl: float | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.store = store
+        self.epoch = new_epoch()  # until the one in Redis is known
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self._maxlen = history_size
+        self._ttl_ms = 0 if history_ttl is None else int(history_ttl * 1000)
+        self._clock = clock
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
+        # Commands never retry by themselves: a publish whose answer was lost must not be added twice.
+        # Typed Any: redis-py's replies are unions of every shape a command can answer.
+        self._redis: Any = Redis.from_url(url, socket_timeout=5, **options)
+        self._reader_redis: Any = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **options)
+        self._script = self._redis.register_script(_SCRIPT)
+        self._last_id = "0-0"
+        self._problem: str | None = "connecting to Redis"
+        self._connected = False
+        self._ever_connected = False
+        self._warned = False  # the current outage has been logged
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_count = 0
+        self._resync = asyncio.Event()
+        self._closing = False
+        # Read by the metrics collector.
+        self.reconnects = 0
+        self.epoch_changes = 0
+        self.last_read_seq = 0
+        self.last_written_seq = 0  # newest entry this node knows was written (its own or read)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._connect()
+        except RedisError as exc:
+            self._lost(exc)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="redis reader")
+
+    async def close(self) -> None:
+        self._closing = True  # redis-py may turn the cancellation of a read into a ConnectionError
+        if self._task is not None:
+            self._task.cancel()
+            # A read cancelled inside redis-py may wait on its socket: closing the clients ends it.
+            await asyncio.wait({self._task}, timeout=1)
+        for client in (self._redis, self._reader_redis):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 2)
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=2)
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(self, drafts: list[Draft]) -> list[Event]:
+        ids = await self._call(drafts, prime=False)
+        events = []
+        for draft, entry in zip(drafts, ids, strict=True):
+            seq = seq_of(entry)
+            events.append(Event(seq, format_id(self.epoch, seq), draft.topic, seq // 1_000_000, draft.data, draft.data_json))
+        await self._seen(events[-1].seq)
+        return events
+
+    async def prime(self, drafts: list[Draft]) -> list[Event]:
+        latest = {draft.topic: draft for draft in drafts if draft.topic not in self.store.retained}
+        if not latest:
+            return []
+        ids = await self._call(list(latest.values()), prime=True)
+        written = [seq_of(entry) for entry in ids if entry]
+        if written:
+            await self._seen(max(written))
+        return [self.store.retained[topic] for topic, entry in zip(latest, ids, strict=True) if entry and topic in self.store.retained]
+
+    async def _call(self, drafts: list[Draft], *, prime: bool) -> list[bytes]:
+        if not self._connected:
+            raise BrokerUnavailable(f"broker: Redis is unreachable ({self._problem}); retry shortly", retry_after=1)
+        args: list[Any] = [self.epoch, self._maxlen, self._ttl_ms, "1" if prime else "0"]
+        for draft in drafts:
+            args += [draft.topic, draft.data_json]
+        try:
+            ids = await self._script(keys=[EVENTS, RETAINED, EPOCH], args=args)
+        except ResponseError as exc:
+            if "STREAMEPOCH" not in str(exc):
+                raise
+            self._resync.set()  # the reader starts the new epoch
+            raise BrokerUnavailable("broker: Redis lost its data and a new epoch is starting; retry", retry_after=1) from None
+        except RedisError as exc:
+            self._lost(exc)
+            raise BrokerUnavailable(f"broker: Redis is unreachable ({exc.__class__.__name__}); retry shortly", retry_after=1) from None
+        written = [seq_of(entry) for entry in ids if entry]
+        if written:
+            self.last_written_seq = max(self.last_written_seq, max(written))
+        return ids
+
+    async def _seen(self, seq: int) -> None:
+        """Wait (briefly) until this node's reader has passed ``seq``: read-your-writes."""
+        if self.last_read_seq >= seq:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiter_count += 1
+        heapq.heappush(self._waiters, (seq, self._waiter_count, future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SEEN_WAIT)
+        except TimeoutError:
+            pass  # accepted in Redis all the same; the reader delivers it when it can
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                if not self._connected or self._resync.is_set():
+                    await self._connect()
+                    failures = 0
+                reply = await self._reader_redis.xread({EVENTS: self._last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
+                if reply:
+                    self._apply(reply[0][1])
+                else:
+                    await self._check_epoch()
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                if self._closing:
+                    return
+                self._lost(exc)
+                await asyncio.sleep(BACKOFF[min(failures, len(BACKOFF) - 1)])
+                failures += 1
+            except Exception:
+                log.exception("the Redis reader failed; restarting it")
+                self._connected = False
+                await asyncio.sleep(BACKOFF[-1])
+
+    async def _check_epoch(self) -> None:
+        if await self._redis.get(EPOCH) != self.epoch.encode():
+            self._resync.set()
+
+    async def _connect(self) -> None:
+        """(Re)join the hub: adopt or create its epoch; load the store on a new epoch, else go on
+        from the last entry read."""
+        self._resync.clear()
+        await self._redis.set(EPOCH, new_epoch(), nx=True)
+        epoch = (await self._redis.get(EPOCH)).decode()
+        if epoch != self.epoch:
+            self.epoch = epoch
+            await self._load()
+            if self._ever_connected:
+                self.epoch_changes += 1
+                log.warning("broker: Redis has a new epoch %s (its data was lost); subscribers get an epoch gap", epoch)
+            self._announce_gap("epoch")  # subscribers that came while Redis was away included
+        elif self._last_id != "0-0":
+            await self._check_trimmed()
+        if self._ever_connected and not self._connected:
+            self.reconnects += 1
+            log.info("broker: connected to Redis again; reading on from entry %s", self._last_id)
+        elif not self._ever_connected:
+            log.info("broker: connected to Redis, epoch %s, node %s", self.epoch, self.node)
+        self._connected = self._ever_connected = True
+        self._warned = False
+        self._problem = None
+
+    async def _load(self) -> None:
+        """Fill the store from Redis: the newest ``history_size`` entries and every retained value."""
+        newest = await self._redis.xrevrange(EVENTS, count=self._maxlen + 1)
+        trimmed = (0, 0)
+        if len(newest) > self._maxlen:
+            gone = seq_of(newest.pop()[0])
+            trimmed = (gone, gone // 1_000_000)
+        elif newest:
+            info = await self._redis.xinfo_stream(EVENTS)
+            if info.get("entries-added", len(newest)) > len(newest):
+                first = seq_of(newest[-1][0]) - 1  # some entry before the first is gone; which, unknown
+                trimmed = (first, first // 1_000_000)
+        history = [event for event in map(self._event, reversed(newest)) if not event.primed]
+        retained = []
+        cursor: int | bytes = 0
+        while True:
+            cursor, values = await self._redis.hscan(RETAINED, cursor, count=1000)
+            retained += [self._retained(topic, value) for topic, value in values.items()]
+            if not cursor:
+                break
+        self.store.clear()
+        self.store.load(history, retained, trimmed, int(self._clock() * 1000))
+        self._last_id = newest[0][0].decode() if newest else "0-0"
+        self.last_read_seq = seq_of(self._last_id)
+        self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
+        log.info("broker: loaded %d events and %d retained values from Redis", len(history), len(retained))
+
+    async def _check_trimmed(self) -> None:
+        """After an outage: if the stream was trimmed past the last entry read, say so."""
+        oldest = await self._redis.xrange(EVENTS, count=1)
+        if oldest and seq_of(oldest[0][0]) > seq_of(self._last_id) + 1:
+            info = await self._redis.xinfo_stream(EVENTS)
+            if info.get("entries-added", 0) > info.get("length", 0):
+                log.warning("broker: history was trimmed past this node's last read entry while Redis was away")
+                self._announce_gap("history")
+
+    def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        events: list[Event] = []
+        primed: list[Event] = []
+        for entry_id, fields in entries:
+            event = self._event((entry_id, fields))
+            (primed if event.primed else events).append(event)
+        self._last_id = entries[-1][0].decode()
+        self.last_read_seq = seq_of(self._last_id)
+        self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
+        for event in primed:
+            self.store.retain(event)
+        if events:
+            self.store.record(events, int(self._clock() * 1000))
+            self._accept(events)
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.last_read_seq:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def _event(self, entry: tuple[bytes, dict[bytes, bytes]]) -> Event:
+        entry_id, fields = entry
+        seq = seq_of(entry_id)
+        data_json = fields[b"d"]
+        event = Event(seq, format_id(self.epoch, seq), fields[b"t"].decode(), seq // 1_000_000, orjson.loads(data_json), data_json)
+        event.primed = b"p" in fields
+        return event
+
+    def _retained(self, topic: bytes, value: bytes) -> Event:
+        entry_id, flag, data_json = value.split(b" ", 2)
+        seq = seq_of(entry_id)
+        event = Event(seq, format_id(self.epoch, seq), topic.decode(), seq // 1_000_000, orjson.loads(data_json), data_json)
+        event.primed = flag == b"p"
+        return event
+
+    def _lost(self, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("broker: Redis is unreachable (%s); publishes get 503 until it is back", exc.__class__.__name__)
+        self._connected = False
+        self._problem = f"Redis unreachable: {exc.__class__.__name__}"
