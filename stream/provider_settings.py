@@ -1,201 +1,186 @@
-"""``[[providers]]``: one upstream source each (SPEC §7), read and checked like the rest of the
-config; every mistake becomes one problem line naming ``providers[i].key``."""
+"""``[[providers]]``: one upstream source each (SPEC §7). Also what every settings model shares:
+the frozen base, ``${VAR}`` secrets, topic checks, and ``problem_lines``, which turns pydantic's
+errors into one line per problem naming its key path (``providers[1].interval: …``)."""
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, TypeAdapter, ValidationError, ValidationInfo
+from pydantic.functional_validators import AfterValidator, field_validator
+from pydantic_core import core_schema
 
 from .errors import BadTopic
-from .topics import validate_topic
+from .topics import validate_pattern, validate_topic
 
-__all__ = ["DEMO_PATHS", "KINDS", "ProviderSettings", "read_providers"]
+__all__ = ["DEMO_PATHS", "HeadlineField", "Policy", "ProviderSettings", "read_providers"]
 
-KINDS = ("feed", "json", "snapshot", "demo")
-DEMO_PATHS = ("/demo/quotes", "/demo/news.rss", "/demo/news.json")
-HEADLINE_FIELDS = ("id", "title", "url", "source", "published", "summary", "symbols")
+Policy = Literal["disconnect", "drop", "conflate"]
+HeadlineField = Literal["id", "title", "url", "source", "published", "summary", "symbols"]
 HEADLINE_PLACEHOLDERS = frozenset({"id", "title", "source", "provider", "name"})
-POLICIES = ("disconnect", "drop", "conflate")
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+DEMO_PATHS = ("/demo/quotes", "/demo/news.rss", "/demo/news.json")
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-@dataclass(frozen=True)
-class ProviderSettings:
+class Frozen(BaseModel):
+    """A settings model: read once, never changed, and a key it does not declare is a mistake."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _no_unset_variable(value: str) -> str:
+    if unset := _ENV_VAR.search(value):
+        raise ValueError(f"environment variable {unset.group(1)!r} is not set or empty")
+    return value
+
+
+def _checked(check: Callable[[object, str], str], value: str) -> str:
+    """``value`` through ``validate_topic`` or ``validate_pattern``; pydantic adds the key path."""
+    try:
+        return check(value, "")
+    except BadTopic as exc:
+        raise ValueError(exc.message.removeprefix(": ")) from None
+
+
+def toml_table(key: Any, value: Any) -> GetPydanticSchema:
+    """A TOML table checked as ``dict[key, value]`` (so a problem names its key), kept as (key, value) pairs."""
+    pairs = core_schema.no_info_after_validator_function
+    return GetPydanticSchema(lambda _, handler: pairs(lambda checked: tuple(checked.items()), handler.generate_schema(dict[key, value])))
+
+
+Secret = Annotated[str, AfterValidator(_no_unset_variable)]  # fill_secrets has put in each ${VAR} that is set
+Pattern = Annotated[str, AfterValidator(lambda value: _checked(validate_pattern, value))]
+Overflow = Annotated[tuple[tuple[str, Policy], ...], toml_table(Pattern, Policy)]  # (pattern, policy), first match wins
+Pairs = tuple[tuple[str, str], ...]
+
+
+def fill_secrets(tables: Any, fields: tuple[str, ...], env: Mapping[str, str]) -> Any:
+    """An array of tables with each ``${VAR}`` that ``env`` sets filled in, in ``fields`` (a string or a
+    table of strings: where secrets live). An unset variable stays, for ``Secret`` to report."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: fill(item) for name, item in value.items()}
+        return _ENV_VAR.sub(lambda match: env.get(match.group(1)) or match.group(0), value) if isinstance(value, str) else value
+
+    if not isinstance(tables, list):
+        return tables
+    return [table | {field: fill(table[field]) for field in fields if field in table} if isinstance(table, dict) else table for table in tables]
+
+
+class ProviderSettings(Frozen):
     """One upstream source. ``url`` of a ``demo`` provider is a path on this server."""
 
-    name: str
-    kind: str
-    url: str
-    topic: str  # template: {field} placeholders are filled from each item
-    interval: float = 30.0  # seconds between polls, at least 1
-    jitter: float = 0.1  # +/- this fraction of interval, so providers do not poll in lockstep
-    timeout: float = 10.0  # seconds for a whole poll: connect, headers and body
-    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    params: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    max_bytes: int = 5 * 1024 * 1024  # decoded body
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["feed", "json", "snapshot", "demo"]
+    url: str = Field(default="", validate_default=True)  # a demo provider's default: /demo/quotes
+    interval: Annotated[float, Field(ge=1)] = 30.0  # seconds between polls
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.1  # +/- this fraction of interval, so providers do not poll in lockstep
+    timeout: Annotated[float, Field(ge=0.1)] = 10.0  # seconds for a whole poll: connect, headers and body
+    headers: Annotated[Pairs, toml_table(str, Secret)] = Field(default=(), repr=False)
+    params: Annotated[Pairs, toml_table(str, Secret)] = Field(default=(), repr=False)
+    max_bytes: Annotated[int, Field(ge=1024)] = 5 * 1024 * 1024  # decoded body
     backfill: bool = False  # publish what the first poll finds (else it only primes dedup)
-    dedup_size: int = 10_000  # item ids (or snapshot keys) remembered
-    overflow: str | None = None  # overflow policy for this provider's topics
+    dedup_size: Annotated[int, Field(ge=1)] = 10_000  # item ids (or snapshot keys) remembered
+    overflow: Policy | None = None  # overflow policy for this provider's topics
     enabled: bool = True
     items: str = ""  # json: dotted path to the list of items ("" = the document itself)
     id: str = "id"  # json: dotted path to an item's id (falls back to url / link)
     path: str = ""  # snapshot: dotted path to the value inside the document
     split: str | None = None  # snapshot: path (inside `path`) to a mapping or list; one topic per key
     key: str = ""  # snapshot: with a list to split, the field holding each entry's key
-    fields: tuple[tuple[str, str], ...] = ()  # headline field -> dotted path in the upstream item
+    fields: Annotated[Pairs, toml_table(HeadlineField, str)] = ()  # headline field -> dotted path in the upstream item
     source: str | None = None  # headline source when an item names none (default: feed title / name)
+    # Template: {field} placeholders are filled from each item. Its default and checks read the fields above.
+    topic: str = Field(default="", validate_default=True)
 
     @property
     def headlines(self) -> bool:
         """Whether this provider publishes headlines (feed, json, demo news) rather than values."""
-        return self.kind in ("feed", "json") or (self.kind == "demo" and self.url != "/demo/quotes")
+        return _is_headlines(self.kind, self.url)
 
     def topic_pattern(self) -> str:
         """The subscription pattern covering every topic this provider can publish."""
         return ".".join("*" if "{" in part else part for part in self.topic.split("."))
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "demo":
+            url = url or "/demo/quotes"
+            if url not in DEMO_PATHS:
+                raise ValueError(f"a demo provider polls one of {', '.join(DEMO_PATHS)}, got {url!r}")
+        elif not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return url
 
-_FIELDS = {f.name: f for f in fields(ProviderSettings)}
-
-
-def _default_topic(kind: str, name: str, split: bool, url: Any) -> str:
-    if kind == "demo" and url == "/demo/quotes":
-        return "quotes.{key}"
-    if kind == "snapshot":
-        return f"{name}.{{key}}" if split else name
-    return f"news.{name}"
-
-
-def read_providers(items: Any, env: Mapping[str, str], problems: list[str]) -> tuple[ProviderSettings, ...]:
-    if not isinstance(items, list):
-        problems.append("providers: expected an array of tables ([[providers]])")
-        return ()
-    providers: list[ProviderSettings] = []
-    seen: set[str] = set()
-    for index, table in enumerate(items):
-        where = f"providers[{index}]"
-        if not isinstance(table, dict):
-            problems.append(f"{where}: expected a table")
-            continue
-        before = len(problems)
-        provider = _provider(table, where, env, problems)
-        if provider is not None and provider.name in seen:
-            problems.append(f"{where}.name: {provider.name!r} is used by another provider")
-        elif provider is not None and len(problems) == before:
-            seen.add(provider.name)
-            providers.append(provider)
-    return tuple(providers)
-
-
-def _provider(table: dict[str, Any], where: str, env: Mapping[str, str], problems: list[str]) -> ProviderSettings | None:
-    for key in table:
-        if key not in _FIELDS:
-            problems.append(f"{where}.{key}: unknown setting")
-    name = table.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        problems.append(f"{where}.name: expected 1-64 characters of A-Z a-z 0-9 _ -, got {name!r}")
-        return None
-    kind: Any = table.get("kind")
-    known_kind = kind in KINDS
-    if not known_kind:
-        problems.append(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-        kind = "snapshot"  # check the settings every kind shares, so every problem is reported at once
-    values: dict[str, Any] = {"name": name, "kind": kind}
-    url = table.get("url", "/demo/quotes" if kind == "demo" else None)
-    if kind == "demo":
-        if url not in DEMO_PATHS:
-            problems.append(f"{where}.url: a demo provider polls one of {', '.join(DEMO_PATHS)}, got {url!r}")
-    elif not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        problems.append(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
-    values["url"] = url
-
-    def number(key: str, low: float, *, integer: bool = False, high: float | None = None) -> None:
-        if key not in table:
-            return
-        value = table[key]
-        ok = (
-            isinstance(value, int if integer else (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-        )
-        if not ok or value < low or (high is not None and value > high):
-            span = f"{low:g}-{high:g}" if high is not None else f"at least {low:g}"
-            problems.append(f"{where}.{key}: expected {'an integer' if integer else 'a number'} {span}, got {value!r}")
-            return
-        values[key] = value if integer else float(value)
-
-    number("interval", 1)
-    number("jitter", 0, high=1)
-    number("timeout", 0.1)
-    number("max_bytes", 1024, integer=True)
-    number("dedup_size", 1, integer=True)
-    for key in ("backfill", "enabled"):
-        if key in table:
-            if isinstance(table[key], bool):
-                values[key] = table[key]
-            else:
-                problems.append(f"{where}.{key}: expected true or false, got {table[key]!r}")
-    for key in ("items", "id", "path", "split", "key", "source"):
-        if key in table:
-            if isinstance(table[key], str):
-                values[key] = table[key]
-            else:
-                problems.append(f"{where}.{key}: expected a string (a dotted path), got {table[key]!r}")
-    if "overflow" in table:
-        if table["overflow"] in POLICIES:
-            values["overflow"] = table["overflow"]
-        else:
-            problems.append(f"{where}.overflow: expected one of {', '.join(POLICIES)}, got {table['overflow']!r}")
-    for key in ("headers", "params"):
-        values[key] = _strings(table.get(key, {}), f"{where}.{key}", env, problems)
-    fields_table = table.get("fields", {})
-    if isinstance(fields_table, dict):
-        for target, path in fields_table.items():
-            if target not in HEADLINE_FIELDS:
-                problems.append(f"{where}.fields.{target}: not a headline field ({', '.join(HEADLINE_FIELDS)})")
-            elif not isinstance(path, str):
-                problems.append(f"{where}.fields.{target}: expected a dotted path string, got {path!r}")
-        values["fields"] = tuple((k, v) for k, v in fields_table.items() if isinstance(v, str))
-    else:
-        problems.append(f"{where}.fields: expected a table of headline field = dotted path")
-    split = values.get("split") is not None
-    topic = table.get("topic", _default_topic(kind, name, split, url))
-    if not isinstance(topic, str):
-        problems.append(f"{where}.topic: expected a topic template string, got {topic!r}")
-        return None
-    if kind in ("feed", "json") or (kind == "demo" and url != "/demo/quotes"):
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, topic: str, info: ValidationInfo) -> str:
+        kind, name, url = info.data.get("kind"), info.data.get("name"), info.data.get("url")
+        if not topic and kind == "snapshot":
+            topic = f"{name}.{{key}}" if info.data.get("split") is not None else f"{name}"
+        elif not topic:
+            topic = "quotes.{key}" if kind == "demo" and url == "/demo/quotes" else f"news.{name}"
         # News topics may use headline fields; state topics may name any field of their values.
-        unknown = [name for name in _PLACEHOLDER.findall(topic) if name not in HEADLINE_PLACEHOLDERS]
-        if unknown:
-            allowed = ", ".join(sorted(HEADLINE_PLACEHOLDERS))
-            problems.append(f"{where}.topic: unknown placeholder {{{unknown[0]}}} (allowed here: {allowed})")
-    sample = _PLACEHOLDER.sub("x", topic)
+        unknown = [field for field in _PLACEHOLDER.findall(topic) if field not in HEADLINE_PLACEHOLDERS]
+        if unknown and _is_headlines(kind, url):
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}} (allowed here: {', '.join(sorted(HEADLINE_PLACEHOLDERS))})")
+        _checked(validate_topic, _PLACEHOLDER.sub("x", topic))
+        return topic
+
+
+def _is_headlines(kind: object, url: object) -> bool:
+    return kind in ("feed", "json") or (kind == "demo" and url != "/demo/quotes")
+
+
+def _unique_names(providers: tuple[ProviderSettings, ...]) -> tuple[ProviderSettings, ...]:
+    names = [provider.name for provider in providers]
+    if twice := next((name for index, name in enumerate(names) if name in names[:index]), None):
+        raise ValueError(f"{twice!r} names more than one provider")
+    return providers
+
+
+Providers = Annotated[tuple[ProviderSettings, ...], AfterValidator(_unique_names)]
+
+
+def read_providers(tables: Any, env: Mapping[str, str], problems: list[str]) -> tuple[ProviderSettings, ...]:
+    """``[[providers]]`` tables as settings; each mistake becomes one line of ``problems``."""
     try:
-        validate_topic(sample, f"{where}.topic")
-    except BadTopic as exc:
-        problems.append(exc.message)
-    values["topic"] = topic
-    return ProviderSettings(**values) if known_kind else None
-
-
-def _strings(table: Any, where: str, env: Mapping[str, str], problems: list[str]) -> tuple[tuple[str, str], ...]:
-    """A table of strings with ``${VAR}`` replaced from the environment."""
-    if not isinstance(table, dict):
-        problems.append(f"{where}: expected a table of name = \"value\"")
+        return TypeAdapter(Providers).validate_python(fill_secrets(tables, ("headers", "params"), env))
+    except ValidationError as exc:
+        problems.extend(problem_lines(exc, ("providers",)))
         return ()
-    result = []
-    for name, value in table.items():
-        if not isinstance(value, str):
-            problems.append(f"{where}.{name}: expected a string, got {value!r}")
-            continue
-        missing = [var for var in _ENV.findall(value) if not env.get(var)]
-        if missing:
-            problems.append(f"{where}.{name}: environment variable {missing[0]!r} is not set or empty")
-            continue
-        result.append((name, _ENV.sub(lambda m: env[m.group(1)], value)))
-    return tuple(result)
+
+
+_TYPES = {"bool": "true or false", "int": "an integer", "float": "a number", "string": "a string", "tuple": "an array", "dict": "a table"}
+
+
+def _rank(problem: Any) -> int:
+    """Unknown keys first, then values of the wrong type, then the rest, as ``stream check`` always listed them."""
+    return 0 if problem["type"] == "extra_forbidden" else 1 if problem["type"].endswith(("_type", "_parsing", "_from_float")) else 2
+
+
+def problem_lines(error: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """pydantic's ``error`` as one ``key.path: what is wrong`` line per problem; never with the value
+    of a secret (a field declared ``repr=False``)."""
+    secrets = {name for model in Frozen.__subclasses__() for name, field in model.model_fields.items() if not field.repr}
+    lines = []
+    for problem in sorted(error.errors(), key=_rank):
+        loc = [*prefix, *(part for part in problem["loc"] if part != "[key]")]  # "[key]": a table's key is wrong
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if re.fullmatch(r"[\w-]+", p) else f".{p!r}" for p in loc)
+        kind = problem["type"]
+        got = "" if kind == "missing" or secrets.intersection(map(str, loc)) else f", got {problem['input']!r}"
+        if kind == "extra_forbidden":
+            what = "unknown setting" if len(loc) > 1 else "unknown section"
+        elif kind == "value_error":  # one of our checks: its message says it all
+            what = str(problem["ctx"]["error"])
+        elif _rank(problem) == 1:
+            what = f"expected {_TYPES.get(kind.partition('_')[0], 'a table')}{got}"
+        else:
+            what = problem["msg"][0].lower() + problem["msg"][1:] + got
+        lines.append(f"{path.lstrip('.')}: {what}")
+    return lines

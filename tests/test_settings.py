@@ -34,16 +34,25 @@ def test_environment_overrides_server_settings(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "env"),
-    [('[server]\nbroker = "redis://h:6379/0"\n', {}), ("", {"REDIS_URL": "redis://:pw@h:6379/0"}), ("", {"STREAM_BROKER": "rediss://h"})],
+    ("text", "env", "url"),
+    [
+        ('[server]\nbroker = "redis://h:6379/0"\n', {}, "redis://h:6379/0"),
+        ("", {"REDIS_URL": "redis://:pw@h:6379/0"}, "redis://:pw@h:6379/0"),
+        ("", {"STREAM_BROKER": "rediss://h"}, "rediss://h"),
+        ('[server]\nbroker = "redis://file"\n', {"REDIS_URL": "redis://paas"}, "redis://file"),
+    ],
 )
-def test_a_redis_broker_is_refused_until_it_exists(tmp_path, text, env):
-    """broker = redis://… (from the file, STREAM_BROKER or REDIS_URL) is one clear error, not a
-    silently separate in-memory hub, and the URL (it may hold a password) is not echoed."""
+def test_a_redis_broker_comes_from_the_file_stream_broker_or_redis_url(tmp_path, text, env, url):
+    """broker = redis://… from the file, STREAM_BROKER or (when neither names one) REDIS_URL."""
+    assert load_settings(write(tmp_path, text), env=env).server.broker == url
+
+
+def test_an_unknown_broker_is_refused_without_echoing_its_url(tmp_path):
+    """Only memory:// and redis(s):// brokers exist; the URL (it may hold a password) is not shown."""
     with pytest.raises(ConfigError) as info:
-        load_settings(write(tmp_path, text), env=env)
+        load_settings(write(tmp_path, '[server]\nbroker = "kafka://user:pw@h"\n'), env={})
     [problem] = info.value.problems
-    assert problem.startswith("server.broker: the Redis broker is not available") and "pw" not in problem
+    assert problem.startswith("server.broker: expected memory:// or redis://") and "pw" not in problem
 
 
 def test_keys_read_secrets_from_the_environment(tmp_path):

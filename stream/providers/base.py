@@ -141,8 +141,6 @@ def symbols_from(value: Any, title: str) -> list[str]:
     return list(dict.fromkeys(symbol for symbol in found if len(symbol) <= 32))
 
 
-HEADLINE_FIELDS = ("id", "title", "url", "source", "published", "summary", "symbols")
-
 # Where each headline field is looked for when ``fields`` does not say, in order.
 DEFAULT_PATHS = {
     "id": ("id", "guid", "uuid"),

@@ -237,7 +237,7 @@ class DemoMarket:
 def parse_demo(body: bytes, provider: ProviderSettings, *, content_type: str | None, location: str | None) -> Parsed:
     """Parse a demo document with the parser its path calls for."""
     if provider.url == "/demo/quotes":
-        return parse_snapshot(body, dataclasses.replace(provider, split=provider.split or ""))
+        return parse_snapshot(body, provider.model_copy(update={"split": provider.split or ""}))
     if provider.url == "/demo/news.rss":
         return parse_feed(body, provider, content_type=content_type, location=location, symbols_from_tags=True)
-    return parse_json(body, dataclasses.replace(provider, items=provider.items or "items", source=provider.source or WIRES["markets"]))
+    return parse_json(body, provider.model_copy(update={"items": provider.items or "items", "source": provider.source or WIRES["markets"]}))
