@@ -1,6 +1,6 @@
 """Composition root: ``build(settings)`` makes every part of one process, in one place.
 
-    settings ─▶ Store ─▶ MemoryBroker ─▶ Hub ◀─ Pollers (providers)
+    settings ─▶ Store ─▶ MemoryBroker | RedisBroker ─▶ Hub ◀─ Pollers (providers, Leases)
                                           │
           Metrics (hooks) ─▶ Runtime (connections, limits, auth) ─▶ FastAPI app ─▶ Gate (ASGI entry)
 
@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .auth import Auth
 from .errors import StreamError
-from .hub import Hub, HubConfig, MemoryBroker, Policy
+from .hub import Broker, Hub, HubConfig, MemoryBroker, Policy
 from .hub.store import Store
+from .leases import Leases, RedisLeases
 from .limits import SocketLimits, TrustedProxies
 from .metrics import Metrics
 from .pollers import Pollers
@@ -112,12 +113,21 @@ def build(settings: Settings) -> Service:
     server = settings.server
     metrics = Metrics()
     store = Store(server.history_size, server.history_ttl, server.history_bytes, server.max_topics)
-    hub = Hub(_hub_config(settings), MemoryBroker(store), on_fanout=metrics.fanned_out)
+    broker: Broker
+    leases = Leases()
+    if server.broker.startswith(("redis://", "rediss://")):
+        from .hub.redis_broker import RedisBroker  # redis-py is loaded only for a Redis hub
+
+        broker = RedisBroker(server.broker, store, history_size=server.history_size, history_ttl=server.history_ttl)
+        leases = RedisLeases(broker.redis, broker.node, server.lease_ttl)
+    else:
+        broker = MemoryBroker(store)
+    hub = Hub(_hub_config(settings), broker, on_fanout=metrics.fanned_out)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     runtime = Runtime(
         settings,
         hub=hub,
-        pollers=Pollers(settings.providers, hub, on_poll=metrics.polled),
+        pollers=Pollers(settings.providers, hub, on_poll=metrics.polled, leases=leases),
         auth=Auth(settings.keys, server, settings.jwt_public_key),
         sockets=SocketLimits(
             server.max_connections,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import sys
 import time
@@ -39,8 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_json:
         overrides["log_json"] = True
     if overrides:
-        server_settings = dataclasses.replace(server_settings, **overrides)
-        settings = dataclasses.replace(settings, server=server_settings)
+        server_settings = server_settings.model_copy(update=overrides)
+        settings = settings.model_copy(update={"server": server_settings})
+
+    if args.workers != 1:
+        return _serve_workers(args, settings)
 
     from .app import build
     from .logs import configure_logging
@@ -50,8 +52,36 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
     service = build(settings)
     server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime)
-    server.run()
+    if args.reuse_port:  # one of --workers' processes: the port is shared with the others
+        from .workers import listening_socket
+
+        server.run(sockets=[listening_socket(server_settings.host, server_settings.port)])
+    else:
+        server.run()
     return 0 if server.started else 1
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    server = settings.server
+    if args.workers < 1:
+        print(f"stream serve: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if not server.broker.startswith(("redis://", "rediss://")):
+        print(
+            f"stream serve: --workers {args.workers} needs the Redis broker (broker = \"redis://…\", STREAM_BROKER or "
+            "REDIS_URL): with memory:// each worker would be a separate hub",
+            file=sys.stderr,
+        )
+        return 2
+    if server.port == 0:
+        print("stream serve: --workers needs a fixed --port (workers share it)", file=sys.stderr)
+        return 2
+    from .workers import run_workers
+
+    passed = ["--config", args.config] if args.config else []
+    passed += ["--host", server.host, "--port", str(server.port)] + (["--log-json"] if server.log_json else [])
+    print(f"stream {__version__}: {args.workers} workers on {server.host}:{server.port}, broker {server.broker.split('@')[-1]}", file=sys.stderr, flush=True)
+    return run_workers(args.workers, passed, server.shutdown_timeout)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -215,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port and $PORT)")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port, each a node of the hub (needs the Redis broker)")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by --workers for its workers
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config file; exit 1 with one line per problem")

@@ -121,6 +121,14 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "stream_slow_consumer_disconnects", "Subscribers closed because their buffer overflowed", value=stats.slow_consumers
         )
+        broker = hub.broker
+        yield GaugeMetricFamily("stream_broker_up", "1 while the broker is usable (/readyz)", value=0 if broker.problem() else 1)
+        yield GaugeMetricFamily(
+            "stream_broker_lag_seconds", "Newest event known written to the broker minus newest read by this node", value=broker.lag()
+        )
+        yield CounterMetricFamily("stream_broker_reconnects", "Connections to the broker restored after an outage", value=broker.reconnects)
+        yield CounterMetricFamily("stream_broker_epoch_changes", "Times the broker lost its data and a new epoch began", value=broker.epoch_changes)
+        yield CounterMetricFamily("stream_lease_changes", "Provider leases this node gained or lost", value=runtime.pollers.leases.changes)
         yield GaugeMetricFamily("stream_history_events", "Events held in history", value=len(hub.store.history))
         yield GaugeMetricFamily("stream_history_bytes", "Memory held by history (Event.size)", value=hub.store.history.bytes)
         yield GaugeMetricFamily("stream_retained_topics", "Topics with a retained value", value=len(hub.store.retained))

@@ -33,8 +33,8 @@ import orjson
 
 from .decoding import BodyDecoder
 from .errors import StreamError, UpstreamError
-from .events import Event
 from .hub import Draft, Hub
+from .leases import Leases
 from .provider_settings import ProviderSettings
 from .providers import Item, Parsed, parse
 
@@ -46,6 +46,7 @@ FAILING_AFTER = 5  # failures in a row
 MAX_BACKOFF = 900.0  # seconds
 MAX_RETRY_AFTER = 3600.0
 MAX_REDIRECTS = 5
+STANDBY_CHECK = 0.25  # seconds between looks at whether this node got the provider's lease
 
 
 class ProviderState(enum.Enum):
@@ -101,23 +102,25 @@ class Poller:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_change: Callable[[Poller], None] | None = None,
-        on_headlines: Callable[[list[Event]], None] | None = None,
         on_poll: Callable[[str, str, float], None] | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self.provider = provider
+        self.leases = leases or Leases()
         self.client = client
         self.hub = hub
         self.url = base_url.rstrip("/") + provider.url if provider.url.startswith("/") else provider.url
         self.clock = clock
         self.rng = rng or random.Random()
         self.on_change = on_change
-        self.on_headlines = on_headlines
         self.on_poll = on_poll
         self.state = ProviderState.OK if provider.enabled else ProviderState.DISABLED
         self.etag: str | None = None
         self.last_modified: str | None = None
         self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
         self.primed = False
+        self.restored = False  # state taken over from the lease's previous holder (Redis)
+        self.dirty = False  # dedup memory or validators changed since they were last saved
         self.polls = 0
         self.not_modified = 0
         self.items_published = 0
@@ -131,21 +134,60 @@ class Poller:
         self._last_skip_report: tuple[str, ...] = ()
         self._secrets = [value for _, value in provider.params + provider.headers if len(value) >= 6]
         self._values = provider.kind == "snapshot" or provider.url == "/demo/quotes"
+        self._topic_head = provider.topic.split("{", 1)[0]  # every topic it publishes starts so
 
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         """Poll until cancelled. Never raises: a bug in one poll is logged and backed off."""
         await sleep(self.rng.uniform(0, min(1.0, self.provider.interval * self.provider.jitter)))
+        name = self.provider.name
         while True:
+            if not self.leases.holds(name):
+                self.restored = False  # whoever holds it now changes the state: reload it on return
+                await sleep(STANDBY_CHECK)
+                continue
             try:
+                if not self.restored:
+                    await self._restore()
                 delay = await self.poll_once()
+                if self.dirty:
+                    await self._save()
+                await self.leases.save_status(name, self.status())
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("provider %s: unexpected error while polling", self.provider.name)
+                log.exception("provider %s: unexpected error while polling", name)
                 delay = self._failed(UpstreamError("internal", "unexpected error (see the log)"), time.monotonic())
             await sleep(delay)
+
+    # -- state shared with the next lease holder ------------------------------------------
+
+    async def _restore(self) -> None:
+        """Take over what the previous holder of the lease saved, and every headline of this
+        provider the hub already holds (it may have published some and died before saving)."""
+        state = await self.leases.load(self.provider.name)
+        if state is not None:
+            self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
+            self.primed = bool(state.get("primed"))
+            self.seen = OrderedDict((key, None if value is None else value.encode()) for key, value in state.get("seen", []))
+        if self.provider.headlines:
+            for event in self.hub.store.history:
+                data = event.data if event.topic.startswith(self._topic_head) else None
+                if isinstance(data, dict) and data.get("provider") == self.provider.name and isinstance(data.get("id"), str):
+                    self.seen[data["id"]] = None
+                    self.primed = True
+        self.restored = True
+
+    async def _save(self) -> None:
+        self.dirty = False
+        state = {
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "primed": self.primed,
+            "seen": [[key, None if value is None else value.decode()] for key, value in self.seen.items()],
+        }
+        await self.leases.save(self.provider.name, state)
 
     async def poll_once(self) -> float:
         """One poll, start to finish; returns the delay in seconds until the next one."""
@@ -164,7 +206,9 @@ class Poller:
             await self._publish(parsed)
         except UpstreamError as exc:
             return self._failed(exc, started)
-        self.etag, self.last_modified = validators
+        if (self.etag, self.last_modified) != validators:
+            self.etag, self.last_modified = validators
+            self.dirty = True
         return self._succeeded("ok", started)
 
     def _parse(self, body: bytes, content_type: str | None, location: str) -> Parsed:
@@ -265,6 +309,7 @@ class Poller:
 
     def _remember(self, remember: dict[str, bytes | None], current: int) -> None:
         seen = self.seen
+        self.dirty = self.dirty or bool(remember)
         for key, value in remember.items():
             seen[key] = value
             seen.move_to_end(key)
@@ -282,7 +327,7 @@ class Poller:
         if not self.primed:
             if not parsed.items:
                 return  # an empty first answer primes nothing: wait for a real one
-            self.primed = True
+            self.primed = self.dirty = True
             if not provider.backfill:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
@@ -304,8 +349,6 @@ class Poller:
                 log.warning("provider %s: %d items not published: %s", provider.name, len(drafts), exc.message)
                 return
             self.items_published += len(events)
-            if provider.headlines and self.on_headlines is not None:
-                self.on_headlines(events)
             log.debug("provider %s: published %d new items", provider.name, len(events))
         # Only now: an item whose publish failed is tried again at the next poll.
         self._remember(remember, len(parsed.items))
@@ -394,6 +437,7 @@ class Poller:
             "items_published": self.items_published,
             "items_skipped": self.items_skipped,
             "consecutive_failures": self.consecutive_failures,
+            "node": self.leases.holder(provider.name),
         }
 
 

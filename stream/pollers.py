@@ -1,5 +1,8 @@
 """All the pollers of a process: the shared HTTP client, one task per provider, the status
-events on ``_system.providers``, and the latest headlines that ``/api/news`` serves."""
+events on ``_system.providers``, and the latest headlines that ``/api/news`` serves.
+
+Headlines are collected from what the hub accepts (``saw``), not from this process's own
+polls: with Redis, only the lease holder polls a provider, and every node serves /api/news."""
 
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from . import __version__
 from .errors import StreamError
 from .events import Event
 from .hub import Hub
+from .leases import Leases
 from .poller import Poller
 from .provider_settings import ProviderSettings
 from .providers.base import parse_time
+from .topics import PatternIndex
 
 __all__ = ["Pollers"]
 
@@ -38,6 +43,7 @@ class Pollers:
         *,
         clock: Callable[[], float] = time.time,
         on_poll: Callable[[str, str, float], None] | None = None,
+        leases: Leases | None = None,
     ):
         self.providers = providers
         self.hub = hub
@@ -49,6 +55,16 @@ class Pollers:
         # Per provider, so a chatty source cannot push the others out of /api/news.
         self.headlines: dict[str, deque[tuple[float, Event]]] = {}
         self.on_poll = on_poll  # (provider, outcome, seconds) after every poll: the poll histogram
+        self.leases = leases or Leases()
+        by_pattern: dict[str, tuple[str, ...]] = {}
+        for provider in providers:
+            if provider.headlines:
+                pattern = provider.topic_pattern()
+                by_pattern[pattern] = (*by_pattern.get(pattern, ()), provider.name)
+        self._headline_topics: PatternIndex[tuple[str, ...]] = PatternIndex()
+        for pattern, names in by_pattern.items():
+            self._headline_topics.add(pattern, names)
+        hub.observe(self.saw)
         self._status_tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, base_url: str) -> None:
@@ -70,16 +86,20 @@ class Pollers:
                 base_url=base_url,
                 clock=self.clock,
                 on_change=self._announce,
-                on_headlines=self._keep_headlines,
                 on_poll=self.on_poll,
+                leases=self.leases,
             )
             self.pollers.append(poller)
             if provider.enabled:
                 self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"poll {provider.name}"))
         if self.pollers:
             log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
+        self.leases.start([p.name for p in self.providers if p.enabled])
+        for event in self.hub.store.history:  # what the hub held before this process polled
+            self.saw(event)
 
     async def stop(self) -> None:
+        await self.leases.stop()
         tasks, self.tasks = self.tasks + list(self._status_tasks), []
         for task in tasks:
             task.cancel()
@@ -102,7 +122,8 @@ class Pollers:
 
     def statuses(self) -> list[dict[str, Any]]:
         if self.pollers:
-            return [poller.status() for poller in self.pollers]
+            # A provider polled by another node: the status its holder last saved.
+            return [self.leases.status_elsewhere(p.provider.name) or p.status() for p in self.pollers]
         # Not started (no server yet): report the configuration.
         return [
             {
@@ -117,16 +138,22 @@ class Pollers:
                 "items_published": 0,
                 "items_skipped": 0,
                 "consecutive_failures": 0,
+                "node": None,
             }
             for p in self.providers
         ]
 
-    def _keep_headlines(self, events: list[Event]) -> None:
-        for event in events:
-            published = parse_time(event.data.get("published"))
+    def saw(self, event: Event) -> None:
+        """Every event the hub accepts: keep the headlines of this hub's news providers."""
+        groups = self._headline_topics.match(event.topic)
+        if not groups:
+            return
+        data = event.data
+        if isinstance(data, dict) and any(data.get("provider") in names for names in groups):
+            published = parse_time(data.get("published"))
             # A headline dated in the future (a bad clock, ms read as s) sorts as "just now".
             stamp = min(published.timestamp(), event.ts / 1000) if published else event.ts / 1000
-            kept = self.headlines.setdefault(event.data.get("provider", ""), deque(maxlen=HEADLINES_KEPT))
+            kept = self.headlines.setdefault(data["provider"], deque(maxlen=HEADLINES_KEPT))
             kept.append((stamp, event))
 
     def news(

@@ -52,7 +52,7 @@ class RedisServer:
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no",
             ],
-            stdout=open(self.dir / "redis.log", "ab"),  # noqa: SIM115 - the child owns it
+            stdout=open(self.dir / "redis.log", "ab"),
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )

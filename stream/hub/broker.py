@@ -39,6 +39,12 @@ class Broker(abc.ABC):
     epoch: str
     store: Store  # this node's view of history and retained values; only the broker writes it
     shared = False  # True when other processes publish into the same order (Redis)
+    reconnects = 0  # times the connection to the broker came back after an outage
+    epoch_changes = 0  # times the broker lost its data and a new epoch began
+
+    def lag(self) -> float:
+        """Seconds between the newest event known to be written and the newest read here."""
+        return 0.0
 
     def bind(self, accept: Callable[[list[Event]], None], gap: Callable[[str], None] | None = None) -> None:
         """``accept(events)`` fans accepted events out; ``gap(reason)`` tells every subscriber

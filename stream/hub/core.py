@@ -68,7 +68,8 @@ class Hub:
         self.stats = HubStats()
         self.reader = Reader(broker, self.stats)
         self.subscribers: set[Subscriber] = set()
-        self.on_fanout = on_fanout  # once per event, after its fan-out (the latency histogram)
+        # Called with every event after its fan-out: the latency histogram, /api/news.
+        self.observers: list[Callable[[Event], None]] = [] if on_fanout is None else [on_fanout]
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):
@@ -94,6 +95,10 @@ class Hub:
         for sub in list(self.subscribers):
             self.detach(sub)
         await self.broker.close()
+
+    def observe(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback(event)`` after every accepted event's fan-out (never awaits)."""
+        self.observers.append(callback)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -198,8 +203,8 @@ class Hub:
                         # A broken connection must not stop the fan-out to everyone else.
                         log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                         self.detach(sub)
-        if self.on_fanout is not None:
-            self.on_fanout(event)
+        for observe in self.observers:
+            observe(event)
 
     # -- subscribing ----------------------------------------------------------------------
 

@@ -125,9 +125,9 @@ class RedisBroker(Broker):
         options: dict[str, Any] = {"socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
         # Commands never retry by themselves: a publish whose answer was lost must not be added twice.
         # Typed Any: redis-py's replies are unions of every shape a command can answer.
-        self._redis: Any = Redis.from_url(url, socket_timeout=5, **options)
+        self.redis: Any = Redis.from_url(url, socket_timeout=5, **options)
         self._reader_redis: Any = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **options)
-        self._script = self._redis.register_script(_SCRIPT)
+        self._script = self.redis.register_script(_SCRIPT)
         self._last_id = "0-0"
         self._problem: str | None = "connecting to Redis"
         self._connected = False
@@ -138,6 +138,7 @@ class RedisBroker(Broker):
         self._waiter_count = 0
         self._resync = asyncio.Event()
         self._closing = False
+        self._next_check = 0.0
         # Read by the metrics collector.
         self.reconnects = 0
         self.epoch_changes = 0
@@ -159,7 +160,7 @@ class RedisBroker(Broker):
             self._task.cancel()
             # A read cancelled inside redis-py may wait on its socket: closing the clients ends it.
             await asyncio.wait({self._task}, timeout=1)
-        for client in (self._redis, self._reader_redis):
+        for client in (self.redis, self._reader_redis):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2)
         if self._task is not None:
@@ -234,8 +235,8 @@ class RedisBroker(Broker):
                 reply = await self._reader_redis.xread({EVENTS: self._last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
                 if reply:
                     self._apply(reply[0][1])
-                else:
-                    await self._check_epoch()
+                if not reply or time.monotonic() >= self._next_check:
+                    await self._check()
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
@@ -249,16 +250,25 @@ class RedisBroker(Broker):
                 self._connected = False
                 await asyncio.sleep(BACKOFF[-1])
 
-    async def _check_epoch(self) -> None:
-        if await self._redis.get(EPOCH) != self.epoch.encode():
+    async def _check(self) -> None:
+        """Once a second: is the epoch still ours (FLUSHALL), and how far is the stream ahead?"""
+        self._next_check = time.monotonic() + READ_BLOCK_MS / 1000
+        async with self.redis.pipeline(transaction=False) as pipe:
+            epoch, newest = await pipe.get(EPOCH).xrevrange(EVENTS, count=1).execute()
+        if epoch != self.epoch.encode():
             self._resync.set()
+        elif newest:
+            self.last_written_seq = max(self.last_written_seq, seq_of(newest[0][0]))
+
+    def lag(self) -> float:
+        return max(0, self.last_written_seq // 1_000_000 - self.last_read_seq // 1_000_000) / 1000
 
     async def _connect(self) -> None:
         """(Re)join the hub: adopt or create its epoch; load the store on a new epoch, else go on
         from the last entry read."""
         self._resync.clear()
-        await self._redis.set(EPOCH, new_epoch(), nx=True)
-        epoch = (await self._redis.get(EPOCH)).decode()
+        await self.redis.set(EPOCH, new_epoch(), nx=True)
+        epoch = (await self.redis.get(EPOCH)).decode()
         if epoch != self.epoch:
             self.epoch = epoch
             await self._load()
@@ -279,13 +289,13 @@ class RedisBroker(Broker):
 
     async def _load(self) -> None:
         """Fill the store from Redis: the newest ``history_size`` entries and every retained value."""
-        newest = await self._redis.xrevrange(EVENTS, count=self._maxlen + 1)
+        newest = await self.redis.xrevrange(EVENTS, count=self._maxlen + 1)
         trimmed = (0, 0)
         if len(newest) > self._maxlen:
             gone = seq_of(newest.pop()[0])
             trimmed = (gone, gone // 1_000_000)
         elif newest:
-            info = await self._redis.xinfo_stream(EVENTS)
+            info = await self.redis.xinfo_stream(EVENTS)
             if info.get("entries-added", len(newest)) > len(newest):
                 first = seq_of(newest[-1][0]) - 1  # some entry before the first is gone; which, unknown
                 trimmed = (first, first // 1_000_000)
@@ -293,7 +303,7 @@ class RedisBroker(Broker):
         retained = []
         cursor: int | bytes = 0
         while True:
-            cursor, values = await self._redis.hscan(RETAINED, cursor, count=1000)
+            cursor, values = await self.redis.hscan(RETAINED, cursor, count=1000)
             retained += [self._retained(topic, value) for topic, value in values.items()]
             if not cursor:
                 break
@@ -306,9 +316,9 @@ class RedisBroker(Broker):
 
     async def _check_trimmed(self) -> None:
         """After an outage: if the stream was trimmed past the last entry read, say so."""
-        oldest = await self._redis.xrange(EVENTS, count=1)
+        oldest = await self.redis.xrange(EVENTS, count=1)
         if oldest and seq_of(oldest[0][0]) > seq_of(self._last_id) + 1:
-            info = await self._redis.xinfo_stream(EVENTS)
+            info = await self.redis.xinfo_stream(EVENTS)
             if info.get("entries-added", 0) > info.get("length", 0):
                 log.warning("broker: history was trimmed past this node's last read entry while Redis was away")
                 self._announce_gap("history")
