@@ -14,7 +14,8 @@ stream imports uvicorn.
    from the loop's next turn (it defers its first subscribe for that reason).
 3. ``Server`` (``server.StreamServer`` subclasses it): the ``startup(sockets)``,
    ``shutdown(sockets)`` and ``handle_exit(sig, frame)`` hooks, and ``started``,
-   ``should_exit``, ``servers[0].sockets``.
+   ``should_exit``, ``servers[0].sockets``. (sse-starlette, imported by ``wire``, replaces
+   ``Server.handle_exit`` with a wrapper that calls uvicorn's own; ours still runs first.)
 4. The access log: each record's arguments are (client, method, path, HTTP version, status).
 """
 

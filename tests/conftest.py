@@ -58,12 +58,20 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture
-def redis_server():
-    """A real redis-server of its own on a free loopback port (installed with apt-get when missing)."""
-    from .redis_server import RedisServer, debian_binary
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """Debian's redis-server, installed with apt-get when missing (under CI=true: fail, not skip)."""
+    from .redis_server import debian_binary
 
-    server = RedisServer(debian_binary("redis-server", "redis-server")).start()
+    return debian_binary("redis-server", "redis-server")
+
+
+@pytest.fixture
+def redis_server(redis_binary):
+    """A real redis-server of its own on a free loopback port."""
+    from .redis_server import RedisServer
+
+    server = RedisServer(redis_binary).start()
     try:
         yield server
     finally:

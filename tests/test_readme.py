@@ -11,8 +11,10 @@ pytest) are the ones this very run already exercises and are left out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,8 @@ _NOT_RUN = (
     ".venv/bin/python -m pytest",  # the suite itself
 )
 _STREAMING = ("curl -N", "stream tail")
+# The Scaling out commands start Redis and two nodes of their own: test_scaling_out runs them.
+_CLUSTER = ("redis-server", "127.0.0.1:8001", "127.0.0.1:8002")
 
 
 def shell_commands() -> list[str]:
@@ -69,7 +73,9 @@ def test_every_readme_shell_command_works_as_written(tmp_path):
         ran = 0
         exports = ""  # `export X=…` lines stay in force for the commands after them, as in a shell
         for command in shell_commands():
-            if command.startswith(_NOT_RUN) or (command.startswith("source ") and not activate.exists()):
+            if command.startswith(_NOT_RUN) or any(part in command for part in _CLUSTER):
+                continue
+            if command.startswith("source ") and not activate.exists():
                 continue
             line = command.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
             if line.startswith("export "):
@@ -107,3 +113,56 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert quick_start is not None
     ci = (ROOT / ".ci" / "run").read_text()
     assert quick_start.group(1).strip() in ci.splitlines()
+
+
+def test_scaling_out_shows_a_publish_on_one_node_arriving_on_the_other(redis_binary):
+    """The README's two Scaling out commands, as written but on free ports: Redis and two nodes
+    start, and the event published on the first node is printed by `stream tail` on the second."""
+    from .support import free_port
+
+    block = README[README.index("## Scaling out") :]
+    commands = [c for c in shell_commands() if any(part in c for part in _CLUSTER) and c in block]
+    assert len(commands) == 2 and commands[0].startswith("redis-server")
+    ports = {"6379": str(free_port()), "8001": str(free_port()), "8002": str(free_port())}
+    script = []
+    for command in commands:
+        for old, new in ports.items():
+            command = command.replace(old, new)
+        script.append(command.replace("redis-server", redis_binary, 1))
+    activate = ROOT / ".venv" / "bin" / "activate"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STREAM_")}
+    if not activate.exists():
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    prelude = "source .venv/bin/activate\n" if activate.exists() else ""
+    nodes = subprocess.Popen(["bash", "-c", prelude + script[0] + "\nwait"], cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for port in (ports["8001"], ports["8002"]):
+            _wait_ready(f"http://127.0.0.1:{port}")
+        shown = subprocess.run(["bash", "-c", prelude + script[1]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        os.killpg(nodes.pid, signal.SIGTERM)
+        nodes.wait(30)
+        import redis
+
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis(port=int(ports["6379"])).shutdown(nosave=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "desk.hello" in shown.stdout and "node 8001" in shown.stdout.replace(ports["8001"], "8001"), shown.stdout + shown.stderr
+
+
+def _wait_ready(url: str, timeout: float = 30.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not become ready")
+        time.sleep(0.1)

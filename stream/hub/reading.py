@@ -119,8 +119,13 @@ class Reader:
                 scan = sub.snapshots[0]
                 order = store.topic_order if scan.topics is None else scan.topics
                 continue
-            event = retained[order[scan.index]]
+            if scan.index >= len(order):  # the store was emptied (a new epoch) under this scan
+                scan.index = scan.end
+                continue
+            event = retained.get(order[scan.index])
             scan.index += 1
+            if event is None:
+                continue
             # A value newer than the subscribe point reaches the subscriber from history — unless
             # history no longer holds it, or it never went there (a primed value).
             fresh = event.seq > scan.cursor and event.seq > store.history.trimmed_seq and not event.primed
