@@ -1,7 +1,7 @@
 """Pollers: one asyncio task per provider, all over one shared ``httpx.AsyncClient``.
 
-This is the only module that talks to upstreams, and the only place httpx errors exist: they
-become ``UpstreamError`` here. A poll is
+What goes over HTTP is ``fetch.py``'s (the only place httpx errors exist: they become
+``UpstreamError`` there); this module decides when, and what a fetched body means. A poll is
 
     conditional GET (ETag / Last-Modified) ─▶ 304: nothing to do
         └─▶ body, decoded while streaming and cut at max_bytes ─▶ providers.parse() (pure)
@@ -25,27 +25,24 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import orjson
 
-from .decoding import BodyDecoder
 from .errors import StreamError, UpstreamError
+from .fetch import fetch
 from .hub import Draft, Hub
 from .leases import Leases
 from .provider_settings import ProviderSettings
 from .providers import Item, Parsed, parse
 
-__all__ = ["Poller", "ProviderState", "backoff_delay", "iso_time", "parse_retry_after"]
+__all__ = ["Poller", "ProviderState", "backoff_delay", "iso_time"]
 
 log = logging.getLogger("stream.poller")
 
 FAILING_AFTER = 5  # failures in a row
 MAX_BACKOFF = 900.0  # seconds
-MAX_RETRY_AFTER = 3600.0
-MAX_REDIRECTS = 5
 STANDBY_CHECK = 0.25  # seconds between looks at whether this node got the provider's lease
 
 
@@ -56,37 +53,11 @@ class ProviderState(enum.Enum):
     DISABLED = "disabled"
 
 
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), capped at 1 hour."""
-    if not value:
-        return None
-    text = value.strip()
-    if text.isdigit():
-        seconds = float(text)
-    else:
-        try:
-            seconds = parsedate_to_datetime(text).timestamp() - now
-        except (TypeError, ValueError, IndexError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
-
-
 def backoff_delay(interval: float, failures: int, rng: random.Random) -> float:
     """Full jitter between ``interval`` and a ceiling that doubles per failure, up to 15 min
     (an interval already longer than that is kept: a failure never makes polling faster)."""
     ceiling = max(interval, min(MAX_BACKOFF, interval * 2 ** min(failures, 30)))
     return rng.uniform(interval, ceiling)
-
-
-async def read_body(response: httpx.Response, limit: int) -> bytes:
-    """The decoded body, refusing more than ``limit`` decoded bytes without ever holding more."""
-    decoder = BodyDecoder(response.headers.get("content-encoding", "identity"), limit)
-    declared = response.headers.get("content-length", "")
-    if decoder.encoding == "identity" and declared.isdigit() and int(declared) > limit:
-        raise UpstreamError("too_large", f"body of {declared} bytes is over max_bytes ({limit})")
-    parts = [decoder.feed(raw) async for raw in response.aiter_raw()]
-    decoder.finish()
-    return b"".join(parts)
 
 
 class Poller:
@@ -194,7 +165,7 @@ class Poller:
         started = time.monotonic()
         self.polls += 1
         try:
-            fetched = await self._fetch()
+            fetched = await fetch(self.client, self.provider, self.url, (self.etag, self.last_modified), self.clock, self._clean)
             if fetched is None:
                 self.not_modified += 1
                 return self._succeeded("not_modified", started)
@@ -224,58 +195,6 @@ class Poller:
         return parsed
 
     # -- HTTP -----------------------------------------------------------------------------
-
-    async def _fetch(self) -> tuple[bytes, str | None, str, tuple[str | None, str | None]] | None:
-        provider = self.provider
-        try:
-            async with asyncio.timeout(provider.timeout):
-                return await self._get()
-        except TimeoutError:
-            raise UpstreamError("timeout", f"no complete answer within {provider.timeout:g} s") from None
-        except httpx.TimeoutException as exc:
-            raise UpstreamError("timeout", f"timed out ({type(exc).__name__})") from None
-        except httpx.ConnectError as exc:
-            raise UpstreamError("connect", f"cannot connect ({self._clean(str(exc)) or 'refused'})") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError("connect", f"{type(exc).__name__}: {self._clean(str(exc))}") from None
-
-    async def _get(self) -> tuple[bytes, str | None, str, tuple[str | None, str | None]] | None:
-        """GET with conditional headers, following redirects by hand: configured headers (API
-        keys) go to the configured origin only, and https is never downgraded to http."""
-        provider = self.provider
-        url = httpx.URL(self.url, params=dict(provider.params))
-        origin = (url.scheme, url.host, url.port)
-        for _ in range(MAX_REDIRECTS + 1):
-            headers = {"Accept-Encoding": "gzip, deflate"}
-            if (url.scheme, url.host, url.port) == origin:
-                headers.update(provider.headers)
-                if self.etag:
-                    headers["If-None-Match"] = self.etag
-                if self.last_modified:
-                    headers["If-Modified-Since"] = self.last_modified
-            async with self.client.stream("GET", url, headers=headers) as response:
-                status = response.status_code
-                if response.has_redirect_location:
-                    target = url.join(response.headers.get("location", ""))
-                    if url.scheme == "https" and target.scheme != "https":
-                        raise UpstreamError("status", f"HTTP {status}: refusing a redirect from https to {target.scheme}")
-                    url = target
-                    continue
-                if status == 304:
-                    return None
-                if status in (429, 503):
-                    wait = parse_retry_after(response.headers.get("retry-after"), self.clock())
-                    kind = "rate_limited" if status == 429 else "status"
-                    said = f", Retry-After {wait:.0f} s" if wait is not None else ""
-                    raise UpstreamError(kind, f"HTTP {status}{said}", retry_after=wait)
-                if not 200 <= status < 300:
-                    raise UpstreamError("status", f"HTTP {status} {response.reason_phrase}".strip())
-                body = await read_body(response, provider.max_bytes)
-                validators = (response.headers.get("etag"), response.headers.get("last-modified"))
-                # Relative links resolve against the document's URL, never with its query (keys).
-                location = str(url.copy_with(query=None, fragment=None))
-                return body, response.headers.get("content-type"), location, validators
-        raise UpstreamError("status", f"more than {MAX_REDIRECTS} redirects")
 
     def _clean(self, text: str) -> str:
         """Remove configured secrets (API keys in params or headers) from a message."""

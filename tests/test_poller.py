@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from stream.fetch import parse_retry_after
 from stream.hub import Hub
 from stream.poller import (
     FAILING_AFTER,
@@ -19,7 +20,6 @@ from stream.poller import (
     Poller,
     ProviderState,
     backoff_delay,
-    parse_retry_after,
 )
 from stream.pollers import Pollers
 from stream.provider_settings import read_providers

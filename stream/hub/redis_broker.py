@@ -115,7 +115,6 @@ class RedisBroker(Broker):
         history_ttl: float | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = url
         self.store = store
         self.epoch = new_epoch()  # until the one in Redis is known
         self.node = f"{socket.gethostname()}:{os.getpid()}"
@@ -172,6 +171,8 @@ class RedisBroker(Broker):
     # -- publishing -----------------------------------------------------------------------
 
     async def publish(self, drafts: list[Draft]) -> list[Event]:
+        if not drafts:
+            return []
         ids = await self._call(drafts, prime=False)
         events = []
         for draft, entry in zip(drafts, ids, strict=True):
