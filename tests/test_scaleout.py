@@ -50,6 +50,14 @@ class Cluster:
                 server.stop()
 
 
+async def subscribed(reader: SSEReader) -> SSEReader:
+    """Once the stream's position has come (it is sent when the subscription is in place), so
+    what is published from now on reaches it."""
+    while reader.position is None:
+        reader.position = (await asyncio.wait_for(anext(reader.iterator), 10)).id or None
+    return reader
+
+
 async def ws_ids(ws, count: int) -> list[str]:
     return [message["id"] for message in await ws_events(ws, count)]
 
@@ -61,7 +69,7 @@ async def test_a_publish_on_one_node_reaches_every_node_in_one_order_with_the_sa
         async with httpx.AsyncClient(timeout=10) as client, connect(b.ws_url + "?topics=x.>") as on_b, connect(c.ws_url + "?topics=x.>") as on_c:
             await recv(on_b), await recv(on_b), await recv(on_c), await recv(on_c)  # welcome, subscribed
             async with aconnect_sse(client, "GET", f"{c.url}/sse?topics=x.>") as source:
-                sse = SSEReader(source)
+                sse = await subscribed(SSEReader(source))
                 published: list[str] = []
 
                 async def feed(node: Server, name: str) -> None:
@@ -93,14 +101,19 @@ async def test_resume_on_another_node_while_publishing_goes_on(redis_server):
             numbers = [m["data"]["n"] for m in first + rest]
             assert numbers == list(range(total))
 
-            with Publisher(client, b, "r.sse", 300):
+            publisher = Publisher(client, b, "r.sse", 300)
+            try:
                 async with aconnect_sse(client, "GET", f"{a.url}/sse?topics=r.sse") as source:
-                    reader = SSEReader(source)
+                    reader = await subscribed(SSEReader(source))
+                    publisher.__enter__()
                     head = await reader.take(50)
                     position = reader.position
                 headers = {"Last-Event-ID": position}
                 async with aconnect_sse(client, "GET", f"{c.url}/sse?topics=r.sse", headers=headers) as source:
                     tail = await SSEReader(source).take(250)
+            finally:
+                if publisher.task is not None:
+                    publisher.__exit__()
             numbers = [orjson.loads(m.data)["data"]["n"] for m in head + tail]
             assert numbers == list(range(300))
 
