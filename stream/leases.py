@@ -105,12 +105,15 @@ class RedisLeases(Leases):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for name in [name for name in self._names if self.holds(name)]:
-            try:
-                await self._release(keys=[self._key("lease", name)], args=[self.node])
-            except Exception as exc:  # Redis away: the lease expires by itself
-                log.info("leases: could not release %s (%s); it expires in %.0f s", name, exc.__class__.__name__, self.ttl)
+        held = [name for name in self._names if self.holds(name)]
         self._held_until.clear()
+        try:
+            # Bounded: with Redis away, shutdown must not wait on it; the leases then expire by themselves.
+            async with asyncio.timeout(2.0):
+                for name in held:
+                    await self._release(keys=[self._key("lease", name)], args=[self.node])
+        except Exception as exc:
+            log.info("leases: could not release %s (%s); they expire within %.0f s", ", ".join(held), exc.__class__.__name__, self.ttl)
 
     def holds(self, name: str) -> bool:
         return time.monotonic() < self._held_until.get(name, 0.0)

@@ -152,6 +152,10 @@ async def test_restarting_every_node_loses_nothing_and_flushall_is_an_epoch_gap(
             assert gap["type"] == "gap" and gap["reason"] == "epoch"
 
 
+def metric_value(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
 def polls(node: Server) -> float:
     """Polls of every provider this node made (its stream_provider_polls_total)."""
     text = httpx.get(f"{node.url}/metrics").text
@@ -210,6 +214,8 @@ items = "items"
                 survivor = next(s for s in servers if s is not victim)
                 now_held_by = (await client.get(f"{survivor.url}/api/providers")).json()[0]["node"]
                 assert now_held_by not in (None, holder)
+                new_holder = next(s for s in servers if now_held_by.endswith(f":{s.proc.pid}"))
+                assert metric_value((await client.get(f"{new_holder.url}/metrics")).text, "stream_lease_changes_total") >= 1
                 total = len(feed.times)
                 await wait_for(lambda: len(headlines_on(survivor)) >= total - 2, 10)
                 headlines = headlines_on(survivor)
@@ -258,10 +264,14 @@ async def test_a_redis_outage_refuses_publishes_keeps_subscribers_and_loses_noth
             stop.set()
             await task
             received = await ws_ids(ws, len(accepted))
+            metrics = (await client.get(f"{b.url}/metrics")).text
     assert refused and all(r.status_code == 503 and r.headers.get("retry-after") for r in refused)
     assert all(r.json()["error"]["code"] in ("broker_unavailable", "not_ready") for r in refused)
     assert {200, 503} <= readiness
     assert received == accepted
+    assert "stream_broker_up 1.0" in metrics and "stream_broker_epoch_changes_total 0.0" in metrics
+    assert metric_value(metrics, "stream_broker_reconnects_total") >= 1
+    assert metric_value(metrics, "stream_broker_lag_seconds") < 5
 
 
 class Workers(Server):
