@@ -40,6 +40,10 @@ class Leases:
     def holds(self, name: str) -> bool:
         return True
 
+    def term(self, name: str) -> int:
+        """Which term of holding ``name`` this is: it changes each time this node gains it."""
+        return 0
+
     def holder(self, name: str) -> str | None:
         return self.node
 
@@ -93,6 +97,7 @@ class RedisLeases(Leases):
         self._held_until: dict[str, float] = {}  # monotonic deadline of each lease held here
         self._holders: dict[str, str | None] = {}
         self._statuses: dict[str, dict[str, Any]] = {}
+        self._terms: dict[str, int] = {}  # per name: how many times this node gained the lease
         self._task: asyncio.Task[None] | None = None
 
     def start(self, names: list[str]) -> None:
@@ -117,6 +122,9 @@ class RedisLeases(Leases):
 
     def holds(self, name: str) -> bool:
         return time.monotonic() < self._held_until.get(name, 0.0)
+
+    def term(self, name: str) -> int:
+        return self._terms.get(name, 0)
 
     def holder(self, name: str) -> str | None:
         return self.node if self.holds(name) else self._holders.get(name)
@@ -156,6 +164,7 @@ class RedisLeases(Leases):
         if holder == self.node:
             self._held_until[name] = asked + self.ttl * 2 / 3
             if not had:
+                self._terms[name] = self._terms.get(name, 0) + 1
                 self.changes += 1
                 log.info("leases: this node (%s) now polls provider %s", self.node, name)
         else:

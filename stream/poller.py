@@ -90,7 +90,7 @@ class Poller:
         self.last_modified: str | None = None
         self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
         self.primed = False
-        self.restored = False  # state taken over from the lease's previous holder (Redis)
+        self.restored: int | None = None  # the lease term whose state this poller took over
         self.dirty = False  # dedup memory or validators changed since they were last saved
         self.polls = 0
         self.not_modified = 0
@@ -115,16 +115,18 @@ class Poller:
         name = self.provider.name
         while True:
             if not self.leases.holds(name):
-                self.restored = False  # whoever holds it now changes the state: reload it on return
                 await sleep(STANDBY_CHECK)
                 continue
             try:
-                if not self.restored:
+                if self.restored != self.leases.term(name):
+                    # A new term of the lease (first, or regained after another node held it):
+                    # whoever held it meanwhile changed the state, so take it from Redis again.
                     await self._restore()
                 delay = await self.poll_once()
-                if self.dirty:
-                    await self._save()
-                await self.leases.save_status(name, self.status())
+                if self.leases.holds(name):  # a poll that outlived its lease leaves the state alone
+                    if self.dirty:
+                        await self._save()
+                    await self.leases.save_status(name, self.status())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -148,10 +150,9 @@ class Poller:
                 if isinstance(data, dict) and data.get("provider") == self.provider.name and isinstance(data.get("id"), str):
                     self.seen[data["id"]] = None
                     self.primed = True
-        self.restored = True
+        self.restored = self.leases.term(self.provider.name)
 
     async def _save(self) -> None:
-        self.dirty = False
         state = {
             "etag": self.etag,
             "last_modified": self.last_modified,
@@ -159,6 +160,7 @@ class Poller:
             "seen": [[key, None if value is None else value.decode()] for key, value in self.seen.items()],
         }
         await self.leases.save(self.provider.name, state)
+        self.dirty = False  # only once saved: a failed save is tried again after the next poll
 
     async def poll_once(self) -> float:
         """One poll, start to finish; returns the delay in seconds until the next one."""
@@ -246,11 +248,15 @@ class Poller:
         if not self.primed:
             if not parsed.items:
                 return  # an empty first answer primes nothing: wait for a real one
-            self.primed = self.dirty = True
             if not provider.backfill:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
-                primed = await self.hub.prime(self._drafts(fresh))
+                try:
+                    primed = await self.hub.prime(self._drafts(fresh))
+                except StreamError as exc:  # the broker is away: prime at the next poll, publish nothing
+                    log.warning("provider %s: could not prime: %s", provider.name, exc.message)
+                    return
+                self.primed = self.dirty = True
                 self._remember(remember, len(parsed.items))
                 log.info(
                     "provider %s: primed with %d items, %d retained values (backfill off)",
@@ -259,6 +265,7 @@ class Poller:
                     primed,
                 )
                 return
+            self.primed = self.dirty = True
         drafts = self._drafts(fresh)
         if drafts:
             try:

@@ -95,16 +95,22 @@ class Pollers:
         if self.pollers:
             log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
         self.leases.start([p.name for p in self.providers if p.enabled])
+        known = {event.id for kept in self.headlines.values() for _, event in kept}
         for event in self.hub.store.history:  # what the hub held before this process polled
-            self.saw(event)
+            if event.id not in known:
+                self.saw(event)
+        for kept in self.headlines.values():  # in published order, as saw() keeps them
+            ordered = sorted(kept, key=lambda entry: entry[0])
+            kept.clear()
+            kept.extend(ordered)
 
     async def stop(self) -> None:
-        await self.leases.stop()
         tasks, self.tasks = self.tasks + list(self._status_tasks), []
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.leases.stop()  # only now: no poll of this node runs once another may take over
         client, self.client = self.client, None
         if client is not None:
             await client.aclose()

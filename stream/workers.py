@@ -59,10 +59,11 @@ def run_workers(count: int, worker_args: list[str], shutdown_timeout: float) -> 
             if proc.poll() is None:
                 proc.send_signal(sig)
 
-    workers = [start() for _ in range(count)]
-    print(f"stream: started {count} workers (pids {', '.join(str(p.pid) for p, _ in workers)})", file=sys.stderr, flush=True)
+    workers: list[tuple[subprocess.Popen[bytes], float]] = []
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    workers += [start() for _ in range(count)]
+    print(f"stream: started {count} workers (pids {', '.join(str(p.pid) for p, _ in workers)})", file=sys.stderr, flush=True)
     status = 0
     while not stopping:
         time.sleep(0.2)
@@ -77,7 +78,8 @@ def run_workers(count: int, worker_args: list[str], shutdown_timeout: float) -> 
                 break
             print(f"stream: worker {proc.pid} exited (status {code}); starting another", file=sys.stderr, flush=True)
             time.sleep(RESTART_DELAY)
-            workers[index] = start()
+            if not stopping:  # a stop may have come during the delay
+                workers[index] = start()
     deadline = time.monotonic() + shutdown_timeout + 5
     for proc, _ in workers:
         try:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
-from stream.errors import BrokerUnavailable
+from stream.errors import BadRequest, BrokerUnavailable
 from stream.events import parse_since
 from stream.hub import Hub, HubConfig
 from stream.hub.redis_broker import RedisBroker, seq_of
@@ -81,12 +82,15 @@ async def test_a_new_node_loads_history_and_retained_values_and_resumes_without_
 
 
 async def test_a_since_newer_than_this_node_has_read_is_accepted(redis_server):
-    """An id from another node that this node's reader has not seen yet is a start point, not a 400."""
+    """An id from another node that this node's reader has not seen yet is a start point, not a
+    400; one far beyond any clock is (a client could otherwise mute its own stream)."""
     async with node(redis_server.url) as a:
-        ahead = f"{a.epoch}-{seq_of('99999999999999-0')}"
+        ahead = f"{a.epoch}-{seq_of(f'{int(time.time() * 1000) + 5000}-0')}"
         sink = listen(a, ["t.>"], since=parse_since(ahead))
         await a.publish("t.x", {})
         assert sink.ids() == []  # older than the position the client already has
+        with pytest.raises(BadRequest):
+            listen(a, ["t.>"], since=parse_since(f"{a.epoch}-{seq_of('99999999999999-0')}"))
 
 
 async def test_flushall_starts_a_new_epoch_and_sends_subscribers_an_epoch_gap(redis_server):
@@ -104,6 +108,9 @@ async def test_flushall_starts_a_new_epoch_and_sends_subscribers_an_epoch_gap(re
                 await asyncio.sleep(0.05)
         assert second.id.rsplit("-", 1)[0] != first.id.rsplit("-", 1)[0]
         await wait_for(lambda: second.id in sink.ids(), 5)
+        gap_at = sink.frames.index(("G", "None", "epoch"))
+        assert all(not frame[1].startswith(a.epoch) for frame in sink.frames[:gap_at] if frame[0] == "E")
+        assert all(frame[1].startswith(a.epoch) for frame in sink.frames[gap_at:] if frame[0] == "E")
 
 
 async def test_an_outage_refuses_publishes_and_the_reader_goes_on_where_it_stopped(redis_server):
@@ -127,3 +134,17 @@ async def test_an_outage_refuses_publishes_and_the_reader_goes_on_where_it_stopp
         assert sink.ids() == [before.id] + [e.id for e in after]
         assert not [f for f in sink.frames if f[0] == "G"]
         assert a.broker.reconnects >= 1
+
+
+async def test_events_of_a_new_epoch_never_go_out_under_the_old_one(redis_server):
+    """FLUSHALL, then a fresh node starts the new epoch and publishes at once: a node subscribed
+    since before sends the gap first and then those events, each once, with new-epoch ids."""
+    async with node(redis_server.url) as b:
+        sink = listen(b, ["t.>"])
+        old = await b.publish("t.x", {"n": 0})
+        redis_server.flushall()
+        async with node(redis_server.url) as a:
+            fresh = [await a.publish("t.x", {"n": n}) for n in range(1, 4)]
+            await wait_for(lambda: all(event.id in sink.ids() for event in fresh), 10)
+    assert sink.ids() == [old.id] + [event.id for event in fresh]
+    assert sink.frames.index(("G", "None", "epoch")) == 1

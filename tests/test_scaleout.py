@@ -204,7 +204,7 @@ items = "items"
                 seen_by = [(await client.get(f"{node.url}/api/providers")).json()[0]["node"] for node in servers]
                 holder = seen_by[0]
                 assert holder and seen_by == [holder] * 3, f"each node names the one holder: {seen_by}"
-                victim = next(s for s in servers if holder.endswith(f":{s.proc.pid}"))
+                victim = next(s for s in servers if holder.split(":")[1] == str(s.proc.pid))
                 victim.stop(signal.SIGKILL)
                 killed = time.monotonic()
                 count = len(feed.times)
@@ -214,7 +214,7 @@ items = "items"
                 survivor = next(s for s in servers if s is not victim)
                 now_held_by = (await client.get(f"{survivor.url}/api/providers")).json()[0]["node"]
                 assert now_held_by not in (None, holder)
-                new_holder = next(s for s in servers if now_held_by.endswith(f":{s.proc.pid}"))
+                new_holder = next(s for s in servers if now_held_by.split(":")[1] == str(s.proc.pid))
                 assert metric_value((await client.get(f"{new_holder.url}/metrics")).text, "stream_lease_changes_total") >= 1
                 total = len(feed.times)
                 await wait_for(lambda: len(headlines_on(survivor)) >= total - 2, 10)

@@ -46,6 +46,10 @@ class Broker(abc.ABC):
         """Seconds between the newest event known to be written and the newest read here."""
         return 0.0
 
+    def plausible(self, seq: int) -> bool:
+        """With ``shared``: whether a position newer than this node has read could be real."""
+        return False
+
     def bind(self, accept: Callable[[list[Event]], None], gap: Callable[[str], None] | None = None) -> None:
         """``accept(events)`` fans accepted events out; ``gap(reason)`` tells every subscriber
         that events may be missing ("epoch": the broker lost its data; "history": trimmed)."""

@@ -167,10 +167,11 @@ class Hub:
                     self.detach(sub)
 
     def _gap_all(self, reason: str) -> None:
-        """The broker lost events (its data, or history while away): every subscriber is told
-        before its next event, as if it had resumed from a position the hub no longer has."""
+        """The broker reloaded its store after losing events (its data: "epoch"; history while
+        away: "history"): every subscriber is told, then reads what the store now holds after
+        what it had (everything, for a new epoch), as if it had resumed."""
         for sub in list(self.subscribers):
-            if sub.announce_gap(reason):
+            if sub.announce_gap(reason, 0 if reason == "epoch" else sub.last_seq):
                 self.stats.gap(reason)
 
     def _count(self, event: Event) -> None:

@@ -48,7 +48,7 @@ class Reader:
         if since.epoch != self.broker.epoch:
             return history.trimmed_seq, (None, "epoch")
         if since.seq > history.head_seq:
-            if self.broker.shared:
+            if self.broker.shared and self.broker.plausible(since.seq):
                 # Another node accepted it and this one has not read it yet: start after it.
                 return since.seq, None
             raise BadRequest(f"since: {since.text!r} is newer than the newest event of this hub")

@@ -3,8 +3,8 @@
 Keys (all under ``stream:``):
 
     stream:epoch      the hub's epoch: created once (SET NX); only losing Redis's data loses it
-    stream:events     one Redis Stream of every event in accept order: fields t (topic), d (data
-                      JSON), and p on a primed value (a retained value that is not an event)
+    stream:events     one Redis Stream of every event in accept order: fields e (epoch), t (topic),
+                      d (data JSON), and p on a primed value (a retained value that is not an event)
     stream:retained   hash topic -> "<entry id> <-|p> <data JSON>", written by the same script
                       as the XADD, so a snapshot and the stream never disagree
 
@@ -31,13 +31,14 @@ import contextlib
 import heapq
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -57,6 +58,8 @@ READ_BLOCK_MS = 1000  # one XREAD waits this long for new entries before checkin
 READ_COUNT = 1000  # entries one XREAD returns at most: one fan-out batch
 SEEN_WAIT = 2.0  # seconds a publish waits for this node's reader to see its events
 BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between reconnects, the last repeated
+POOL_SIZE = 32  # connections for publishes and leases; more publishes at once wait for one
+FUTURE_SLACK_MS = 60_000  # a `since` id may be this far ahead of this node's clock (skew, lag)
 
 # Publishes drafts (or, with ARGV[4] == "1", primes the topics that have no retained value) in
 # one atomic step: XADD to the stream, HSET the retained value, trim by count and by age.
@@ -74,9 +77,9 @@ for i = 5, #ARGV, 2 do
   else
     local id
     if prime then
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'd', data, 'p', '1')
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 't', topic, 'd', data, 'p', '1')
     else
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 't', topic, 'd', data)
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 't', topic, 'd', data)
     end
     redis.call('HSET', KEYS[2], topic, id .. (prime and ' p ' or ' - ') .. data)
     ids[#ids + 1] = id
@@ -117,14 +120,18 @@ class RedisBroker(Broker):
     ) -> None:
         self.store = store
         self.epoch = new_epoch()  # until the one in Redis is known
-        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        # Containers on one host network may share hostname and pid: the token keeps nodes apart.
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._maxlen = history_size
         self._ttl_ms = 0 if history_ttl is None else int(history_ttl * 1000)
         self._clock = clock
         options: dict[str, Any] = {"socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
         # Commands never retry by themselves: a publish whose answer was lost must not be added twice.
+        # A burst of publishes waits for one of POOL_SIZE connections instead of failing (redis-py's
+        # default pool raises past 100, which would look like losing Redis).
         # Typed Any: redis-py's replies are unions of every shape a command can answer.
-        self.redis: Any = Redis.from_url(url, socket_timeout=5, **options)
+        pool = BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5, **options)
+        self.redis: Any = Redis(connection_pool=pool)
         self._reader_redis: Any = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **options)
         self._script = self.redis.register_script(_SCRIPT)
         self._last_id = "0-0"
@@ -183,6 +190,8 @@ class RedisBroker(Broker):
 
     async def prime(self, drafts: list[Draft]) -> list[Event]:
         latest = {draft.topic: draft for draft in drafts if draft.topic not in self.store.retained}
+        room = max(0, self.store.max_topics - len(self.store.retained))
+        latest = dict(list(latest.items())[:room])
         if not latest:
             return []
         ids = await self._call(list(latest.values()), prime=True)
@@ -249,6 +258,7 @@ class RedisBroker(Broker):
             except Exception:
                 log.exception("the Redis reader failed; restarting it")
                 self._connected = False
+                self._problem = "the Redis reader failed (see the log)"
                 await asyncio.sleep(BACKOFF[-1])
 
     async def _check(self) -> None:
@@ -261,24 +271,31 @@ class RedisBroker(Broker):
         elif newest:
             self.last_written_seq = max(self.last_written_seq, seq_of(newest[0][0]))
 
+    def plausible(self, seq: int) -> bool:
+        """Whether ``seq`` (from a client's ``since``) could be an entry another node wrote:
+        not beyond this node's clock by more than FUTURE_SLACK_MS."""
+        return seq // 1_000_000 <= self._clock() * 1000 + FUTURE_SLACK_MS
+
     def lag(self) -> float:
         return max(0, self.last_written_seq // 1_000_000 - self.last_read_seq // 1_000_000) / 1000
 
     async def _connect(self) -> None:
-        """(Re)join the hub: adopt or create its epoch; load the store on a new epoch, else go on
-        from the last entry read."""
+        """(Re)join the hub: adopt or create its epoch. On a new epoch (or when the stream was
+        trimmed past the last entry read) the store is reloaded from Redis and every subscriber is
+        told; otherwise reading goes on from the last entry read."""
         self._resync.clear()
         await self.redis.set(EPOCH, new_epoch(), nx=True)
         epoch = (await self.redis.get(EPOCH)).decode()
         if epoch != self.epoch:
-            self.epoch = epoch
-            await self._load()
+            await self._load(epoch)  # switches epoch and store only once all of it was read
             if self._ever_connected:
                 self.epoch_changes += 1
                 log.warning("broker: Redis has a new epoch %s (its data was lost); subscribers get an epoch gap", epoch)
             self._announce_gap("epoch")  # subscribers that came while Redis was away included
-        elif self._last_id != "0-0":
-            await self._check_trimmed()
+        elif self._last_id != "0-0" and await self._trimmed_past_last_read():
+            log.warning("broker: history was trimmed past this node's last read entry while Redis was away; reloading")
+            await self._load(epoch)
+            self._announce_gap("history")
         if self._ever_connected and not self._connected:
             self.reconnects += 1
             log.info("broker: connected to Redis again; reading on from entry %s", self._last_id)
@@ -288,8 +305,9 @@ class RedisBroker(Broker):
         self._warned = False
         self._problem = None
 
-    async def _load(self) -> None:
-        """Fill the store from Redis: the newest ``history_size`` entries and every retained value."""
+    async def _load(self, epoch: str) -> None:
+        """Fill the store from Redis: the newest ``history_size`` entries of ``epoch`` and every
+        retained value. Nothing changes here until all of it has been read."""
         newest = await self.redis.xrevrange(EVENTS, count=self._maxlen + 1)
         trimmed = (0, 0)
         if len(newest) > self._maxlen:
@@ -300,14 +318,16 @@ class RedisBroker(Broker):
             if info.get("entries-added", len(newest)) > len(newest):
                 first = seq_of(newest[-1][0]) - 1  # some entry before the first is gone; which, unknown
                 trimmed = (first, first // 1_000_000)
-        history = [event for event in map(self._event, reversed(newest)) if not event.primed]
-        retained = []
+        values = []
         cursor: int | bytes = 0
         while True:
-            cursor, values = await self.redis.hscan(RETAINED, cursor, count=1000)
-            retained += [self._retained(topic, value) for topic, value in values.items()]
+            cursor, found = await self.redis.hscan(RETAINED, cursor, count=1000)
+            values += list(found.items())
             if not cursor:
                 break
+        self.epoch = epoch
+        history = [event for event in map(self._event, reversed(newest)) if not event.primed]
+        retained = [self._retained(topic, value) for topic, value in values]
         self.store.clear()
         self.store.load(history, retained, trimmed, int(self._clock() * 1000))
         self._last_id = newest[0][0].decode() if newest else "0-0"
@@ -315,21 +335,31 @@ class RedisBroker(Broker):
         self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
         log.info("broker: loaded %d events and %d retained values from Redis", len(history), len(retained))
 
-    async def _check_trimmed(self) -> None:
-        """After an outage: if the stream was trimmed past the last entry read, say so."""
-        oldest = await self.redis.xrange(EVENTS, count=1)
-        if oldest and seq_of(oldest[0][0]) > seq_of(self._last_id) + 1:
-            info = await self.redis.xinfo_stream(EVENTS)
-            if info.get("entries-added", 0) > info.get("length", 0):
-                log.warning("broker: history was trimmed past this node's last read entry while Redis was away")
-                self._announce_gap("history")
+    async def _trimmed_past_last_read(self) -> bool:
+        """Whether entries after the last one read are gone (Redis trimmed while we were away)."""
+        after = await self.redis.xrange(EVENTS, min=f"({self._last_id}", count=1)
+        if not after:
+            return False
+        before = await self.redis.xrevrange(EVENTS, max=self._last_id, count=1)
+        if before:
+            return False  # the last entry read, or one before it, is still there: nothing lost between
+        info = await self.redis.xinfo_stream(EVENTS)
+        return info.get("entries-added", 0) > info.get("length", 0)
 
     def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         events: list[Event] = []
         primed: list[Event] = []
-        for entry_id, fields in entries:
+        mine = self.epoch.encode()
+        for index, (entry_id, fields) in enumerate(entries):
+            if fields.get(b"e", mine) != mine:
+                # Written in a new epoch (Redis lost its data): reload before delivering anything of it.
+                entries = entries[:index]
+                self._resync.set()
+                break
             event = self._event((entry_id, fields))
             (primed if event.primed else events).append(event)
+        if not entries:
+            return
         self._last_id = entries[-1][0].decode()
         self.last_read_seq = seq_of(self._last_id)
         self.last_written_seq = max(self.last_written_seq, self.last_read_seq)

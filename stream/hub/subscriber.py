@@ -228,13 +228,20 @@ class Subscriber:
             self._enqueue(event)
         # CATCHING_UP reads this event from history itself; CLOSED wants nothing.
 
-    def announce_gap(self, reason: str) -> bool:
-        """Send a gap (``after`` unknown) before anything else; False if closed or one waits."""
-        if self.state is State.CLOSED or self.pending_gap is not None:
+    def announce_gap(self, reason: str, cursor: int) -> bool:
+        """The broker reloaded its store (it lost data): send a gap (``after`` unknown) before
+        anything else, then catch up from the store after ``cursor``, as a resume does. False if
+        closed."""
+        if self.state is State.CLOSED:
             return False
-        self.pending_gap = (None, reason)
+        announced = self.pending_gap is None
+        if announced:
+            self.pending_gap = (None, reason)
+        self.cursor = cursor
+        if self.state is State.LIVE:
+            self.set_state(State.CATCHING_UP)
         self.flush()
-        return True
+        return announced
 
     # -- flow control -----------------------------------------------------------------------
 
