@@ -50,7 +50,9 @@ def run_workers(count: int, worker_args: list[str], shutdown_timeout: float) -> 
     stopping = False
 
     def start() -> tuple[subprocess.Popen[bytes], float]:
-        return subprocess.Popen(command, preexec_fn=_die_with_parent), time.monotonic()
+        # A session of its own: Ctrl-C in a terminal reaches only this parent, which passes it on
+        # once (twice would make uvicorn skip its graceful shutdown).
+        return subprocess.Popen(command, preexec_fn=_die_with_parent, start_new_session=True), time.monotonic()
 
     def stop(sig: int, frame: FrameType | None) -> None:
         nonlocal stopping
