@@ -122,7 +122,8 @@ def build(settings: Settings) -> Service:
         leases = RedisLeases(broker.redis, broker.node, server.lease_ttl)
     else:
         broker = MemoryBroker(store)
-    hub = Hub(_hub_config(settings), broker, on_fanout=metrics.fanned_out)
+    hub = Hub(_hub_config(settings), broker)
+    hub.observe(metrics.fanned_out)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     runtime = Runtime(
         settings,

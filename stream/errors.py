@@ -11,9 +11,9 @@
     ├── ValidationFailed            validation_error 422
     ├── HeadTimeout                 head_timeout    408
     ├── HeadTooLarge                head_too_large  431
-    ├── RateLimited                 rate_limited    429
+    ├── RateLimited                 rate_limited    429 (a RetryLater: with Retry-After)
     ├── Unavailable                 not_ready / over_capacity 503
-    │   └── BrokerUnavailable       broker_unavailable 503 (with Retry-After)
+    │   └── BrokerUnavailable       broker_unavailable 503 (also a RetryLater)
     └── TooManyTopics               too_many_topics 507
     ConfigError                     (not a request error: `stream check` / startup)
     UpstreamError                   (a provider's upstream misbehaved; kind = poll outcome)
@@ -35,6 +35,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "RetryLater",
     "StreamError",
     "TooManySubscriptions",
     "TooManyTopics",
@@ -109,13 +110,17 @@ class HeadTooLarge(StreamError):
     status = 431
 
 
-class RateLimited(StreamError):
-    code = "rate_limited"
-    status = 429
+class RetryLater(StreamError):
+    """Refused for now: the answer says when to try again (``Retry-After``, seconds)."""
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(RetryLater):
+    code = "rate_limited"
+    status = 429
 
 
 class Unavailable(StreamError):
@@ -123,14 +128,10 @@ class Unavailable(StreamError):
     status = 503
 
 
-class BrokerUnavailable(Unavailable):
+class BrokerUnavailable(Unavailable, RetryLater):
     """The broker (Redis) cannot be reached: a publish is refused, never half accepted."""
 
     code = "broker_unavailable"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class TooManyTopics(StreamError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import Server
+from .support import Server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -152,17 +152,12 @@ def test_scaling_out_shows_a_publish_on_one_node_arriving_on_the_other(redis_bin
 
 
 def _wait_ready(url: str, timeout: float = 30.0) -> None:
-    import time
-
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not become ready")
-        time.sleep(0.1)
+            return False
+
+    wait_until(ready, timeout)

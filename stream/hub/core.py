@@ -55,7 +55,6 @@ class Hub:
         broker: Broker | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        on_fanout: Callable[[Event], None] | None = None,
     ) -> None:
         self.config = config = config or HubConfig()
         self.clock = clock
@@ -68,8 +67,8 @@ class Hub:
         self.stats = HubStats()
         self.reader = Reader(broker, self.stats)
         self.subscribers: set[Subscriber] = set()
-        # Called with every event after its fan-out: the latency histogram, /api/news.
-        self.observers: list[Callable[[Event], None]] = [] if on_fanout is None else [on_fanout]
+        # Called with every event after its fan-out (``observe``): the latency histogram, /api/news.
+        self.observers: list[Callable[[Event], None]] = []
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):

@@ -183,8 +183,7 @@ class RedisBroker(Broker):
         ids = await self._call(drafts, prime=False)
         events = []
         for draft, entry in zip(drafts, ids, strict=True):
-            seq = seq_of(entry)
-            events.append(Event(seq, format_id(self.epoch, seq), draft.topic, seq // 1_000_000, draft.data, draft.data_json))
+            events.append(self._make(entry, draft.topic, draft.data, draft.data_json))
         await self._seen(events[-1].seq)
         return events
 
@@ -374,20 +373,20 @@ class RedisBroker(Broker):
             if not future.done():
                 future.set_result(None)
 
+    def _make(self, entry_id: bytes, topic: str, data: Any, data_json: bytes, primed: bool = False) -> Event:
+        """The event of a stream entry: its seq from the entry id, its ts the id's milliseconds."""
+        seq = seq_of(entry_id)
+        event = Event(seq, format_id(self.epoch, seq), topic, seq // 1_000_000, data, data_json)
+        event.primed = primed
+        return event
+
     def _event(self, entry: tuple[bytes, dict[bytes, bytes]]) -> Event:
         entry_id, fields = entry
-        seq = seq_of(entry_id)
-        data_json = fields[b"d"]
-        event = Event(seq, format_id(self.epoch, seq), fields[b"t"].decode(), seq // 1_000_000, orjson.loads(data_json), data_json)
-        event.primed = b"p" in fields
-        return event
+        return self._make(entry_id, fields[b"t"].decode(), orjson.loads(fields[b"d"]), fields[b"d"], b"p" in fields)
 
     def _retained(self, topic: bytes, value: bytes) -> Event:
         entry_id, flag, data_json = value.split(b" ", 2)
-        seq = seq_of(entry_id)
-        event = Event(seq, format_id(self.epoch, seq), topic.decode(), seq // 1_000_000, orjson.loads(data_json), data_json)
-        event.primed = flag == b"p"
-        return event
+        return self._make(entry_id, topic.decode(), orjson.loads(data_json), data_json, flag == b"p")
 
     def _lost(self, exc: Exception) -> None:
         if not self._warned:

@@ -16,10 +16,9 @@ from fastapi import APIRouter, Request, Response
 from ..auth import bearer_token
 from ..errors import (
     BadRequest,
-    BrokerUnavailable,
     NotFound,
     PayloadTooLarge,
-    RateLimited,
+    RetryLater,
     StreamError,
     TooManySubscriptions,
     Unauthorized,
@@ -275,7 +274,7 @@ async def publish_body(runtime: Runtime, principal: Any, body: bytes) -> list[st
 def error_parts(exc: StreamError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A StreamError as (status, headers, body) in the one error shape of SPEC §3."""
     headers = [(b"content-type", b"application/json")]
-    if isinstance(exc, (RateLimited, BrokerUnavailable)):
+    if isinstance(exc, RetryLater):
         headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
