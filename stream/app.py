@@ -186,6 +186,7 @@ def _hub_config(settings: Settings) -> HubConfig:
         max_topics=server.max_topics,
         subscriber_buffer=server.subscriber_buffer,
         max_patterns=server.max_patterns,
+        write_delay=server.write_delay,
         overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
     )
 

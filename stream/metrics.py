@@ -102,13 +102,20 @@ class _HubCollector(Collector):
             published.add_metric([prefix], count)
         yield published
 
-        sent = Counter(stats.sent_by_closed)
+        sent, writes = Counter(stats.sent_by_closed), Counter(stats.writes_by_closed)
         for sub in hub.subscribers:
             sent[sub.transport_name] += sub.sent
+            writes[sub.transport_name] += sub.sent - sub.merged
         deliveries = CounterMetricFamily("stream_deliveries", "Events written to subscribers", labels=["transport"])
         for name, count in sorted(sent.items()):
             deliveries.add_metric([name or "other"], count)
         yield deliveries
+        event_writes = CounterMetricFamily(
+            "stream_event_writes", "Socket writes that carried events (a write window or a batch puts several in one)", labels=["transport"]
+        )
+        for name, count in sorted(writes.items()):
+            event_writes.add_metric([name or "other"], count)
+        yield event_writes
 
         dropped = stats.dropped_by_closed + sum(s.dropped for s in hub.subscribers)
         yield CounterMetricFamily("stream_dropped_events", "Events discarded by overflow policies", value=dropped)

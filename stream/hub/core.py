@@ -35,6 +35,9 @@ __all__ = ["Hub", "HubConfig", "HubStats"]
 log = logging.getLogger("stream.hub")
 
 _PREFIX_LIMIT = 100
+# Events one write window may hold before it is written early: bounds what it keeps (frames are
+# shared between subscribers, so this is at most this many events' frames, plus a list each).
+WINDOW_EVENTS = 256
 @dataclass(frozen=True)
 class HubConfig:
     history_size: int = 10_000
@@ -46,6 +49,9 @@ class HubConfig:
     max_patterns: int = 100
     overflow: tuple[tuple[str, Policy], ...] = ()  # (pattern, policy), first match wins
     default_overflow: Policy = Policy.DISCONNECT
+    # Seconds after a fan-out during which further events are held and written together at its
+    # end: one write per socket for all of them. 0: every event is written as it is accepted.
+    write_delay: float = 0.0  # the server setting (ServerSettings.write_delay) is on by default
 
 
 class Hub:
@@ -69,6 +75,10 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         # Called with every event after its fan-out (``observe``): the latency histogram, /api/news.
         self.observers: list[Callable[[Event], None]] = []
+        # Subscribers holding frames until the write window ends; None while no window is open.
+        self._holding: list[Subscriber] | None = None
+        self._held_events = 0
+        self._window: asyncio.TimerHandle | None = None
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):
@@ -91,6 +101,7 @@ class Hub:
         await self.broker.start()
 
     async def close(self) -> None:
+        self._end_window()
         for sub in list(self.subscribers):
             self.detach(sub)
         await self.broker.close()
@@ -150,20 +161,65 @@ class Hub:
         store): out to every matching subscriber, before the publish call returns."""
         for event in events:
             self._count(event)
+        holding = self._holding
+        if holding is not None:
+            # Inside the write window: held, and written together when it ends.
+            for event in events:
+                self._fanout(event, holding)
+            self._held_events += len(events)
+            if self._held_events >= WINDOW_EVENTS:
+                self._release(holding)
+            return
         if len(events) == 1:
             self._fanout(events[0], None)
-            return
-        # Several events: each subscriber's frames leave in one write (one syscall, not one each).
-        batch: dict[Subscriber, list[bytes]] = {}
-        for event in events:
-            self._fanout(event, batch)
-        for sub, frames in batch.items():
-            if sub.direct:
-                try:
-                    sub.write(frames[0] if len(frames) == 1 else b"".join(frames))
-                except Exception:
-                    log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
-                    self.detach(sub)
+        else:
+            # Several events: each subscriber's frames leave in one write (one syscall, not one each).
+            batch: list[Subscriber] = []
+            for event in events:
+                self._fanout(event, batch)
+            self._release(batch)
+        if self.config.write_delay > 0:
+            self._open_window()
+
+    # -- the write window (``write_delay``) -------------------------------------------------
+    #
+    # The first event after a quiet spell is written at once; what is accepted in the next
+    # ``write_delay`` seconds is held and written at the window's end, one write per socket, and
+    # the window stays open while events keep coming. At a low rate nothing waits; under load
+    # each write carries several events, which is where the kernel's per-write cost was the limit.
+
+    def _open_window(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # driven synchronously (tests): every event is written at once
+        self._holding = []
+        self._window = loop.call_at(loop.time() + self.config.write_delay, self._window_ends)
+
+    def _window_ends(self) -> None:
+        holding = self._holding
+        self._holding = self._window = None
+        if holding:
+            self._release(holding)
+            self._open_window()  # still busy: gather the next window too
+
+    def _end_window(self) -> None:
+        if self._window is not None:
+            self._window.cancel()
+        holding, self._holding, self._window = self._holding, None, None
+        if holding:
+            self._release(holding)
+
+    def _release(self, holding: list[Subscriber]) -> None:
+        """Every subscriber in ``holding`` writes what it holds, one write each."""
+        self._held_events = 0
+        for sub in holding:
+            try:
+                sub.release()
+            except Exception:
+                log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
+                self.detach(sub)
+        holding.clear()
 
     def _gap_all(self, reason: str) -> None:
         """The broker reloaded its store after losing events (its data: "epoch"; history while
@@ -181,7 +237,7 @@ class Hub:
             prefix = "other"  # publishers choose topics: keep the metric's label set bounded
         published[prefix] = published.get(prefix, 0) + 1
 
-    def _fanout(self, event: Event, batch: dict[Subscriber, list[bytes]] | None) -> None:
+    def _fanout(self, event: Event, hold: list[Subscriber] | None) -> None:
         seq = event.seq
         for route in self._routes.match(event.topic):
             for encode, _transport, members in route.groups():
@@ -189,7 +245,7 @@ class Hub:
                 for sub, symbols in members:
                     try:
                         # The hot path, inlined: live, writable, nothing waiting, no filter.
-                        if sub.direct and symbols is None and seq > sub.last_seq and batch is None:
+                        if sub.direct and symbols is None and seq > sub.last_seq and hold is None:
                             if frame is None:
                                 frame = encode(event)
                             sub.last_seq = seq
@@ -198,7 +254,7 @@ class Hub:
                         else:
                             if frame is None and sub.direct:
                                 frame = encode(event)
-                            sub.deliver(event, symbols, batch, frame)
+                            sub.deliver(event, symbols, hold, frame)
                     except Exception:
                         # A broken connection must not stop the fan-out to everyone else.
                         log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
@@ -303,6 +359,8 @@ class Hub:
             self.subscribers.discard(sub)
             closed = self.stats.sent_by_closed
             closed[sub.transport_name] = closed.get(sub.transport_name, 0) + sub.sent
+            writes = self.stats.writes_by_closed
+            writes[sub.transport_name] = writes.get(sub.transport_name, 0) + sub.sent - sub.merged
             self.stats.dropped_by_closed += sub.dropped + sub.backlog
         sub.pending.clear()
         sub.snapshots.clear()

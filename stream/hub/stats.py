@@ -13,6 +13,7 @@ class HubStats:
     slow_consumers: int = 0
     gaps: dict[str, int] = field(default_factory=dict)  # by reason
     sent_by_closed: dict[str, int] = field(default_factory=dict)  # deliveries of detached subscribers
+    writes_by_closed: dict[str, int] = field(default_factory=dict)  # their socket writes that carried events
     dropped_by_closed: int = 0
     topics_refused: int = 0  # publishes refused by max_topics
 

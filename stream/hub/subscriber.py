@@ -9,7 +9,10 @@ transport supplies (a WebSocket connection, an SSE response, a long-poll waiter)
                                  │  ▲
                  paused/pending ─┘  └─ resume(): the transport drained; flush in one write
 
-While the transport is writable and nothing is pending, an event is written at once. Otherwise
+While the transport is writable and nothing is pending, an event is written at once, or, inside
+the hub's write window (``write_delay``), held with the others of the window for one write at its
+end (``held``; anything else this subscriber writes releases them first, so order never changes).
+Otherwise
 it waits in ``pending`` (at most ``capacity`` events), and a full buffer applies the event's
 overflow policy. A subscriber that starts from ``since`` or asks for a snapshot reads the
 retained values and history itself, chunk by chunk as the transport drains, and turns live once
@@ -144,9 +147,11 @@ class Subscriber:
         "cursor",
         "direct",
         "dropped",
+        "held",
         "hub",
         "last_seq",
         "latest",
+        "merged",
         "paused",
         "pending",
         "pending_gap",
@@ -184,6 +189,8 @@ class Subscriber:
         self.direct = True  # from here on only _refresh() sets it
         self.capacity = capacity
         self.sent = 0  # every event written to this subscriber; the one count of deliveries
+        self.merged = 0  # events that shared a socket write with an earlier one (writes = sent - merged)
+        self.held: list[bytes] | None = None  # direct frames waiting for the hub's write window to end
         self.dropped = 0
         self.transport_name = transport
         self.write = sink.write
@@ -200,12 +207,13 @@ class Subscriber:
     # -- delivery (the hub inlines the direct case, see Hub._fanout) ----------------------
 
     def deliver(
-        self, event: Event, symbols: frozenset[str] | None, batch: dict | None = None, frame: bytes | None = None
+        self, event: Event, symbols: frozenset[str] | None, hold: list | None = None, frame: bytes | None = None
     ) -> None:
         """Called by the hub for each event matching one of this subscriber's patterns, with
         the event already framed for this subscriber's wire format when it is ``direct``. With
-        ``batch`` (several events accepted at once) frames are collected there, so the hub can
-        write each subscriber's share of the batch in one write."""
+        ``hold`` (several events accepted at once, or the hub's write window is open) the frame
+        waits in ``held`` and this subscriber joins ``hold`` once, so the hub writes its share of
+        the batch or window in one write (:meth:`release`)."""
         seq = event.seq
         if seq <= self.last_seq:
             return  # already delivered through another pattern
@@ -215,14 +223,15 @@ class Subscriber:
             self.last_seq = seq
             self.sent += 1
             data = frame if frame is not None else self.sink.encode(event)
-            if batch is None:
+            if hold is None:
                 self.write(data)
             else:
-                frames = batch.get(self)
-                if frames is None:
-                    batch[self] = [data]
+                held = self.held
+                if held is None:
+                    self.held = [data]
+                    hold.append(self)
                 else:
-                    frames.append(data)
+                    held.append(data)
         elif self.state is State.LIVE:
             self.last_seq = seq
             self._enqueue(event)
@@ -243,6 +252,19 @@ class Subscriber:
         self.flush()
         return announced
 
+    def release(self) -> None:
+        """Write the frames held for the write window now, in one write. The hub calls it when
+        the window ends; the transport before anything else it writes (a reply, a close)."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            if self.state is not State.CLOSED:
+                if len(held) > 1:
+                    self.merged += len(held) - 1
+                    self.write(b"".join(held))
+                else:
+                    self.write(held[0])
+
     # -- flow control -----------------------------------------------------------------------
 
     def pause(self) -> None:
@@ -257,6 +279,7 @@ class Subscriber:
 
     def flush(self) -> None:
         try:
+            self.release()
             self._flush()
         finally:
             self._refresh()
@@ -275,7 +298,9 @@ class Subscriber:
                 steps += 1
                 if steps > STEPS_PER_TURN and self._continue_later():
                     return
-                self.sent += self.hub.catch_up(self, chunk, FLUSH_BYTES)
+                caught = self.hub.catch_up(self, chunk, FLUSH_BYTES)
+                self.sent += caught
+                self.merged += max(0, caught - 1)
             elif not chunk:
                 return
             if chunk:
@@ -300,7 +325,7 @@ class Subscriber:
             self.flush()
 
     def _take_pending(self, chunk: list[bytes]) -> None:
-        size = 0
+        size = taken = 0
         pending, encode, latest = self.pending, self.sink.encode, self.latest
         while pending and size < FLUSH_BYTES:
             event = pending.popleft()
@@ -312,7 +337,9 @@ class Subscriber:
             data = encode(event)
             chunk.append(data)
             size += len(data)
-            self.sent += 1
+            taken += 1
+        self.sent += taken
+        self.merged += max(0, taken - 1)
         if not pending:
             self.latest, self.stale = None, 0
 

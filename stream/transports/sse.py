@@ -135,6 +135,8 @@ class EventStream(Response):
             return
         self.ended = reason
         if self.sub is not None:
+            if reason != "lost":
+                self.sub.release()  # events of the write window go before the end
             self.sub.close()
         if abort_after is not None and self.protocol is not None:
             # The end of the stream may never drain to a stalled client: drop it after a while.
@@ -177,6 +179,7 @@ class EventStream(Response):
     def expire(self) -> None:
         if self.ended is None:
             if self.sub is not None:  # subscribed, so the direct write path is bound
+                self.sub.release()
                 error = Unauthorized("token: expired; reconnect with a fresh one")
                 self.write(wire.sse_chunk(wire.sse_control("error", {"error": error.to_dict()})))
             self._end("expired", self.runtime.settings.server.close_timeout)

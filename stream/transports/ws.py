@@ -481,6 +481,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def send_json(self, message: dict[str, Any]) -> None:
         if self.conn.state is OPEN and not self.transport.is_closing():
+            if self.sub is not None:
+                self.sub.release()  # events of the write window go first: replies keep their place
             self.transport.write(wire.ws_message(message))
             if self.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
                 log.info("closing WebSocket %s: %d bytes of replies unread", self.client_host, WRITE_BUFFER_CAP)
@@ -531,6 +533,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def close(self, code: int, reason: str, timeout: float | None = None) -> None:
         """Start the closing handshake; abort if the client has not completed it in time."""
+        if self.sub is not None and self.conn.state is OPEN and not self.transport.is_closing():
+            self.sub.release()
         self._stop_delivery()
         if self.conn.state is OPEN:
             self.conn.send_close(code, reason)
