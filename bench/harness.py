@@ -49,15 +49,17 @@ PAD = "x" * 150  # makes a published message about 250 bytes on the wire, as in 
 # -- servers ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerSpec:
     name: str
     ws_path: str | None
     sse_path: str | None
+    workers: int = 1  # stream only: `stream serve --workers N` (needs STREAM_BROKER=redis://…)
 
     def command(self, port: int) -> list[str]:
-        if self.name == "stream":
-            return [PYTHON, "-m", "stream", "serve", "--config", str(BENCH / "stream.toml"), "--port", str(port)]
+        if self.name.startswith("stream"):
+            workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+            return [PYTHON, "-m", "stream", "serve", "--config", str(BENCH / "stream.toml"), "--port", str(port), *workers]
         if self.name == "fastapi-connection-manager":
             return [PYTHON, str(BENCH / "baselines" / "connection_manager.py"), "--port", str(port)]
         if self.name == "sse-starlette-queues":
@@ -111,17 +113,50 @@ class RunningServer:
                 self.log.seek(0)
                 raise RuntimeError(f"{spec.name} did not start:\n{self.log.read().decode(errors='replace')}")
             time.sleep(0.05)
+        if spec.workers > 1:
+            self._wait_for_workers(deadline)
+
+    def _wait_for_workers(self, deadline: float) -> None:
+        """New connections land on any worker: ready once 10 × workers /readyz in a row say 200."""
+        streak = 0
+        while streak < 10 * self.spec.workers:
+            try:
+                ok = httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            streak = streak + 1 if ok else 0
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.spec.name}: not every worker became ready")
+            if not ok:
+                time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The server's process and its children (``--workers``: the workers)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [self.proc.pid, *(int(pid) for pid in children.read_text().split())]
 
     def cpu(self) -> tuple[float, float]:
-        """(user, system) CPU seconds used by the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / TICK, int(fields[12]) / TICK
+        """(user, system) CPU seconds used by the server's processes so far (ended workers
+        excluded: a run that loses one reports less, and its lost deliveries show it)."""
+        user = system = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            user += int(fields[11]) / TICK
+            system += int(fields[12]) / TICK
+        return user, system
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -139,7 +174,7 @@ class RunningServer:
 class Clients:
     """Client processes holding ``total`` connections between them."""
 
-    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0) -> None:
+    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0, addresses: int = 8) -> None:
         path = server.spec.ws_path if transport == "ws" else server.spec.sse_path
         self.files: list[str] = []
         self.procs: list[subprocess.Popen[str]] = []
@@ -149,7 +184,7 @@ class Clients:
             latencies = tempfile.mktemp(prefix="stream-bench-", suffix=".f64")
             self.files.append(latencies)
             command = [PYTHON, str(BENCH / "client.py"), "--transport", transport, "--url", server.url, "--path", path,
-                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % 8}"]
+                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % addresses}"]
             if stall and index == 0:
                 command += ["--stall", str(stall)]
             self.procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))

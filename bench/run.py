@@ -5,6 +5,8 @@
     .venv/bin/python bench/run.py --only ws,idle  # some scenarios
     .venv/bin/python bench/run.py --only hostile  # stream's defences: a clean run, then one under attack
     .venv/bin/python bench/run.py --only redis    # two nodes on one Redis: cross-node vs same-node delivery
+    .venv/bin/python bench/run.py --only sweep    # capacity: rising rates for every server, docs/capacity.png
+    .venv/bin/python bench/run.py --only many     # 50,000 WebSocket subscribers on stream --workers 3, one event
 
 For each server it starts the server, opens the subscribers in separate client processes
 (bench/client.py), publishes at a fixed rate through POST /api/publish with the publish time in
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+from capacity import PLOT, RATES, capacity_table, many, plot, sweep, variants
 from harness import (  # bench/ is this script's directory, so it is on sys.path
     BENCH,
     CONNECTION_MANAGER,
@@ -219,14 +222,15 @@ def fanout_p99_ms(text: str) -> float | None:
     return None
 
 
-def idle(spec: ServerSpec, subscribers: int, processes: int) -> Result:
+def idle(spec: ServerSpec, subscribers: int, processes: int, env: dict[str, str] | None = None) -> Result:
     """Hold many idle WebSocket subscribers; RSS per connection; then one message to all of them."""
     result = Result("idle", spec.name, "ws", subscribers, 0, 0)
-    server = RunningServer(spec)
+    server = RunningServer(spec, env)
     try:
         time.sleep(0.5)
         rss_before = server.rss_kb()
         clients = Clients(server, "ws", subscribers, processes)
+        print(f"  {subscribers:,} connected in {clients.connect_seconds:.1f} s", flush=True)
         result.connect_s = round(clients.connect_seconds, 2)
         time.sleep(2.0)
         result.kb_per_idle_connection = round((server.rss_kb() - rss_before) / subscribers, 2)
@@ -375,13 +379,38 @@ def hostile_summary(clean: Result, hostile: Result) -> tuple[dict, list[str]]:
     return summary, lines
 
 
+def sweep_targets(runs: list[Result], capacity: dict) -> list[str]:
+    """The issue's targets, from the sweep: capacity >= 2x Node ws; at 50 msg/s user CPU per
+    delivery <= 0.5x Node ws and p99 <= 25 ms."""
+    node = capacity.get("node-ws")
+    ours = "stream, coalescing"
+    if ours not in capacity:
+        return []
+    lines = []
+    best = max((label for label in capacity if label.startswith("stream")), key=lambda label: capacity[label]["rate"])
+    if node and node["rate"]:
+        lines.append(f"  capacity: {best} {capacity[best]['rate']:g} msg/s vs node-ws {node['rate']:g}: "
+                     f"{capacity[best]['rate'] / node['rate']:.1f}x (target >= 2x)")
+    elif node:
+        lines.append("  capacity: node-ws sustained none of the rates")
+    at_50 = {r.server: r for r in runs if r.rate == 50}
+    if ours in at_50:
+        mine = at_50[ours]
+        line = f"  at 50 msg/s: stream (coalescing) user CPU {mine.user_us:.2f} µs per delivery, p99 {mine.p99_ms:.1f} ms (target <= 25 ms)"
+        if "node-ws" in at_50:
+            line += f"; node-ws {at_50['node-ws'].user_us:.2f} µs: {mine.user_us / max(at_50['node-ws'].user_us, 0.01):.2f}x (target <= 0.5x)"
+        lines.append(line)
+    return lines
+
+
 def main() -> int:
     # An interrupted run (Ctrl-C, or a timeout's SIGTERM) must not leave servers polling away.
     atexit.register(kill_children)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
-    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,redis", help="scenarios: ws,sse,burst,idle,slow,hostile,redis")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,redis,sweep,many",
+                        help="scenarios: ws,sse,burst,idle,slow,hostile,redis,sweep,many")
     parser.add_argument(
         "--hostile-rate",
         type=float,
@@ -398,10 +427,19 @@ def main() -> int:
     parser.add_argument("--attack-scale", type=float, default=None,
                         help="size of the hostile scenario's attack, 1 = full size (500+500 slowloris, 20,000 topics "
                              "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
+    parser.add_argument("--rates", default=",".join(map(str, RATES)), help="the sweep's publish rates, msg/s")
+    parser.add_argument("--sweep-seconds", type=float, default=6, help="seconds of publishing per sweep point")
+    parser.add_argument("--write-delay", default=None, help="stream's write_delay in the sweep's coalescing runs (default: its default)")
+    parser.add_argument("--plot", default=str(PLOT), help="where the sweep's plot goes")
+    parser.add_argument("--many", type=int, default=50_000, help="subscribers in the many scenario")
+    parser.add_argument("--many-workers", type=int, default=3, help="stream workers in the many scenario (20,000 sockets each at most)")
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
     if args.quick:
         args.subscribers, args.seconds, args.idle = 200, 2, 500  # the Python baselines run too, not Node
+        args.sweep_seconds, args.many = 2, 2000
+        if args.rates == parser.get_default("rates"):
+            args.rates = "50,100"
         if args.attack_scale is None:
             args.attack_scale = 0.1
         if args.only == parser.get_default("only"):
@@ -547,9 +585,41 @@ def main() -> int:
             say(f"  the broker accepts {scaled['xadd_events_per_s']:,} events/s on this machine "
                 f"(batches of {scaled['xadd_batch']} through one node, {scaled['xadd_seconds']} s)")
 
+    capacity: dict = {}
+    if "sweep" in only:
+        chosen = variants(node=not args.quick and not args.no_baselines and ensure_node_ws(), write_delay=args.write_delay)
+        if args.no_baselines:
+            chosen = [v for v in chosen if v.spec.name.startswith("stream")]
+        runs, capacity = sweep(fanout, chosen, [float(r) for r in args.rates.split(",")], args.subscribers, args.sweep_seconds)
+        results += runs
+        for line in capacity_table(runs, capacity, args.subscribers):
+            say(line)
+        for line in sweep_targets(runs, capacity):
+            say(line)
+        say("  plot: " + plot(runs, capacity, Path(args.plot), f"{args.subscribers} WebSocket subscribers, ~250-byte events, "
+                              f"{os.cpu_count()} CPUs; x = failed (lost, behind schedule or p99 > 100 ms)"))
+
+    crowd: dict = {}
+    if "many" in only:
+        print(f"… {args.many:,} WebSocket subscribers on stream --workers {args.many_workers}", flush=True)
+        try:
+            run = many(idle, args.many, args.many_workers)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nMany subscribers: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            results.append(run)
+            crowd = {"subscribers": run.subscribers, "received": run.delivered, "lost": run.lost, "p50_ms": run.p50_ms,
+                     "p99_ms": run.p99_ms, "kb_per_connection": run.kb_per_idle_connection, "connect_s": run.connect_s}
+            say(table(f"{args.many:,} WebSocket subscribers on stream --workers {args.many_workers} (Redis), "
+                      f"then one event to all of them", [run]))
+            say(f"  every subscriber got it: {run.lost == 0 and run.delivered == run.subscribers}; "
+                f"RSS per connection {run.kb_per_idle_connection:.1f} KB (all workers)")
+
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                              "results": [asdict(r) for r in results], "hostile": hostile, "scaleout": scaled, "report": report}, option=orjson.OPT_INDENT_2))
+                                              "results": [asdict(r) for r in results], "hostile": hostile, "scaleout": scaled,
+                                              "capacity": capacity, "many": crowd, "report": report}, option=orjson.OPT_INDENT_2))
     print(f"\nJSON: {args.json}")
     bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
     return 1 if bad or failed else 0  # the hostile verdict's latency ratio is reported, not enforced here

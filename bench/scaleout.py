@@ -42,6 +42,10 @@ class RedisProcess:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
 
+    def flush(self) -> None:
+        """Forget every key: the next run starts from an empty broker."""
+        redis.Redis(port=self.port).flushall()
+
     def cpu(self) -> tuple[float, float]:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) / TICK, int(fields[12]) / TICK

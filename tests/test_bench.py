@@ -47,3 +47,28 @@ def test_quick_benchmark_delivers_everything_once(tmp_path):
     assert hostile["lost"] == 0 and hostile["hostile"]["lost"] == hostile["clean"]["lost"] == 0
     assert hostile["attack_complete"], hostile["hostile"]["attacker"]  # no timing: "passed" is not asserted
     assert "verdict:" in done.stdout
+
+
+def test_the_sweep_writes_its_table_json_and_plot(tmp_path, redis_binary):
+    """bench/run.py --only sweep, at one rate for stream's three variants (coalescing off, on, and
+    2 workers on Redis): the capacity table, the JSON rows and the PNG. No timing is asserted."""
+    out, png = tmp_path / "bench.json", tmp_path / "capacity.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--only", "sweep", "--no-baselines", "--rates", "50",
+         "--json", str(out), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    labels = {"stream, write_delay 0 (off)", "stream, coalescing", "stream, coalescing, 2 workers"}
+    assert set(report["capacity"]) == labels
+    for result in report["results"]:
+        assert result["scenario"] == "sweep" and result["rate"] == 50
+        assert result["delivered"] == result["expected"] == result["published"] * result["subscribers"] > 0
+        assert result["lost"] == result["duplicates"] == result["out_of_order"] == 0
+    assert {r["server"] for r in report["results"]} == labels
+    assert "Rate sweep" in done.stdout and "capacity (highest rate sustained)" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

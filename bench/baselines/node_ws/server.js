@@ -10,9 +10,10 @@ const server = http.createServer((req, res) => {
     req.on("end", () => {
       const body = JSON.parse(Buffer.concat(chunks));
       for (const item of Array.isArray(body) ? body : [body]) {
-        const message = JSON.stringify(item.data);
+        // Encoded once; every client gets the same Buffer (a string would be re-encoded per send).
+        const message = Buffer.from(JSON.stringify(item.data));
         for (const client of wss.clients) {
-          if (client.readyState === WebSocket.OPEN) client.send(message);
+          if (client.readyState === WebSocket.OPEN) client.send(message, { binary: false });
         }
       }
       res.writeHead(202, { "content-type": "application/json" });
