@@ -139,12 +139,19 @@ def pipelined_publishes(server: Server, count: int) -> list[str]:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(requests)
         sock.settimeout(10)
-        answers = b""
-        while answers.count(b"HTTP/1.1 202") < count:
+        buffer, ids = b"", []
+        while len(ids) < count:
+            head, separator, rest = buffer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]) if separator else -1
+            if separator and len(rest) >= length:
+                assert head.startswith(b"HTTP/1.1 202"), head
+                ids += orjson.loads(rest[:length])["ids"]
+                buffer = rest[length:]
+                continue
             chunk = sock.recv(65536)
-            assert chunk, answers
-            answers += chunk
-    return [orjson.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["ids"][0] for part in answers.split(b"HTTP/1.1 202")[1:]]
+            assert chunk, buffer
+            buffer += chunk
+    return ids
 
 
 def ws_events(ws: RawWebSocket, count: int) -> list[dict]:

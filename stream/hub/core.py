@@ -38,6 +38,8 @@ _PREFIX_LIMIT = 100
 # Events one write window may hold before it is written early: bounds what it keeps (frames are
 # shared between subscribers, so this is at most this many events' frames, plus a list each).
 WINDOW_EVENTS = 256
+# The longest a write window grows to under load (see _open_window), unless write_delay is longer.
+MAX_WINDOW = 0.05
 @dataclass(frozen=True)
 class HubConfig:
     history_size: int = 10_000
@@ -170,6 +172,7 @@ class Hub:
             if self._held_events >= WINDOW_EVENTS:
                 self._release(holding)
             return
+        started = time.monotonic()
         if len(events) == 1:
             self._fanout(events[0], None)
         else:
@@ -179,29 +182,34 @@ class Hub:
                 self._fanout(event, batch)
             self._release(batch)
         if self.config.write_delay > 0:
-            self._open_window()
+            self._open_window(time.monotonic() - started)
 
     # -- the write window (``write_delay``) -------------------------------------------------
     #
-    # The first event after a quiet spell is written at once; what is accepted in the next
-    # ``write_delay`` seconds is held and written at the window's end, one write per socket, and
-    # the window stays open while events keep coming. At a low rate nothing waits; under load
-    # each write carries several events, which is where the kernel's per-write cost was the limit.
+    # The first event after a quiet spell is written at once; what is accepted in the window after
+    # it is held and written at the window's end, one write per socket, and the next window opens
+    # while events keep coming. A window lasts ``write_delay``, or as long as the writes before it
+    # took when that is longer (up to MAX_WINDOW): with many subscribers a burst of writes takes
+    # milliseconds, and a window as long as the burst keeps the loop writing at most half the time
+    # however fast events come, each write carrying more of them. At a low rate nothing waits.
 
-    def _open_window(self) -> None:
+    def _open_window(self, busy: float) -> None:
+        """Open a window after ``busy`` seconds of writing."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # driven synchronously (tests): every event is written at once
+        delay = self.config.write_delay
         self._holding = []
-        self._window = loop.call_at(loop.time() + self.config.write_delay, self._window_ends)
+        self._window = loop.call_later(min(max(delay, busy), max(delay, MAX_WINDOW)), self._window_ends)
 
     def _window_ends(self) -> None:
         holding = self._holding
         self._holding = self._window = None
         if holding:
+            started = time.monotonic()
             self._release(holding)
-            self._open_window()  # still busy: gather the next window too
+            self._open_window(time.monotonic() - started)  # still busy: gather the next window too
 
     def _end_window(self) -> None:
         if self._window is not None:
