@@ -7,7 +7,12 @@ stream imports uvicorn.
 1. ``HttpToolsProtocol`` (``transports/http_protocol.HttpProtocol`` subclasses it): the httptools
    parser callbacks ``on_message_begin`` … ``on_message_complete`` and the ``asyncio.Protocol``
    methods, each extended with ``super()``; the state it sets (``transport``, ``parser``,
-   ``cycle``, ``pipeline``, ``app_state``, ``client``, ``loop``) and ``cycle.chunked_encoding``.
+   ``cycle``, ``pipeline``, ``app_state``, ``client``, ``loop``, ``flow``, ``connections``) and
+   ``cycle.chunked_encoding``. ``HttpProtocol.hand_over`` gives the socket of a started response
+   to a protocol of its own, the way uvicorn's WebSocket upgrade does: it moves the socket's
+   entry in ``connections`` (the server's set, whose ``shutdown()`` it calls when stopping),
+   reads ``flow.write_paused``, and sets ``cycle.response_complete`` so that ``run_asgi`` lets
+   the app return without closing the socket.
 2. The WebSocket protocol class (``transports/ws.WebSocketProtocol``, given as ``ws=``): uvicorn
    builds it with ``config=``, ``server_state=``, ``app_state=``, feeds it the upgrade request,
    and makes it the transport's protocol only afterwards — so flow control reaches it only

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import orjson
 import pytest
 from httpx_sse import aconnect_sse
 
-from .support import KEYS, Server, SSEReader, publish
+from .support import KEYS, Server, SSEReader, metric_now, publish, wait_for
 
 
 async def test_headers_retry_and_position_come_first(server, client):
@@ -113,3 +114,47 @@ async def test_since_from_the_future_is_a_bad_request(server, client):
     epoch = welcome["next"].rsplit("-", 1)[0]
     response = await client.get(f"{server.url}/sse?topics=a", headers={"Last-Event-ID": f"{epoch}-999999999"})
     assert response.status_code == 400 and "newer" in response.json()["error"]["message"]
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def _open_idle_streams(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` /sse subscribers that read their first chunk (headers and retry:) and then sit
+    idle. They arrive ten at a time: hundreds of simultaneous requests would leave the server's
+    allocator holding their transient memory (routing, ~20 KB a request), which is not what a
+    stream costs once it runs."""
+    batch = 10
+
+    async def one() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /sse?topics=memory.> HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        head = await reader.readuntil(b"retry: ")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return writer
+
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, count, batch):
+        writers += await asyncio.gather(*(one() for _ in range(min(batch, count - start))))
+    return writers
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+async def test_an_idle_stream_costs_the_server_at_most_10_kb():
+    """1,500 idle SSE subscribers grow the server's resident memory by at most 10 KB each (a
+    WebSocket costs ~10 KB; an SSE stream once held its whole ASGI middleware chain, ~26 KB)."""
+    warm, count = 200, 1500
+    toml = KEYS + "\n[server]\nlog_level = \"warning\"\nmax_connections = 5000\nmax_connections_per_client = 5000\n"
+    with Server(toml) as server:
+        sse = 'stream_connections{transport="sse"}'
+        writers = await _open_idle_streams(server.port, warm)  # first-use allocations are not per stream
+        await wait_for(lambda: metric_now(server, sse) == warm)
+        before = _rss_kb(server.proc.pid)
+        writers += await _open_idle_streams(server.port, count)
+        await wait_for(lambda: metric_now(server, sse) == warm + count)
+        per_stream = (_rss_kb(server.proc.pid) - before) / count
+        for writer in writers:
+            writer.close()
+    assert per_stream <= 10, f"{per_stream:.1f} KB of RSS per idle SSE stream"

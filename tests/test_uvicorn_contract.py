@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from stream.logs import configure_logging
@@ -39,6 +40,20 @@ def test_httptools_protocol_keeps_the_state_stream_reads():
     for attribute in ("self.transport", "self.parser", "self.cycle", "self.pipeline", "self.app_state", "self.client", "self.loop"):
         assert f"{attribute} =" in source or f"{attribute}:" in source, f"HttpToolsProtocol no longer sets {attribute}"
     assert "chunked_encoding" in _source(RequestResponseCycle.send), "/sse relies on cycle.chunked_encoding"
+
+
+def test_a_started_response_can_be_handed_over():
+    """HttpProtocol.hand_over relies on: run_asgi closing the socket of an app that returns with
+    its response incomplete unless cycle.response_complete is set; flow.write_paused; and the
+    server calling shutdown() on every member of server_state.connections when it stops."""
+    run_asgi = _source(RequestResponseCycle.run_asgi)
+    assert "elif not self.response_complete and not self.disconnected:" in run_asgi, "run_asgi changed how it ends a response"
+    init = _source(HttpToolsProtocol.__init__) + _source(HttpToolsProtocol.connection_made)
+    for attribute in ("self.flow =", "self.connections ="):
+        assert attribute in init, f"HttpToolsProtocol no longer sets {attribute[:-2]}"
+    assert "write_paused" in _source(FlowControl.__init__), "FlowControl no longer keeps write_paused"
+    shutdown = _source(uvicorn.Server.shutdown)
+    assert "for connection in list(self.server_state.connections):" in shutdown and "connection.shutdown()" in shutdown
 
 
 def test_websocket_upgrade_hands_over_after_the_handshake():

@@ -8,12 +8,13 @@ uvicorn parses requests and runs the ASGI app; this subclass adds, per socket:
   most ``max_head_bytes`` (431) and must arrive within ``head_timeout``; a body that stops
   arriving for ``body_timeout`` is abandoned; output nobody reads for ``write_stall_timeout``
   closes the socket;
-- a hook that lets ``/sse`` write to the socket directly: the ASGI scope gets
-  ``extensions["stream.http"]`` = this protocol; an event stream registers itself as
-  ``stream_sink`` and then hears about flow control and about the connection going away.
+- a way for ``/sse`` to own its socket: the ASGI scope gets ``extensions["stream.http"]`` =
+  this protocol; once its headers are out, an event stream calls ``hand_over`` and from then on
+  writes to the socket itself, hearing about flow control and the connection going away from a
+  ``StreamingProtocol``.
 
-What it relies on in uvicorn is touchpoint 1 of ``stream.uvicorn_seam``; after a WebSocket
-upgrade the transport's protocol is the WebSocket one and this object hears nothing more.
+What it relies on in uvicorn is touchpoint 1 of ``stream.uvicorn_seam``. After a WebSocket
+upgrade or a ``hand_over`` the transport has another protocol and this object hears nothing more.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..limits import Admission
 from ..uvicorn_seam import HttpToolsProtocol
 from .stall import StallWatch, drop
 
-__all__ = ["HttpProtocol", "StreamSink"]
+__all__ = ["HttpProtocol", "StreamSink", "StreamingProtocol"]
 
 log = logging.getLogger("stream.http")
 
@@ -41,6 +42,9 @@ MAX_PIPELINED = 16
 # it gets this long for its head, not the full head_timeout.
 OVER_CAPACITY_HEAD_TIMEOUT = 1.0
 
+# The chunk that ends a chunked response body.
+LAST_CHUNK = b"0\r\n\r\n"
+
 
 class StreamSink(Protocol):
     def pause(self) -> None: ...
@@ -51,7 +55,6 @@ class StreamSink(Protocol):
 
 
 class HttpProtocol(HttpToolsProtocol):
-    stream_sink: StreamSink | None = None
     admission: Admission = Admission.SERVE
     runtime: Any = None
     head_bytes: int | None = None  # bytes of the head so far, None once it is complete
@@ -79,13 +82,10 @@ class HttpProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        sink, self.stream_sink = self.stream_sink, None
         self._cancel_timers()
         if self.runtime is not None:
             self.runtime.sockets.closed(self.transport)
         super().connection_lost(exc)
-        if sink is not None:
-            sink.lost()
 
     def data_received(self, data: bytes) -> None:
         if self.admission is Admission.REFUSE:
@@ -102,15 +102,11 @@ class HttpProtocol(HttpToolsProtocol):
         super().pause_writing()
         if self.stall is not None:
             self.stall.paused()
-        if self.stream_sink is not None:
-            self.stream_sink.pause()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self.stall is not None:
             self.stall.resumed()
-        if self.stream_sink is not None:
-            self.stream_sink.resume()
 
     # -- parser callbacks -----------------------------------------------------------------
 
@@ -151,16 +147,38 @@ class HttpProtocol(HttpToolsProtocol):
             self.body_timer = None
         super().on_message_complete()
 
+    # -- streams --------------------------------------------------------------------------
+
+    @property
+    def chunked(self) -> bool:
+        """The response being sent is chunked. False too while a request is pipelined behind it:
+        ``cycle`` is then the queued request's, and a stream cannot have the socket."""
+        cycle: Any = self.cycle
+        return bool(cycle is not None and cycle.chunked_encoding)
+
+    def hand_over(self, sink: StreamSink) -> StreamingProtocol:
+        """Give the socket to a response that writes its own body chunks (``/sse``), once its
+        headers are out; the app may then return.
+
+        As after a WebSocket upgrade, the socket gets a protocol of its own, and this object,
+        with its parser, request scope, ASGI cycle and task, is dropped: most of what an idle
+        stream would otherwise cost (~25 KB with the app's suspended middleware, ~5 KB here).
+        The end of the stream closes the socket: no further request is read from it."""
+        self._cancel_timers()
+        # uvicorn closes the socket of an app that returns before its response is complete;
+        # this one is the streaming protocol's to complete now.
+        self.cycle.response_complete = True
+        self.connections.discard(self)
+        streaming = StreamingProtocol(self.transport, sink, self.runtime, self.connections, paused=self.flow.write_paused)
+        self.transport.set_protocol(streaming)
+        self.transport.resume_reading()  # paused by uvicorn if a request was pipelined behind this one
+        return streaming
+
     # -- limits ---------------------------------------------------------------------------
 
     @property
     def over_capacity(self) -> bool:
         return self.admission is Admission.OVER
-
-    @property
-    def chunked(self) -> bool:
-        cycle: Any = self.cycle
-        return bool(cycle is not None and cycle.chunked_encoding)
 
     def _arm_head_timer(self) -> None:
         timeout = self.runtime.settings.server.head_timeout
@@ -230,6 +248,70 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _host(self) -> str:
         return self.client[0] if self.client else "?"
+
+
+class StreamingProtocol(asyncio.Protocol):
+    """A socket whose response body a stream writes itself (see ``HttpProtocol.hand_over``):
+    it passes flow control and the connection's end on to the stream, drops a client that
+    accepts no output (``write_stall_timeout``), and ends the response with ``end``. Nothing
+    is read from the client any more: what it sends is discarded, but reading goes on so that
+    its leaving is noticed at once."""
+
+    __slots__ = ("abort_timer", "connections", "paused", "runtime", "sink", "stall", "transport")
+
+    def __init__(self, transport: asyncio.Transport, sink: StreamSink, runtime: Any, connections: set[Any], *, paused: bool) -> None:
+        self.transport = transport
+        self.sink = sink
+        self.runtime = runtime
+        self.connections = connections  # uvicorn's: its shutdown calls ``shutdown`` and waits for the close
+        connections.add(self)
+        self.paused = paused
+        self.abort_timer: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        self.stall = StallWatch(loop, transport, runtime.settings.server.write_stall_timeout, self._stalled)
+        if paused:
+            self.stall.paused()
+
+    def end(self, last: bytes, abort_after: float | None) -> None:
+        """Write ``last`` (framed chunks, may be empty) and the end of the body, then close.
+        The end may never drain to a stalled client: after ``abort_after`` seconds it is dropped."""
+        self.transport.write(last + LAST_CHUNK)
+        self.transport.close()
+        if abort_after is not None:
+            self.abort_timer = asyncio.get_running_loop().call_later(abort_after, drop, self.transport)
+
+    def shutdown(self) -> None:
+        """uvicorn's server shutdown, after ``Runtime.drain`` has ended every stream it could."""
+        self.transport.close()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.stall.paused()
+        self.sink.pause()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.stall.resumed()
+        self.sink.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stall.cancel()
+        if self.abort_timer is not None:
+            self.abort_timer.cancel()
+        self.connections.discard(self)
+        self.runtime.sockets.closed(self.transport)
+        self.sink.lost()
+
+    def _stalled(self) -> None:
+        peer = self.transport.get_extra_info("peername")
+        log.info("closing HTTP connection from %s: accepted no output for %g s", peer[0] if peer else "?", self.stall.timeout)
+        self.runtime.closed["write_stall"] += 1
+        drop(self.transport)
 
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}

@@ -1,14 +1,14 @@
 """``/sse``: Server-Sent Events written straight to the socket.
 
-Headers and the first ``retry:`` go through ASGI (so uvicorn frames the response as chunked and
-logs it); after that the hub writes pre-framed chunks into the transport through
-``extensions["stream.http"]`` (see ``http_protocol``). The ASGI task only waits for the end:
-the client leaving, the subscriber overflowing (slow consumer), or shutdown.
+The headers go through ASGI (so uvicorn frames the response as chunked and logs it); then the
+stream takes the socket over (``HttpProtocol.hand_over``, reached as ``extensions["stream.http"]``)
+and the app returns. From there on the hub writes pre-framed chunks into the transport, and the
+stream ends on its own: the client leaving, the subscriber overflowing (slow consumer), token
+expiry or shutdown. No task, no suspended middleware: an idle stream is a few small objects.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from typing import Any
@@ -21,8 +21,8 @@ from ..auth import Principal
 from ..errors import StreamError, Unauthorized, Unavailable
 from ..hub import Subscriber
 from ..runtime import Runtime
+from .http_protocol import StreamingProtocol
 from .params import SubscribeRequest
-from .stall import drop
 
 __all__ = ["HEADERS", "EventStream"]
 
@@ -46,7 +46,8 @@ def _chunked(encode):
 
 
 class EventStream(Response):
-    """One open ``/sse`` response: a runtime Connection and the Sink of its subscriber.
+    """One open ``/sse`` response: a runtime Connection, the Sink of its subscriber and the
+    StreamSink of its socket.
 
     A Response subclass only so FastAPI passes it through; it writes its own headers.
     """
@@ -65,51 +66,39 @@ class EventStream(Response):
         self.principal = principal
         self.client_host = client_host
         self.sub: Subscriber | None = None
-        self.protocol: Any = None
+        self.socket: StreamingProtocol | None = None
         self.ended: str | None = None  # why: "lost", "slow", "shutdown", "error", "expired"
-        self.done: asyncio.Future[None] | None = None
-        self.abort_timer: asyncio.TimerHandle | None = None
 
     # -- ASGI -----------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = self.runtime.settings.server
-        self.protocol = scope.get("extensions", {}).get("stream.http")
+        protocol = scope.get("extensions", {}).get("stream.http")
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        # Exists before admit: shutdown or token expiry may end the stream from then on.
-        self.done = asyncio.get_running_loop().create_future()
+        if protocol is None or not protocol.chunked:
+            raise RuntimeError("/sse needs stream's HTTP protocol (run the app with `stream serve`)")
+        if protocol.transport.is_closing():
+            # The client left while the request was routed: a socket that will not hear of it
+            # again must not be handed over.
+            await send({"type": "http.response.body", "body": b""})
+            return
         try:
             self.runtime.admit(self)
         except Unavailable as exc:
             await send({"type": "http.response.body", "body": retry_later(server.sse_retry, exc.message)})
             return
-        try:
-            await send({"type": "http.response.body", "body": wire.sse_retry(server.sse_retry), "more_body": True})
-            if self.ended is None:
-                self._subscribe()
-            await self.done
-            self._detach()
-            if self.ended != "lost":
-                final = b""
-                if self.ended == "shutdown":
-                    final = wire.sse_retry(server.sse_retry + random.randint(0, server.sse_retry))
-                # May wait for a slow client to drain; the abort timer armed by _end bounds it.
-                await send({"type": "http.response.body", "body": final, "more_body": False})
-        finally:
-            self._detach()
-            if self.abort_timer is not None:
-                self.abort_timer.cancel()
-            self.runtime.release(self)
+        # Nothing awaited from admit on: shutdown or token expiry find the stream ready to end.
+        self.socket = protocol.hand_over(self)
+        self.write = self.socket.transport.write
+        self.write(wire.sse_chunk(wire.sse_retry(server.sse_retry)))
+        self._subscribe(self.socket)
 
-    def _subscribe(self) -> None:
-        protocol = self.protocol
-        if protocol is None or not protocol.chunked:
-            raise RuntimeError("/sse needs stream's HTTP protocol (run the app with `stream serve`)")
-        self.write = protocol.transport.write
-        self.runtime.limit_send_buffer(protocol.transport)
-        protocol.stream_sink = self
+    def _subscribe(self, socket: StreamingProtocol) -> None:
+        self.runtime.limit_send_buffer(socket.transport)
         hub = self.runtime.hub
         self.sub = hub.new_subscriber(self, transport=self.transport_name)
+        if socket.paused:
+            self.sub.pause()
         request = self.request
         try:
             hub.subscribe(
@@ -124,12 +113,6 @@ class EventStream(Response):
             self.write(wire.sse_chunk(wire.sse_control("error", {"error": exc.to_dict()})))
             self._end("error", self.runtime.settings.server.close_timeout)
 
-    def _detach(self) -> None:
-        if self.sub is not None:
-            self.sub.close()
-        if self.protocol is not None and self.protocol.stream_sink is self:
-            self.protocol.stream_sink = None
-
     def _end(self, reason: str, abort_after: float | None = None) -> None:
         if self.ended is not None:
             return
@@ -138,16 +121,16 @@ class EventStream(Response):
             if reason != "lost":
                 self.sub.release()  # events of the write window go before the end
             self.sub.close()
-        if abort_after is not None and self.protocol is not None:
-            # The end of the stream may never drain to a stalled client: drop it after a while.
-            transport = self.protocol.transport
-            self.abort_timer = asyncio.get_running_loop().call_later(abort_after, drop, transport)
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
+        if reason != "lost" and self.socket is not None:
+            server = self.runtime.settings.server
+            last = b""
+            if reason == "shutdown":
+                last = wire.sse_chunk(wire.sse_retry(server.sse_retry + random.randint(0, server.sse_retry)))
+            self.socket.end(last, abort_after)
 
     # -- Sink (called by the subscriber) ---------------------------------------------------
 
-    write: Any = None  # the transport's write, bound in _subscribe
+    write: Any = None  # the transport's write, bound once the stream has the socket
 
     @staticmethod
     def encode_gap(after: str | None, reason: str) -> bytes:
@@ -157,18 +140,19 @@ class EventStream(Response):
         log.info("ending slow SSE consumer %s (buffer full)", self.client_host)
         self._end("slow", self.runtime.settings.server.close_timeout)
 
-    # -- StreamSink (called by the HTTP protocol) -------------------------------------------
+    # -- StreamSink (called by its socket's StreamingProtocol) --------------------------------
 
     def pause(self) -> None:
-        if self.sub is not None:
+        if self.ended is None and self.sub is not None:
             self.sub.pause()
 
     def resume(self) -> None:
-        if self.sub is not None:
+        if self.ended is None and self.sub is not None:
             self.sub.resume()
 
     def lost(self) -> None:
         self._end("lost")
+        self.runtime.release(self)  # counted until its socket is gone, the end written or not
 
     # -- Connection (called by the runtime) --------------------------------------------------
 
