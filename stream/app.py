@@ -187,6 +187,7 @@ def _hub_config(settings: Settings) -> HubConfig:
         subscriber_buffer=server.subscriber_buffer,
         max_patterns=server.max_patterns,
         write_delay=server.write_delay,
+        write_load=server.write_load,
         overflow=tuple((pattern, Policy(policy)) for pattern, policy in overflow),
     )
 

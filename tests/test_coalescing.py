@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import httpx
 import orjson
@@ -51,7 +52,7 @@ def test_events_inside_the_window_leave_in_one_write_in_order():
     """The first event goes at once; the ones after it in the window wait and share one write."""
 
     async def run():
-        hub = Hub(HubConfig(write_delay=WINDOW))
+        hub = Hub(HubConfig(write_load=0, write_delay=WINDOW))
         sub, sink = subscribed(hub, ["a.>"])
         events = [await hub.publish(f"a.{n % 3}", n) for n in range(6)]
         assert len(sink.writes) == 1  # only the first so far: the rest are held
@@ -74,11 +75,43 @@ def test_without_a_window_every_event_is_its_own_write():
     asyncio.run(run())
 
 
+class SlowSink(Sink):
+    """A socket whose every write costs the loop 2 ms, as writes to many sockets do."""
+
+    def write(self, data: bytes) -> None:
+        time.sleep(0.002)
+        super().write(data)
+
+
+def test_windows_open_only_when_writing_keeps_the_loop_busy():
+    """With the default ``write_load``: events far apart are each written at once; events that
+    come faster than their writes take are held and share writes."""
+
+    async def run():
+        hub = Hub(HubConfig(write_delay=0.001))
+        sink = SlowSink()
+        sub = hub.new_subscriber(sink, transport="test")
+        hub.subscribe(sub, ["a"])
+        for n in range(5):
+            await hub.publish("a", n)
+            await asyncio.sleep(0.05)  # writes take 2 ms of every 50: the loop keeps up
+        assert (len(sink.writes), sub.merged) == (5, 0)
+        for n in range(20):
+            await hub.publish("a", n)  # back to back: writing is all the loop does
+            await asyncio.sleep(0)
+        await wait_for(lambda: sub.sent == 25 and hub._holding is None)
+        assert sub.merged > 0 and len(sink.writes) < 25
+        assert [int(line.split()[1]) for line in sink.lines()] == sorted(int(line.split()[1]) for line in sink.lines())
+        await hub.close()
+
+    asyncio.run(run())
+
+
 def test_anything_else_the_subscriber_writes_releases_the_held_events_first():
     """A pause, a gap or a reply never overtakes events already held for the window."""
 
     async def run():
-        hub = Hub(HubConfig(write_delay=WINDOW, subscriber_buffer=2, default_overflow=Policy.DROP))
+        hub = Hub(HubConfig(write_load=0, write_delay=WINDOW, subscriber_buffer=2, default_overflow=Policy.DROP))
         sub, sink = subscribed(hub, ["a"])
         first = [await hub.publish("a", n) for n in range(3)]  # one written, two held
         sub.pause()  # the socket's buffer filled: what comes next waits in the subscriber
@@ -100,7 +133,7 @@ def test_anything_else_the_subscriber_writes_releases_the_held_events_first():
 
 def test_a_full_buffer_inside_the_window_still_closes_a_slow_consumer():
     async def run():
-        hub = Hub(HubConfig(write_delay=WINDOW, subscriber_buffer=2))
+        hub = Hub(HubConfig(write_load=0, write_delay=WINDOW, subscriber_buffer=2))
         sub, sink = subscribed(hub, ["a"])
         await hub.publish("a", 0)
         sub.pause()
@@ -114,7 +147,7 @@ def test_a_full_buffer_inside_the_window_still_closes_a_slow_consumer():
 
 def test_a_closed_subscriber_gets_nothing_it_held():
     async def run():
-        hub = Hub(HubConfig(write_delay=WINDOW))
+        hub = Hub(HubConfig(write_load=0, write_delay=WINDOW))
         sub, sink = subscribed(hub, ["a"])
         await hub.publish("a", 0)
         await hub.publish("a", 1)
@@ -165,7 +198,7 @@ def ws_events(ws: RawWebSocket, count: int) -> list[dict]:
 
 
 def writes_for(delay: float, count: int) -> tuple[list[str], list[str], float, float]:
-    with Server(KEYS, env={"STREAM_WRITE_DELAY": str(delay)}) as server:
+    with Server(KEYS, env={"STREAM_WRITE_DELAY": str(delay), "STREAM_WRITE_LOAD": "0"}) as server:
         ws = RawWebSocket(server.port, "/ws?topics=c.>")
         wait_until(lambda: metric_now(server, "stream_subscriptions ") == 1)
         ids = pipelined_publishes(server, count)
@@ -189,7 +222,7 @@ def test_a_burst_inside_the_window_reaches_a_subscriber_in_fewer_writes_than_eve
 
 def test_a_publish_reply_follows_its_own_event_inside_the_window():
     """A WebSocket that publishes to a topic it reads gets the event before its "published" reply."""
-    with Server(KEYS, env={"STREAM_WRITE_DELAY": str(WINDOW)}) as server:
+    with Server(KEYS, env={"STREAM_WRITE_DELAY": str(WINDOW), "STREAM_WRITE_LOAD": "0"}) as server:
         ws = RawWebSocket(server.port, f"/ws?topics=c.>&token={PUBLISH_KEY}")
         wait_until(lambda: metric_now(server, "stream_subscriptions ") == 1)
         httpx.post(f"{server.url}/api/publish", json={"topic": "c.first", "data": 0}, headers=AUTH)  # opens the window

@@ -38,7 +38,7 @@ _PREFIX_LIMIT = 100
 # Events one write window may hold before it is written early: bounds what it keeps (frames are
 # shared between subscribers, so this is at most this many events' frames, plus a list each).
 WINDOW_EVENTS = 256
-# The longest a write window grows to under load (see _open_window), unless write_delay is longer.
+# The longest a write window grows to (see _open_window), unless write_delay is longer.
 MAX_WINDOW = 0.05
 @dataclass(frozen=True)
 class HubConfig:
@@ -54,6 +54,9 @@ class HubConfig:
     # Seconds after a fan-out during which further events are held and written together at its
     # end: one write per socket for all of them. 0: every event is written as it is accepted.
     write_delay: float = 0.0  # the server setting (ServerSettings.write_delay) is on by default
+    # Windows open when a fan-out's writes take more than this share of the time between events
+    # (the loop is that busy writing); 0: after every fan-out.
+    write_load: float = 0.8
 
 
 class Hub:
@@ -81,6 +84,8 @@ class Hub:
         self._holding: list[Subscriber] | None = None
         self._held_events = 0
         self._window: asyncio.TimerHandle | None = None
+        # Moving averages: seconds one fan-out's writes take, and seconds between accepts.
+        self._busy, self._interval, self._last_accept = 0.0, 1.0, time.monotonic()
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):
@@ -163,6 +168,10 @@ class Hub:
         store): out to every matching subscriber, before the publish call returns."""
         for event in events:
             self._count(event)
+        started = time.monotonic()
+        if self.config.write_delay > 0:
+            self._interval += 0.5 * (min(started - self._last_accept, 1.0) - self._interval)  # a pause counts as 1 s
+            self._last_accept = started
         holding = self._holding
         if holding is not None:
             # Inside the write window: held, and written together when it ends.
@@ -172,7 +181,6 @@ class Hub:
             if self._held_events >= WINDOW_EVENTS:
                 self._release(holding)
             return
-        started = time.monotonic()
         if len(events) == 1:
             self._fanout(events[0], None)
         else:
@@ -182,26 +190,28 @@ class Hub:
                 self._fanout(event, batch)
             self._release(batch)
         if self.config.write_delay > 0:
-            self._open_window(time.monotonic() - started)
+            self._busy += 0.5 * (time.monotonic() - started - self._busy)
+            if self._busy >= self.config.write_load * self._interval:
+                self._open_window()
 
     # -- the write window (``write_delay``) -------------------------------------------------
     #
-    # The first event after a quiet spell is written at once; what is accepted in the window after
-    # it is held and written at the window's end, one write per socket, and the next window opens
-    # while events keep coming. A window lasts ``write_delay``, or as long as the writes before it
-    # took when that is longer (up to MAX_WINDOW): with many subscribers a burst of writes takes
-    # milliseconds, and a window as long as the burst keeps the loop writing at most half the time
-    # however fast events come, each write carrying more of them. At a low rate nothing waits.
+    # Events are written as they are accepted while the loop keeps up. Under load — a fan-out's
+    # writes take more than ``write_load`` of the time between events (with 1,000 subscribers one event's
+    # writes take ~10 ms) — a window opens after the fan-out: what is accepted in it is held and
+    # written at its end, one write per socket, and the next window opens while events keep
+    # coming; one that ends with nothing held closes the run. A window lasts as long as the writes
+    # before it took (at least ``write_delay``, at most MAX_WINDOW), so the loop writes at most
+    # about half the time however fast events come, each write carrying more of them.
 
-    def _open_window(self, busy: float) -> None:
-        """Open a window after ``busy`` seconds of writing."""
+    def _open_window(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # driven synchronously (tests): every event is written at once
         delay = self.config.write_delay
         self._holding = []
-        self._window = loop.call_later(min(max(delay, busy), max(delay, MAX_WINDOW)), self._window_ends)
+        self._window = loop.call_later(min(max(delay, self._busy), max(delay, MAX_WINDOW)), self._window_ends)
 
     def _window_ends(self) -> None:
         holding = self._holding
@@ -209,7 +219,8 @@ class Hub:
         if holding:
             started = time.monotonic()
             self._release(holding)
-            self._open_window(time.monotonic() - started)  # still busy: gather the next window too
+            self._busy += 0.5 * (time.monotonic() - started - self._busy)
+            self._open_window()  # events keep coming: gather the next window too
 
     def _end_window(self) -> None:
         if self._window is not None:
