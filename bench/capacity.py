@@ -3,7 +3,8 @@
 The sweep raises the publish rate step by step, 1,000 WebSocket subscribers each time, for
 every server in the same run. A server sustains a rate when nothing is lost, the publisher
 stays on schedule and p99 latency is at most ``P99_BOUND_MS``; its **capacity** is the highest
-rate it sustains (its sweep stops at its first failure). It prints the table, writes the rows to
+rate it sustains. A rate that fails is run once more (this VM's noise alone moves p99 by ±50 %
+from run to run), and the sweep stops at the first rate that fails twice. It prints the table, writes the rows to
 the JSON and draws p99 against deliveries per second for every server (``docs/capacity.png``;
 matplotlib is the ``bench`` extra: ``pip install -e '.[bench]'``).
 
@@ -70,14 +71,16 @@ def sweep(fanout: Callable, chosen: list[Variant], rates: list[float], subscribe
         best = 0.0
         try:
             for rate in rates:
-                print(f"… sweep: {variant.label} at {rate:g} msg/s", flush=True)
-                if redis_server is not None:
-                    redis_server.flush()
-                result = fanout(variant.spec, "ws", subscribers, rate, seconds, scenario="sweep", env=env or None)
-                result.server = variant.label
-                result.extra["sustained"] = sustained(result)
-                result.extra["deliveries_per_s"] = round(result.delivered / seconds)
-                runs.append(result)
+                for attempt in (1, 2):
+                    print(f"… sweep: {variant.label} at {rate:g} msg/s" + (" (once more)" if attempt == 2 else ""), flush=True)
+                    if redis_server is not None:
+                        redis_server.flush()
+                    result = fanout(variant.spec, "ws", subscribers, rate, seconds, scenario="sweep", env=env or None)
+                    result.server = variant.label
+                    result.extra.update(sustained=sustained(result), attempt=attempt, deliveries_per_s=round(result.delivered / seconds))
+                    runs.append(result)
+                    if sustained(result):
+                        break
                 if not sustained(result):
                     break
                 best = rate
@@ -90,15 +93,21 @@ def sweep(fanout: Callable, chosen: list[Variant], rates: list[float], subscribe
 
 def capacity_table(runs: list, capacities: dict, subscribers: int) -> list[str]:
     lines = [f"\nRate sweep: {subscribers} WebSocket subscribers; sustained = nothing lost, publishing on schedule, "
-             f"p99 <= {P99_BOUND_MS:g} ms",
+             f"p99 <= {P99_BOUND_MS:g} ms (a failed rate runs once more: 'again')",
              "server                            rate  deliveries/s  sustained  lost     behind s  p50 ms   p99 ms   user µs  sys µs"]
     for r in runs:
-        lines.append(f"{r.server:<33} {r.rate:<5g} {r.extra['deliveries_per_s']:<13,} {r.extra['sustained']!s:<10} {r.lost:<8} "
+        again = " again" if r.extra.get("attempt") == 2 else ""
+        lines.append(f"{r.server + again:<33} {r.rate:<5g} {r.extra['deliveries_per_s']:<13,} {r.extra['sustained']!s:<10} {r.lost:<8} "
                      f"{r.behind_schedule_s:<9.2f} {r.p50_ms:<8.1f} {r.p99_ms:<8.1f} {r.user_us:<8.2f} {r.system_us:.2f}")
     lines.append("capacity (highest rate sustained):")
     for label, found in capacities.items():
         lines.append(f"  {label:<33} {found['rate']:>6g} msg/s = {found['deliveries_per_s']:>9,g} deliveries/s")
     return lines
+
+
+def last_try(runs: list, run) -> object:
+    """The last run of ``run``'s server at ``run``'s rate (the one that counts)."""
+    return [r for r in runs if r.server == run.server and r.rate == run.rate][-1]
 
 
 def plot(runs: list, capacities: dict, path: Path, title: str) -> str:
@@ -113,7 +122,7 @@ def plot(runs: list, capacities: dict, path: Path, title: str) -> str:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     figure, axes = plt.subplots(figsize=(9, 5.5))
     for label in capacities:
-        rows = [r for r in runs if r.server == label]
+        rows = [r for r in runs if r.server == label and (r.extra["sustained"] or r is last_try(runs, r))]
         xs = [r.rate * r.subscribers for r in rows]
         ys = [max(r.p99_ms, 0.1) for r in rows]
         line = axes.plot(xs, ys, marker="o", label=f"{label} (capacity {capacities[label]['deliveries_per_s']:,.0f}/s)")[0]
