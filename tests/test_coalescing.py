@@ -101,7 +101,7 @@ def test_windows_open_only_when_writing_keeps_the_loop_busy():
         for n in range(20):
             await hub.publish("a", n)  # back to back: writing is all the loop does
             await asyncio.sleep(0)
-        await wait_for(lambda: sub.sent == 25 and hub._holding is None)
+        await wait_for(lambda: sub.sent == 25 and hub.window.holding is None)
         assert sub.merged > 0 and len(sink.writes) < 25
         assert [int(line.split()[1]) for line in sink.lines()] == sorted(int(line.split()[1]) for line in sink.lines())
         await hub.close()
@@ -126,7 +126,7 @@ def test_anything_else_the_subscriber_writes_releases_the_held_events_first():
         more = await hub.publish("a", 9)  # the window is still open: held ...
         sub.release()  # ... until the transport writes a reply, which releases it first
         sink.write(b"REPLY\n")
-        await wait_for(lambda: hub._holding is None)
+        await wait_for(lambda: hub.window.holding is None)
         assert sink.lines()[-2:] == [f"E {more.seq}", "REPLY"]
         await hub.close()
 
@@ -154,8 +154,8 @@ def test_a_closed_subscriber_gets_nothing_it_held():
         await hub.publish("a", 0)
         await hub.publish("a", 1)
         sub.close()
-        await wait_for(lambda: hub._holding is None)
-        assert len(sink.writes) == 1
+        await wait_for(lambda: hub.window.holding is None)
+        assert len(sink.writes) == 1 and sub.sent == 1  # the held one was never delivered
 
     asyncio.run(run())
 
@@ -236,3 +236,23 @@ def test_a_publish_reply_follows_its_own_event_inside_the_window():
             order.append(message.get("topic") or message.get("type"))
         ws.close()
     assert order[-3:] == ["c.first", "c.mine", "published"]
+
+
+def test_a_failing_observer_neither_stops_the_fan_out_nor_leaves_frames_held():
+    async def run():
+        hub = Hub(HubConfig(write_load=0, write_delay=WINDOW))
+        sub, sink = subscribed(hub, ["a.>"])
+
+        def fail(event) -> None:
+            if event.topic == "a.1":
+                raise RuntimeError("an observer's bug")
+
+        hub.observe(fail)
+        events = await hub.publish_many([hub.draft(f"a.{n}", n) for n in range(3)])  # one batch
+        assert sub.held is None and sink.lines() == [f"E {event.seq}" for event in events]
+        later = await hub.publish("a.1", 3)  # inside the window now
+        await wait_for(lambda: hub.window.holding is None)
+        assert sink.lines()[-1] == f"E {later.seq}"
+        await hub.close()
+
+    asyncio.run(run())

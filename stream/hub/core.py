@@ -29,17 +29,15 @@ from .routes import Route, WakeSink
 from .stats import HubStats
 from .store import Store
 from .subscriber import Policy, State, Subscriber, Want
+from .window import WriteWindow
 
 __all__ = ["Hub", "HubConfig", "HubStats"]
 
 log = logging.getLogger("stream.hub")
 
 _PREFIX_LIMIT = 100
-# Events one write window may hold before it is written early: bounds what it keeps (frames are
-# shared between subscribers, so this is at most this many events' frames, plus a list each).
-WINDOW_EVENTS = 256
-# The longest a write window grows to (see _open_window), unless write_delay is longer.
-MAX_WINDOW = 0.05
+
+
 @dataclass(frozen=True)
 class HubConfig:
     history_size: int = 10_000
@@ -51,11 +49,11 @@ class HubConfig:
     max_patterns: int = 100
     overflow: tuple[tuple[str, Policy], ...] = ()  # (pattern, policy), first match wins
     default_overflow: Policy = Policy.DISCONNECT
-    # Seconds after a fan-out during which further events are held and written together at its
-    # end: one write per socket for all of them. 0: every event is written as it is accepted.
-    write_delay: float = 0.0  # the server setting (ServerSettings.write_delay) is on by default
-    # Windows open when a fan-out's writes take more than this share of the time between events
-    # (the loop is that busy writing); 0: after every fan-out.
+    # Write coalescing (.window): under load, the shortest window in which events accepted after
+    # a fan-out are held and then written together, one write per socket. 0: off, every event is
+    # written as it is accepted (the server setting, ServerSettings.write_delay, is on by default).
+    write_delay: float = 0.0
+    # Windows open when one fan-out's writes take CPU for this share of the time between events; 0: always.
     write_load: float = 0.8
 
 
@@ -80,13 +78,7 @@ class Hub:
         self.subscribers: set[Subscriber] = set()
         # Called with every event after its fan-out (``observe``): the latency histogram, /api/news.
         self.observers: list[Callable[[Event], None]] = []
-        # Subscribers holding frames until the write window ends; None while no window is open.
-        self._holding: list[Subscriber] | None = None
-        self._held_events = 0
-        self._window: asyncio.TimerHandle | None = None
-        # Moving averages: CPU seconds one fan-out's writes take (CPU, not wall time: other
-        # processes on the machine do not make the hub think it is busy), and seconds between accepts.
-        self._busy, self._interval, self._last_accept = 0.0, 1.0, time.monotonic()
+        self.window = WriteWindow(config.write_delay, config.write_load, self._release) if config.write_delay > 0 else None
         self._routes: PatternIndex[Route] = PatternIndex()
         self._overflow: PatternIndex[tuple[int, Policy]] = PatternIndex()
         for rank, (text, policy) in reversed(list(enumerate(self.config.overflow))):
@@ -109,7 +101,8 @@ class Hub:
         await self.broker.start()
 
     async def close(self) -> None:
-        self._end_window()
+        if self.window is not None:
+            self.window.close()
         for sub in list(self.subscribers):
             self.detach(sub)
         await self.broker.close()
@@ -169,71 +162,36 @@ class Hub:
         store): out to every matching subscriber, before the publish call returns."""
         for event in events:
             self._count(event)
-        coalescing = self.config.write_delay > 0
-        if coalescing:
-            now, cpu = time.monotonic(), time.thread_time()
-            self._interval += 0.5 * (min(now - self._last_accept, 1.0) - self._interval)  # a pause counts as 1 s
-            self._last_accept = now
-        holding = self._holding
-        if holding is not None:
-            # Inside the write window: held, and written together when it ends.
-            for event in events:
-                self._fanout(event, holding)
-            self._held_events += len(events)
-            if self._held_events >= WINDOW_EVENTS:
-                self._release(holding)
+        window = self.window
+        if window is None:
+            self._write(events)
             return
+        since = window.arrived()
+        holding = window.holding
+        if holding is not None:
+            for event in events:  # inside a write window: held, and written when it ends
+                self._fanout(event, holding)
+                window.held(holding)
+            return
+        try:
+            self._write(events)
+        finally:
+            window.wrote(since)
+
+    def _write(self, events: list[Event]) -> None:
         if len(events) == 1:
             self._fanout(events[0], None)
-        else:
-            # Several events: each subscriber's frames leave in one write (one syscall, not one each).
-            batch: list[Subscriber] = []
+            return
+        # Several events: each subscriber's frames leave in one write (one syscall, not one each).
+        batch: list[Subscriber] = []
+        try:
             for event in events:
                 self._fanout(event, batch)
+        finally:
             self._release(batch)
-        if coalescing:
-            self._busy += 0.5 * (time.thread_time() - cpu - self._busy)
-            if self._busy >= self.config.write_load * self._interval:
-                self._open_window()
-
-    # -- the write window (``write_delay``) -------------------------------------------------
-    #
-    # Events are written as they are accepted while the loop keeps up. Under load — a fan-out's
-    # writes take CPU for more than ``write_load`` of the time between events (with 1,000 subscribers one event's
-    # writes take ~10 ms) — a window opens after the fan-out: what is accepted in it is held and
-    # written at its end, one write per socket, and the next window opens while events keep
-    # coming; one that ends with nothing held closes the run. A window lasts as long as the writes
-    # before it took (at least ``write_delay``, at most MAX_WINDOW), so the loop writes at most
-    # about half the time however fast events come, each write carrying more of them.
-
-    def _open_window(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # driven synchronously (tests): every event is written at once
-        delay = self.config.write_delay
-        self._holding = []
-        self._window = loop.call_later(min(max(delay, self._busy), max(delay, MAX_WINDOW)), self._window_ends)
-
-    def _window_ends(self) -> None:
-        holding = self._holding
-        self._holding = self._window = None
-        if holding:
-            cpu = time.thread_time()
-            self._release(holding)
-            self._busy += 0.5 * (time.thread_time() - cpu - self._busy)
-            self._open_window()  # events keep coming: gather the next window too
-
-    def _end_window(self) -> None:
-        if self._window is not None:
-            self._window.cancel()
-        holding, self._holding, self._window = self._holding, None, None
-        if holding:
-            self._release(holding)
 
     def _release(self, holding: list[Subscriber]) -> None:
         """Every subscriber in ``holding`` writes what it holds, one write each."""
-        self._held_events = 0
         for sub in holding:
             try:
                 sub.release()
@@ -273,7 +231,7 @@ class Hub:
                             sub.sent += 1
                             if hold is None:
                                 sub.write(frame)
-                            elif (held := sub.held) is None:  # the write window (Subscriber.deliver)
+                            elif (held := sub.held) is None:  # a batch or a write window, as in Subscriber.deliver
                                 sub.held = [frame]
                                 hold.append(sub)
                             else:
@@ -287,7 +245,10 @@ class Hub:
                         log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
                         self.detach(sub)
         for observe in self.observers:
-            observe(event)
+            try:
+                observe(event)
+            except Exception:
+                log.exception("an observer of the hub failed on %s", event.topic)  # the fan-out goes on
 
     # -- subscribing ----------------------------------------------------------------------
 

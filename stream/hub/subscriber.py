@@ -2,19 +2,19 @@
 
 The hub delivers every matching event synchronously while publishing; nothing here ever
 awaits. It writes the common case itself (a live, writable subscriber with nothing waiting and
-no symbol filter: ``direct``), and calls :meth:`Subscriber.deliver` for everything else. Bytes reach the client through a :class:`Sink` that the
-transport supplies (a WebSocket connection, an SSE response, a long-poll waiter):
+no symbol filter: ``direct``), and calls :meth:`Subscriber.deliver` for everything else. Bytes
+reach the client through a :class:`Sink` that the transport supplies (a WebSocket connection,
+an SSE response, a long-poll waiter):
 
     hub.publish ──deliver()──▶ Subscriber ──sink.write(bytes)──▶ transport buffer ──▶ socket
                                  │  ▲
                  paused/pending ─┘  └─ resume(): the transport drained; flush in one write
 
-While the transport is writable and nothing is pending, an event is written at once, or, inside
-the hub's write window (``write_delay``), held with the others of the window for one write at its
-end (``held``; anything else this subscriber writes releases them first, so order never changes).
-Otherwise
-it waits in ``pending`` (at most ``capacity`` events), and a full buffer applies the event's
-overflow policy. A subscriber that starts from ``since`` or asks for a snapshot reads the
+While the transport is writable and nothing is pending, an event is written at once, or, in a
+batch or the hub's write window (``.window``), held with the others for one write at the end
+(``held``; anything else this subscriber writes releases them first, so order never changes).
+Otherwise it waits in ``pending`` (at most ``capacity`` events), and a full buffer applies the
+event's overflow policy. A subscriber that starts from ``since`` or asks for a snapshot reads the
 retained values and history itself, chunk by chunk as the transport drains, and turns live once
 it reaches the newest event: live events that arrive meanwhile are in history too, so the seam
 has neither a hole nor a duplicate. That reading is done in steps of bounded work; between
@@ -258,7 +258,9 @@ class Subscriber:
         held = self.held
         if held is not None:
             self.held = None
-            if self.state is not State.CLOSED:
+            if self.state is State.CLOSED:
+                self.sent -= len(held)  # counted when held, never written
+            else:
                 if len(held) > 1:
                     self.merged += len(held) - 1
                     self.write(b"".join(held))

@@ -119,7 +119,7 @@ class EventStream(Response):
         self.ended = reason
         if self.sub is not None:
             if reason != "lost":
-                self.sub.release()  # events of the write window go before the end
+                self.sub.release()  # held events of the write window go before the end
             self.sub.close()
         if reason != "lost" and self.socket is not None:
             server = self.runtime.settings.server
@@ -170,7 +170,7 @@ class EventStream(Response):
 
     def tick(self, now: float) -> None:
         if self.ended is None and self.sub is not None and not self.sub.paused:
-            self.write(_HEARTBEAT)
+            self.write(_HEARTBEAT)  # a comment: it may go before events held for the write window
 
 
 _HEARTBEAT = wire.sse_chunk(wire.sse_comment("ping"))

@@ -207,6 +207,8 @@ class WebSocketProtocol(asyncio.Protocol):
         elif opcode is Opcode.PING:
             self._control_allowed()  # websockets has queued the pong; a flood is closed
         elif opcode is Opcode.CLOSE:
+            if self.sub is not None:
+                self.sub.release()  # events of the write window go before websockets' close reply
             self._stop_delivery()
 
     def eof_received(self) -> bool | None:
@@ -505,6 +507,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.conn.state is not OPEN:
             return
         self.ping_payload = os.urandom(4)
+        # A control frame may go between messages, before events held for the write window.
         self.conn.send_ping(self.ping_payload)
         self._flush()
         timeout = self.runtime.settings.server.ws_ping_timeout if self.runtime else None
