@@ -28,7 +28,7 @@ from scaleout import RedisProcess
 __all__ = ["P99_BOUND_MS", "RATES", "Variant", "capacity_table", "many", "plot", "sweep", "variants"]
 
 P99_BOUND_MS = 100.0
-RATES = [50, 100, 150, 200, 300, 400, 600, 800, 1200]
+RATES = [25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200]
 
 
 class Variant:
