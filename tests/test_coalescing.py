@@ -7,11 +7,16 @@ The hub tests drive one real event loop with a recording sink; the server tests 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from stream.hub import Hub, HubConfig, Policy
 from tests.support import AUTH, KEYS, PUBLISH_KEY, RawWebSocket, Server, metric_now, wait_for, wait_until
@@ -256,3 +261,20 @@ def test_a_failing_observer_neither_stops_the_fan_out_nor_leaves_frames_held():
         await hub.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_resume_and_overflow_suites_pass_with_a_window_after_every_fan_out():
+    """The resume and slow-consumer suites again, with every server they start holding events
+    in a 50 ms window after every fan-out (write_load 0): order, resume, overflow and gaps hold."""
+    env = {**os.environ, "STREAM_WRITE_DELAY": "0.05", "STREAM_WRITE_LOAD": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_resume.py", "tests/test_slow_consumer.py"],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
