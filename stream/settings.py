@@ -56,7 +56,7 @@ class ServerSettings(Frozen):
     body_timeout: Timer = 30.0  # seconds a request body may go without a byte before the socket is closed
     keep_alive_timeout: Positive = 5.0  # seconds an idle keep-alive socket is kept (uvicorn's timeout_keep_alive)
     write_delay: Annotated[float, Field(ge=0, le=1)] = 0.005  # under load, seconds (at least) events are held after a fan-out to share one write per socket; 0 = off
-    write_load: Annotated[float, Field(ge=0)] = 0.8  # holding starts when a fan-out's writes take CPU for this share of the time between events; 0 = always
+    write_load: Annotated[float, Field(ge=0)] = 0.8  # holding starts when, 3 events in a row, the last writes took CPU for this share of the time since the event before; 0 = always
     write_stall_timeout: Timer = 30.0  # seconds a socket may accept no bytes of waiting output before it is closed
     max_topics: AtLeast1 = 100_000  # topics with a retained value; a publish creating one more gets 507
     history_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024  # memory history may hold, every copy of an event counted

@@ -2,9 +2,10 @@
 leave together, one write per socket (``write_delay``, ``write_load``; docs/operations.md,
 *Write coalescing*).
 
-Events are written as they are accepted while the loop keeps up. Under load — one fan-out's
-writes take CPU for ``write_load`` of the time between events or more (with 1,000 subscribers
-one event's writes take ~12 ms) — a window opens after the fan-out: what the hub accepts in it
+Events are written as they are accepted while the loop keeps up. Under load — for ``STREAK``
+events in a row, the last writes took CPU for ``write_load`` of the time since the event before
+or more (with 1,000 subscribers one event's writes take ~12 ms) — a window opens after the
+fan-out: what the hub accepts in it
 is held by each subscriber (``Subscriber.held``) and written at its end, one write per socket.
 When a window ends, the next opens if the load is still there; one that ends with nothing held
 closes the run. A window lasts as long as the writes before it took (at least ``write_delay``,
@@ -30,6 +31,9 @@ __all__ = ["MAX_EVENTS", "MAX_WINDOW", "WriteWindow"]
 MAX_EVENTS = 256
 # The longest a window grows to, unless write_delay is longer.
 MAX_WINDOW = 0.05
+# Events in a row that must find the loop loaded before windows open: two requests read together
+# (a publisher's burst) are not load; a loop that has fallen behind sees every event so.
+STREAK = 3
 
 
 class WriteWindow:
@@ -45,16 +49,15 @@ class WriteWindow:
         self.events = 0  # held in the open window
         self.timer: asyncio.TimerHandle | None = None
         self.closed = False
-        # Moving averages: CPU seconds one fan-out's writes take, and seconds between accepts.
-        self.busy = 0.0
-        self.interval = 1.0
-        self.last = time.monotonic()
+        self.busy = 0.0  # CPU seconds the last writes took (a fan-out, or a window's)
+        self.last = time.monotonic()  # when events were last accepted
+        self.streak = 0  # events in a row that found the loop loaded
 
     def arrived(self) -> float:
-        """The hub accepts events: note the time since the last. Returns the CPU clock, for
-        ``wrote`` once they are written."""
+        """The hub accepts events: was the loop loaded since the last? Returns the CPU clock,
+        for ``wrote`` once they are written."""
         now = time.monotonic()
-        self.interval += 0.5 * (min(now - self.last, 1.0) - self.interval)  # a pause counts as 1 s
+        self.streak = self.streak + 1 if self.busy >= self.load * (now - self.last) else 0
         self.last = now
         return time.thread_time()
 
@@ -67,8 +70,8 @@ class WriteWindow:
 
     def wrote(self, since: float) -> None:
         """Writes that began at CPU time ``since`` are done; under load, a window opens."""
-        self.busy += 0.5 * (time.thread_time() - since - self.busy)
-        if self.busy >= self.load * self.interval and not self.closed:
+        self.busy = time.thread_time() - since
+        if (self.streak >= STREAK or not self.load) and not self.closed:  # write_load 0: always
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
