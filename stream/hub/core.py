@@ -53,7 +53,8 @@ class HubConfig:
     # a fan-out are held and then written together, one write per socket. 0: off, every event is
     # written as it is accepted (the server setting, ServerSettings.write_delay, is on by default).
     write_delay: float = 0.0
-    # Windows open when one fan-out's writes take CPU for this share of the time between events; 0: always.
+    # Windows open when, 3 events in a row, the last writes took CPU for this share of the time
+    # since the event before; 0: after every fan-out.
     write_load: float = 0.8
 
 
