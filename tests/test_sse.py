@@ -10,7 +10,7 @@ import orjson
 import pytest
 from httpx_sse import aconnect_sse
 
-from .support import KEYS, Server, SSEReader, metric_now, publish, wait_for
+from .support import KEYS, Server, SSEReader, metric_now, publish, rss_mb, wait_for
 
 
 async def test_headers_retry_and_position_come_first(server, client):
@@ -116,11 +116,6 @@ async def test_since_from_the_future_is_a_bad_request(server, client):
     assert response.status_code == 400 and "newer" in response.json()["error"]["message"]
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-
 async def _open_idle_streams(port: int, count: int) -> list[asyncio.StreamWriter]:
     """``count`` /sse subscribers that read their first chunk (headers and retry:) and then sit
     idle. They arrive ten at a time: hundreds of simultaneous requests would leave the server's
@@ -151,10 +146,10 @@ async def test_an_idle_stream_costs_the_server_at_most_10_kb():
         sse = 'stream_connections{transport="sse"}'
         writers = await _open_idle_streams(server.port, warm)  # first-use allocations are not per stream
         await wait_for(lambda: metric_now(server, sse) == warm)
-        before = _rss_kb(server.proc.pid)
+        before = rss_mb(server.proc.pid) * 1024
         writers += await _open_idle_streams(server.port, count)
         await wait_for(lambda: metric_now(server, sse) == warm + count)
-        per_stream = (_rss_kb(server.proc.pid) - before) / count
+        per_stream = (rss_mb(server.proc.pid) * 1024 - before) / count
         for writer in writers:
             writer.close()
     assert per_stream <= 10, f"{per_stream:.1f} KB of RSS per idle SSE stream"
