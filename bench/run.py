@@ -187,7 +187,7 @@ class RssWatch:
         return {"rss_before_kb": self.before, "rss_peak_kb": max(self.peak, after), "rss_after_kb": after}
 
 
-SOCKET_METRICS = ("stream_sockets", "stream_connections", "stream_slow_consumer_disconnects", "stream_ws_ops_refused",
+SOCKET_METRICS = ("python_gc_collections_total", "stream_sockets", "stream_connections", "stream_slow_consumer_disconnects", "stream_ws_ops_refused",
                   "stream_publish_refused", "stream_history_bytes", "stream_retained_bytes", "stream_retained_topics",
                   "stream_history_events", "stream_subscriptions")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The process's memory, file descriptors and CPU, and the collector's runs per generation.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.latency = Histogram(
             "stream_delivery_latency_seconds",
             "Hub accept to written to the socket of the last live subscriber, per event",

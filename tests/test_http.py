@@ -138,7 +138,8 @@ async def test_events_long_poll_times_out_empty(server, client):
 
 
 async def test_metrics_expose_the_hub_counters(server, client):
-    """/metrics is Prometheus text with connections, published, deliveries and latency."""
+    """/metrics is Prometheus text with connections, published, deliveries and latency, and the
+    process's memory, descriptors and collector runs."""
     await publish(client, server, {"topic": "metrics.a", "data": 1})
     text = (await client.get(f"{server.url}/metrics")).text
     for name in [
@@ -147,6 +148,9 @@ async def test_metrics_expose_the_hub_counters(server, client):
         "stream_delivery_latency_seconds_bucket",
         "stream_slow_consumer_disconnects_total",
         "stream_subscriptions",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        'python_gc_collections_total{generation="2"}',
     ]:
         assert name in text, name
 
