@@ -8,14 +8,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator, field_validator
 from pydantic_core import core_schema
 
 from .errors import BadTopic
 from .topics import validate_pattern, validate_topic
 
-__all__ = ["DEMO_PATHS", "HeadlineField", "Policy", "ProviderSettings", "read_providers"]
+__all__ = ["DEMO_PATHS", "HeadlineField", "Policy", "ProviderSettings", "problem_lines"]
 
 Policy = Literal["disconnect", "drop", "conflate"]
 HeadlineField = Literal["id", "title", "url", "source", "published", "summary", "symbols"]
@@ -145,15 +145,6 @@ def _unique_names(providers: tuple[ProviderSettings, ...]) -> tuple[ProviderSett
 
 
 Providers = Annotated[tuple[ProviderSettings, ...], AfterValidator(_unique_names)]
-
-
-def read_providers(tables: Any, env: Mapping[str, str], problems: list[str]) -> tuple[ProviderSettings, ...]:
-    """``[[providers]]`` tables as settings; each mistake becomes one line of ``problems``."""
-    try:
-        return TypeAdapter(Providers).validate_python(fill_secrets(tables, ("headers", "params"), env))
-    except ValidationError as exc:
-        problems.extend(problem_lines(exc, ("providers",)))
-        return ()
 
 
 _TYPES = {"bool": "true or false", "int": "an integer", "float": "a number", "string": "a string", "tuple": "an array", "dict": "a table"}

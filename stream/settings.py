@@ -113,10 +113,6 @@ class KeySettings(Frozen):
     publish_rate: Positive | None = None  # None: [server] publish_rate
     publish_burst: AtLeast1 | None = None  # None: [server] publish_burst
 
-    def __init__(self, /, *name_and_key: str, **values: Any) -> None:
-        """``KeySettings("ops", "ops-key-123", publish=(…))`` in code; a file's table gives keywords."""
-        super().__init__(**dict(zip(("name", "key"), name_and_key, strict=False)), **values)
-
     @field_validator("key")
     @classmethod
     def _long_enough(cls, key: str) -> str:

@@ -34,7 +34,7 @@ EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 def _auth(public_key_path: Path | None = None, **server) -> Auth:
     public_key = load_public_key(str(public_key_path)) if public_key_path else None
-    return Auth((KeySettings("ops", "ops-key-123", publish=("ops.>",)),), ServerSettings(**server), public_key)
+    return Auth((KeySettings(name="ops", key="ops-key-123", publish=("ops.>",)),), ServerSettings(**server), public_key)
 
 
 def _token(key=SECRET, algorithm="HS256", **claims) -> str:

@@ -22,7 +22,7 @@ from stream.poller import (
     backoff_delay,
 )
 from stream.pollers import Pollers
-from stream.provider_settings import read_providers
+from stream.provider_settings import ProviderSettings
 
 
 class Clock:
@@ -37,10 +37,7 @@ def provider(**table):
     table.setdefault("name", "p")
     table.setdefault("kind", "json")
     table.setdefault("url", "https://upstream.example/items")
-    problems: list[str] = []
-    [settings] = read_providers([table], {}, problems)
-    assert not problems, problems
-    return settings
+    return ProviderSettings(**table)
 
 
 class Script:
@@ -219,7 +216,7 @@ def test_state_changes_are_published_on_system_providers():
     async def scenario():
         script = Script((500, b"", {}), (200, items("a"), {}))
         hub = Hub()
-        pollers = Pollers(read_providers([{"name": "s", "kind": "json", "url": "https://u/x"}], {}, []), hub)
+        pollers = Pollers((ProviderSettings(name="s", kind="json", url="https://u/x"),), hub)
         pollers.start("")
         pollers.pollers[0].client = httpx.AsyncClient(transport=httpx.MockTransport(script))
         pollers.tasks[0].cancel()

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from stream.errors import UpstreamError
-from stream.provider_settings import read_providers
+from stream.provider_settings import ProviderSettings, problem_lines
 from stream.providers import DemoMarket, parse
 from stream.providers.base import parse_time, render_topic
+from stream.settings import Settings
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = sorted(p for p in (DATA / "feeds").iterdir() if p.suffix != ".md")
@@ -21,10 +23,7 @@ def provider(**table):
     table.setdefault("name", "p")
     table.setdefault("kind", "feed")
     table.setdefault("url", "https://upstream.example/feed")
-    problems: list[str] = []
-    [settings] = read_providers([table], {}, problems)
-    assert not problems, problems
-    return settings
+    return ProviderSettings(**table)
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
@@ -217,17 +216,16 @@ def test_time_edge_cases():
 
 def test_config_rejects_nan_intervals_and_unknown_topic_placeholders():
     """interval = nan would hang a poller; {category} would send everything to one topic."""
-    problems: list[str] = []
-    read_providers(
-        [
-            {"name": "a", "kind": "json", "url": "https://u/x", "interval": float("nan")},
-            {"name": "b", "kind": "json", "url": "https://u/x", "topic": "news.{category}"},
-            {"name": "c", "kind": "snapshot", "url": "https://u/x", "topic": "px.{symbol}", "split": ""},
-        ],
-        {},
-        problems,
-    )
-    assert len(problems) == 2
+    with pytest.raises(ValidationError) as refused:
+        Settings(
+            providers=[
+                {"name": "a", "kind": "json", "url": "https://u/x", "interval": float("nan")},
+                {"name": "b", "kind": "json", "url": "https://u/x", "topic": "news.{category}"},
+                {"name": "c", "kind": "snapshot", "url": "https://u/x", "topic": "px.{symbol}", "split": ""},
+            ]
+        )
+    problems = problem_lines(refused.value)
+    assert len(problems) == 2, problems
     assert problems[0].startswith("providers[0].interval") and "unknown placeholder {category}" in problems[1]
 
 

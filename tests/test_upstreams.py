@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from stream.hub import Hub
 from stream.poller import Poller, ProviderState
-from stream.provider_settings import read_providers
+from stream.provider_settings import ProviderSettings
 
 from .support import free_port
 from .upstream import GZIP_BOMB, Upstream, drip, sequence, stall, text
@@ -48,10 +48,7 @@ def make(upstream, hub, client, url, **table) -> Poller:
     table.setdefault("name", "bad")
     table.setdefault("kind", "json")
     table.setdefault("backfill", True)
-    problems: list[str] = []
-    [settings] = read_providers([{"url": url, **table}], {}, problems)
-    assert not problems
-    return Poller(settings, client, hub, rng=random.Random(3))
+    return Poller(ProviderSettings(url=url, **table), client, hub, rng=random.Random(3))
 
 
 async def side_by_side(upstream, table, url, polls: int = 1):
