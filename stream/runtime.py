@@ -68,6 +68,7 @@ class Runtime:
         self.ops_refused = 0  # WebSocket ops and control frames refused by the op rate
         self.ops_throttled = 0  # times a connection's reading was paused for its address's op share
         self._client_ops: dict[str, TokenBucket] = {}  # per address, may go into debt
+        self._ops_turns: dict[str, float] = {}  # per address: when the last connection waiting for its share wakes
         self._ops_spent: Counter[str] = Counter()  # op work not yet charged to its address's bucket
         self.publish_refused: Counter[str] = Counter()  # by reason
         self._per_host: Counter[str] = Counter()
@@ -251,6 +252,15 @@ class Runtime:
                 self._client_ops.clear()  # a fresh share for everyone is only ever more lenient
             bucket = self._client_ops[host] = TokenBucket(server.ws_ops_rate_per_client, server.ws_ops_burst_per_client, now)
         return bucket.spend(now, self._ops_spent.pop(host, 0))
+
+    def ops_turn(self, host: str, now: float, wait: float) -> float:
+        """Seconds a connection of ``host`` in debt by ``wait`` seconds sleeps: its turn comes after
+        the turns already given to that address's connections, one op's time apart."""
+        turns = self._ops_turns
+        if host not in turns and len(turns) >= _MAX_BUCKETS:
+            turns.clear()  # forgetting who waits only lets them read sooner
+        turn = turns[host] = max(now + wait, turns.get(host, 0.0) + 1 / self.settings.server.ws_ops_rate_per_client)
+        return turn - now
 
     def count(self, transport: str) -> int:
         return sum(1 for connection in self.connections if connection.transport_name == transport)

@@ -1,4 +1,5 @@
-"""Connection admission (stream/runtime.py): capacity limits per process, client and key."""
+"""Connection admission (stream/runtime.py): capacity limits per process, client and key, and
+the turns of an address over its op share."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import asyncio
 
 import httpx
 import orjson
+import pytest
 import websockets
 from websockets.asyncio.client import connect
+
+from stream.app import build
+from stream.settings import ServerSettings, Settings
 
 from .support import PUBLISH_KEY, Server, metric_now, wait_for
 
@@ -95,3 +100,14 @@ async def test_token_expiry_timer_fires_once_and_release_cancels_it():
     assert (kept.expired, released.expired) == (1, 0)
     runtime.release(kept)
     assert runtime._expiries == {} and runtime.connections == set()
+
+
+def test_connections_of_an_address_in_debt_wait_for_turns_one_op_apart():
+    """Connections of one address over its op share wake one by one, in the order they began to
+    wait, each an op's time after the last; another address's turns are its own."""
+    runtime = build(Settings(server=ServerSettings(ws_ops_rate_per_client=100))).runtime
+    waits = [runtime.ops_turn("10.0.0.1", 50.0, 0.005) for _ in range(4)]
+    assert waits == pytest.approx([0.005, 0.015, 0.025, 0.035])
+    assert runtime.ops_turn("10.0.0.2", 50.0, 0.005) == pytest.approx(0.005)
+    # Once the turns given out are past, a new wait is just the debt.
+    assert runtime.ops_turn("10.0.0.1", 60.0, 0.002) == pytest.approx(0.002)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import re
 from http import HTTPStatus
 from typing import Any
@@ -143,12 +142,13 @@ class WebSocketProtocol(asyncio.Protocol):
         if wait > 0 and self.throttle is None and not self.transport.is_closing():
             self.runtime.ops_throttled += 1
             self.transport.pause_reading()
-            self._wait_for_share(wait)
+            self._wait_for_share(self.runtime, wait)
 
-    def _wait_for_share(self, wait: float) -> None:
-        # Spread over up to twice the wait: an address's connections share one debt, and waking
-        # them all at the same instant would be the very burst the share is there to prevent.
-        self.throttle = self.loop.call_later(wait * (1 + random.random()), self._unthrottle)
+    def _wait_for_share(self, runtime: Runtime, wait: float) -> None:
+        # An address's connections share one debt: each waits for a turn of its own, so they wake
+        # one by one as the share allows, not all at once (the very burst the share prevents),
+        # and none wakes only to find the debt back and sleep again.
+        self.throttle = self.loop.call_later(runtime.ops_turn(self.client_host, self.loop.time(), wait), self._unthrottle)
 
     def _unthrottle(self) -> None:
         self.throttle = None
@@ -156,7 +156,7 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         wait = self.runtime.ops_debt(self.client_host, self.loop.time())
         if wait > 0:  # others of its address spent the share meanwhile
-            self._wait_for_share(wait)
+            self._wait_for_share(self.runtime, wait)
             return
         if not self.write_paused:
             self.transport.resume_reading()
