@@ -255,7 +255,9 @@ class Runtime:
 
     def ops_turn(self, host: str, now: float, wait: float) -> float:
         """Seconds a connection of ``host`` in debt by ``wait`` seconds sleeps: its turn comes after
-        the turns already given to that address's connections, one op's time apart."""
+        the turns already given to that address's connections, one op's time apart. Turns of
+        connections that closed meanwhile are not given back, so a turn may come up to
+        ``max_connections_per_client / ws_ops_rate_per_client`` (2 s) later than the debt alone needs."""
         turns = self._ops_turns
         if host not in turns and len(turns) >= _MAX_BUCKETS:
             turns.clear()  # forgetting who waits only lets them read sooner

@@ -115,7 +115,7 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
 
             # Phone width: no horizontal scrolling, everything still there.
             await page.set_viewport_size({"width": 390, "height": 844})
-            await asyncio.sleep(0.3)
+            await page.wait_for_function("document.documentElement.clientWidth === 390")
             assert await page.evaluate("document.documentElement.scrollWidth") <= 390
             # One scroll, the page's: the list is not a box of its own, its last item is whole.
             assert await page.evaluate("(l => l.scrollHeight <= l.clientHeight + 1)(document.getElementById('headlines'))")
@@ -165,8 +165,10 @@ async def test_dashboard_with_a_token_when_topics_are_not_public(chromium):
 
             anonymous = await browser.new_page()
             await anonymous.goto(f"{server.url}/")
-            await asyncio.sleep(3)
-            assert await _state_in(anonymous, ("connecting", "reconnecting", "offline"))
+            # Refused (the topics need a key): the badge says so, and no quotes come.
+            await wait_until(lambda: _state_in(anonymous, ("refused",)), 10, "the refusal")
+            assert await anonymous.inner_text("#connection") == "needs a key"
+            assert "key" in (await anonymous.get_attribute("#connection", "title") or "")
             assert await anonymous.locator("#quotes tbody tr").count() == 0
             await browser.close()
         assert PUBLISH_KEY not in server.output()

@@ -237,7 +237,7 @@ function route(event) {
 function showConnection(state, detail) {
   const badge = $("connection");
   badge.dataset.state = state;
-  const words = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline" };
+  const words = { connecting: "connecting…", live: "live", reconnecting: "reconnecting…", offline: "offline", refused: "needs a key" };
   badge.textContent = words[state] || state;
   badge.title = detail || "";
   // Down: the quotes are what they were; dim them and say as of when.

@@ -13,7 +13,7 @@ export class LiveStream {
    * @param {string[]} options.topics  patterns to subscribe to
    * @param {(event: object) => void} options.onEvent  every event (snapshot ones carry snapshot: true)
    * @param {(gap: {after: string|null, reason: string}) => void} options.onGap
-   * @param {(state: "connecting"|"live"|"reconnecting"|"offline", detail: string) => void} options.onState
+   * @param {(state: "connecting"|"live"|"reconnecting"|"offline"|"refused", detail: string) => void} options.onState
    * @param {string|null} [options.token]  a key or JWT, for servers whose topics are not public
    */
   constructor({ topics, onEvent, onGap, onState, token = null }) {
@@ -90,6 +90,11 @@ export class LiveStream {
         break;
       case "error":
         console.warn(`stream: ${message.code}: ${message.message}`);
+        // The subscription itself was refused (no key, or a key without these topics): the
+        // socket stays open but nothing will come, so say so instead of "connecting".
+        if (message.ref === "dashboard" && (message.code === "unauthorized" || message.code === "forbidden")) {
+          this.onState("refused", message.message);
+        }
         break;
       default:
         break; // welcome, pong

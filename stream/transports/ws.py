@@ -147,7 +147,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def _wait_for_share(self, runtime: Runtime, wait: float) -> None:
         # An address's connections share one debt: each waits for a turn of its own, so they wake
         # one by one as the share allows, not all at once (the very burst the share prevents),
-        # and none wakes only to find the debt back and sleep again.
+        # and few wake only to find the debt back and sleep again.
         self.throttle = self.loop.call_later(runtime.ops_turn(self.client_host, self.loop.time(), wait), self._unthrottle)
 
     def _unthrottle(self) -> None:
