@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasPath, BeforeValidator, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 from .provider_settings import Frozen, Overflow, Pattern, Providers, ProviderSettings, Secret, fill_secrets, problem_lines
@@ -148,28 +148,24 @@ class Settings(BaseSettings):
         return (init_settings,)  # neither os.environ nor a file: load_settings passes those in
 
 
-class _ConfigFile(TomlConfigSettingsSource):
-    """The TOML file, with the secrets it names filled from ``env``. A ``[[keys]]`` table without a
-    name is named by its position (key0, key1, …); ``key_env = "VAR"`` means ``key = "${VAR}"``."""
+def _config_file(file: Path | Traversable, env: Mapping[str, str]) -> dict[str, Any]:
+    """The TOML file, read once even when it is a pipe (``--config /dev/stdin``: pydantic-settings'
+    TOML source skips what is not a regular file and so served the defaults), with the secrets
+    it names filled from ``env``. A ``[[keys]]`` table without a name is named by its position
+    (key0, key1, …); ``key_env = "VAR"`` means ``key = "${VAR}"``."""
+    with file.open("rb") as handle:
+        document = tomllib.load(handle)
+    if isinstance(keys := document.get("keys"), list):
+        document["keys"] = fill_secrets([_named_key(index, table) for index, table in enumerate(keys)], ("key",), env)
+    if "providers" in document:
+        document["providers"] = fill_secrets(document["providers"], ("headers", "params"), env)
+    return document
 
-    def __init__(self, file: Path | Traversable, env: Mapping[str, str]) -> None:
-        file.open("rb").close()  # the stock source takes a missing file for an empty one
-        super().__init__(Settings, toml_file=file)
-        self.env = env
 
-    def __call__(self) -> dict[str, Any]:
-        document = super().__call__()
-        if isinstance(keys := document.get("keys"), list):
-            document["keys"] = fill_secrets([self._key(index, table) for index, table in enumerate(keys)], ("key",), self.env)
-        if "providers" in document:
-            document["providers"] = fill_secrets(document["providers"], ("headers", "params"), self.env)
-        return document
-
-    @staticmethod
-    def _key(index: int, table: Any) -> Any:
-        if isinstance(table, dict) and "key_env" in table:
-            table = {name: value for name, value in table.items() if name != "key_env"} | {"key": f"${{{table['key_env']}}}"}
-        return {"name": f"key{index}"} | table if isinstance(table, dict) else table
+def _named_key(index: int, table: Any) -> Any:
+    if isinstance(table, dict) and "key_env" in table:
+        table = {name: value for name, value in table.items() if name != "key_env"} | {"key": f"${{{table['key_env']}}}"}
+    return {"name": f"key{index}"} | table if isinstance(table, dict) else table
 
 
 class _Environment(EnvSettingsSource):
@@ -190,7 +186,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     chosen = path or env.get("STREAM_CONFIG")
     source = str(chosen) if chosen else "built-in default config"
     try:
-        document = _ConfigFile(Path(chosen) if chosen else resources.files("stream").joinpath("default.toml"), env)()
+        document = _config_file(Path(chosen) if chosen else resources.files("stream").joinpath("default.toml"), env)
     except OSError as exc:
         raise ConfigError([f"config: cannot read {source}: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:

@@ -188,3 +188,12 @@ def test_tail_accepts_a_relative_since_after_a_space():
     result = run("tail", "news.>", "--since", "-10m", "--url", "http://127.0.0.1:9")
     assert "expected one argument" not in result.stderr
     assert "cannot connect" in result.stderr or "127.0.0.1:9" in result.stderr, result.stderr
+
+
+def test_check_reads_a_config_from_a_pipe():
+    """`stream check --config /dev/stdin` checks what is piped in (it used to say ok to anything)."""
+    command = [sys.executable, "-m", "stream", "check", "--config", "/dev/stdin"]
+    broken = subprocess.run(command, input='[server]\nport = "x"\n', capture_output=True, text=True, timeout=60)
+    assert broken.returncode == 1 and broken.stdout.startswith("server.port: expected an integer"), broken
+    good = subprocess.run(command, input="[server]\nport = 9001\n", capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and "listen 127.0.0.1:9001" in good.stdout, good
