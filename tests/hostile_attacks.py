@@ -215,6 +215,19 @@ async def silent(port: int, source: str, timeout: float) -> float | None:
     return closed_after
 
 
+async def answered_then_silent(port: int, source: str, request: bytes, timeout: float) -> tuple[Response | None, float | None]:
+    """Send one request, read its answer, then say nothing: the answer, and the seconds from it
+    until the server closed the socket (None if it did not within ``timeout``)."""
+    reader, writer = await open_stream(port, source)
+    try:
+        writer.write(request)
+        answer = await read_response(reader, timeout)
+        _, closed_after = await wait_closed(reader, timeout)
+        return answer, closed_after
+    finally:
+        writer.transport.abort()
+
+
 async def stalled_body(port: int, source: str, key: str, timeout: float) -> float | None:
     """A publish announcing 1,000 bytes of body that sends 10 and stops; seconds from then until
     the server closed the socket, or None. (With a key, so the server has to wait for the body.)"""

@@ -23,6 +23,7 @@ from .hostile_attacks import (
     ATTACKERS,
     AttackWebSocket,
     allow_open_files,
+    answered_then_silent,
     churn,
     closed_by_peer,
     endless_head,
@@ -146,6 +147,32 @@ async def test_slowloris_heads_idle_sockets_and_stalled_bodies_are_closed(server
     assert body is not None, f"a stalled body still open after {BODY_TIMEOUT + SLACK} s"
     # Not before their time either: a slow but honest client gets the whole timeout.
     assert min(trickled + idle) >= HEAD_TIMEOUT - 0.5 and body >= BODY_TIMEOUT - 0.5, (min(trickled + idle), body)
+    canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
+
+
+async def test_idle_keep_alive_sockets_are_counted_then_closed():
+    """200 keep-alive sockets from 127.0.0.2 that got one answer and then say nothing count as
+    HTTP connections while they stay, and are closed keep_alive_timeout (+ slack) after it."""
+    keep_alive = 1
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with Server(config(f"keep_alive_timeout = {keep_alive}\n")) as server:
+        with Canary(server) as canary:
+            async with httpx.AsyncClient() as http:
+
+                async def http_connections() -> float:
+                    return metric_total((await http.get(f"{server.url}/metrics")).text, 'stream_connections{transport="http"}') or 0.0
+
+                before = await http_connections()  # the canary's and this client's
+                idle = [asyncio.ensure_future(answered_then_silent(server.port, ATTACKERS[0], request, keep_alive + SLACK)) for _ in range(200)]
+                counted = before
+                while counted < before + 200 and not all(task.done() for task in idle):
+                    counted = max(counted, await http_connections())
+                fared = await asyncio.gather(*idle)
+    assert counted >= before + 200, f"{counted - before} more HTTP connections counted while 200 idle ones were open"
+    assert all(answer is not None and answer.status == 200 for answer, _ in fared), fared[:3]
+    closed = [after for _, after in fared]
+    assert None not in closed, f"{closed.count(None)} of 200 idle keep-alive sockets still open after {keep_alive + SLACK} s"
+    assert min(closed) >= keep_alive - 0.5, min(closed)  # the whole timeout, not less
     canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
 
 
@@ -465,13 +492,16 @@ async def test_long_polls_past_the_per_client_limit_get_503():
 
 async def test_x_forwarded_for_does_not_dodge_the_per_client_limit():
     """With forwarded_allow_ips left empty and max_connections_per_client = 50, 80 long-polls from
-    127.0.0.2 each claiming a different X-Forwarded-For leave 50 held and refuse the other 30."""
+    127.0.0.1 (where a proxy would sit, and an address once trusted by default) each claiming a
+    different X-Forwarded-For all count against 127.0.0.1: together with the canary's own
+    connections from there, 50 are held and the rest refused with 503."""
     with Server(config("max_connections_per_client = 50\n")) as server:
         with Canary(server) as canary:
             requests = [_long_poll(f"198.51.100.{i + 1}") for i in range(80)]
-            fared = await hold_requests(server.port, ATTACKERS[0], requests, refusals=30, timeout=10)
-    assert fared.held == 50 and len(fared.answers) == 30, fared
-    assert all(answer.status == 503 for answer in fared.answers), fared.answers
+            fared = await hold_requests(server.port, "127.0.0.1", requests, refusals=30, timeout=10)
+    # The canary holds its WebSocket, its publishing and its /healthz connections from 127.0.0.1.
+    assert 40 <= fared.held <= 49 and fared.held + len(fared.answers) == 80, fared
+    assert all(answer.status == 503 and answer.error_code() == "over_capacity" for answer in fared.answers), fared.answers
     canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
 
 

@@ -163,13 +163,16 @@ async def test_too_many_patterns(server):
 
 
 async def test_frame_over_the_limit_closes_with_1009(server):
-    """A message over max_frame_bytes (64 KiB) closes the connection with 1009."""
+    """A message over max_frame_bytes (64 KiB) closes the connection with 1009, counted in
+    stream_sockets_closed_total{reason="frame_too_large"}."""
+    before = metric_now(server, 'stream_sockets_closed_total{reason="frame_too_large"}')
     async with connect(server.ws_url, max_size=None) as ws:
         await recv(ws)
         await ws.send("x" * (64 * 1024 + 1))
         with pytest.raises(websockets.ConnectionClosedError):
             await recv(ws)
     assert ws.close_code == 1009
+    assert metric_now(server, 'stream_sockets_closed_total{reason="frame_too_large"}') == before + 1
 
 
 async def test_publish_over_max_event_bytes_is_refused():

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from websockets.datastructures import Headers
+from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, State
@@ -97,6 +98,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.strikes = 0  # ops refused in a row by the rate limit
         self.stall: StallWatch | None = None
         self.flooded = False  # closed for flooding: nothing more it sends is read
+        self.broken = False  # closed because a frame could not be parsed (too big, malformed)
         self.write_paused = False
         self.throttle: asyncio.TimerHandle | None = None  # reading paused for the address's op share
         self.unread: list[bytes] = []  # received while throttled (at most one read's worth)
@@ -182,8 +184,11 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._frame(event)
             self._throttle_if_due()
         self._flush()
-        if self.conn.parser_exc is not None:
+        if self.conn.parser_exc is not None and not self.broken:
             # websockets already queued the close frame (1009 too big, 1002, 1007); stop here.
+            self.broken = True
+            if self.runtime is not None:
+                self.runtime.closed["frame_too_large" if isinstance(self.conn.parser_exc, PayloadTooBig) else "bad_frame"] += 1
             self._stop_delivery()
             self._flush()
 
