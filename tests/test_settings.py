@@ -22,6 +22,11 @@ def test_built_in_defaults_match_the_spec():
     assert (server.history_size, server.history_ttl, server.max_event_bytes) == (10_000, 3600.0, 65536)
     assert (server.subscriber_buffer, server.sse_heartbeat, server.ws_ping_interval) == (1000, 15.0, 20.0)
     assert server.public == (">",) and settings.keys == ()
+    # Hostile clients: every bound an anonymous client meets.
+    assert (server.max_head_bytes, server.head_timeout, server.body_timeout, server.keep_alive_timeout) == (65536, 10.0, 30.0, 5.0)
+    assert (server.max_connections, server.max_connections_per_client, server.ws_ops_rate, server.ws_ops_burst) == (10_000, 1000, 50.0, 100)
+    assert (server.max_topics, server.history_bytes, server.write_stall_timeout) == (100_000, 256 * 1024 * 1024, 30.0)
+    assert (server.publish_rate, server.forwarded_allow_ips, server.metrics_public, server.providers_public) == (100.0, (), True, True)
 
 
 def test_environment_overrides_server_settings(tmp_path):
