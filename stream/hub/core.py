@@ -167,13 +167,14 @@ class Hub:
         if window is None:
             self._write(events)
             return
-        since = window.arrived()
+        window.arrived()
         holding = window.holding
         if holding is not None:
             for event in events:  # inside a write window: held, and written when it ends
                 self._fanout(event, holding)
-                window.held(holding)
+                window.held()
             return
+        since = time.thread_time()
         try:
             self._write(events)
         finally:
@@ -197,8 +198,7 @@ class Hub:
             try:
                 sub.release()
             except Exception:
-                log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
-                self.detach(sub)
+                self._failed(sub)
         holding.clear()
 
     def _gap_all(self, reason: str) -> None:
@@ -242,14 +242,16 @@ class Hub:
                                 frame = encode(event)
                             sub.deliver(event, symbols, hold, frame)
                     except Exception:
-                        # A broken connection must not stop the fan-out to everyone else.
-                        log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
-                        self.detach(sub)
+                        self._failed(sub)  # a broken connection must not stop the fan-out to everyone else
         for observe in self.observers:
             try:
                 observe(event)
             except Exception:
                 log.exception("an observer of the hub failed on %s", event.topic)  # the fan-out goes on
+
+    def _failed(self, sub: Subscriber) -> None:
+        log.exception("delivery to a %s subscriber failed; detaching it", sub.transport_name)
+        self.detach(sub)
 
     # -- subscribing ----------------------------------------------------------------------
 

@@ -53,20 +53,18 @@ class WriteWindow:
         self.last = time.monotonic()  # when events were last accepted
         self.streak = 0  # events in a row that found the loop loaded
 
-    def arrived(self) -> float:
-        """The hub accepts events: was the loop loaded since the last? Returns the CPU clock,
-        for ``wrote`` once they are written."""
+    def arrived(self) -> None:
+        """The hub accepts events: was the loop loaded since the last?"""
         now = time.monotonic()
         self.streak = self.streak + 1 if self.busy >= self.load * (now - self.last) else 0
         self.last = now
-        return time.thread_time()
 
-    def held(self, holding: list[Subscriber]) -> None:
-        """One more event was fanned out into the open window (``holding``)."""
+    def held(self) -> None:
+        """One more event was fanned out into the open window."""
         self.events += 1
-        if self.events >= MAX_EVENTS:
+        if self.events >= MAX_EVENTS and self.holding is not None:
             self.events = 0
-            self.release(holding)  # the window stays open, empty
+            self.release(self.holding)  # the window stays open, empty
 
     def wrote(self, since: float) -> None:
         """Writes that began at CPU time ``since`` are done; under load, a window opens."""

@@ -28,7 +28,7 @@ import orjson
 from ..errors import HeadTimeout, HeadTooLarge, StreamError
 from ..limits import Admission
 from ..uvicorn_seam import HttpToolsProtocol
-from .stall import StallWatch, drop
+from .stall import StallWatch, drop, drop_stalled
 
 __all__ = ["HttpProtocol", "StreamSink", "StreamingProtocol"]
 
@@ -220,9 +220,8 @@ class HttpProtocol(HttpToolsProtocol):
     def _stalled(self) -> None:
         if self.transport.get_protocol() is not self:
             return
-        log.info("closing HTTP connection from %s: accepted no output for %g s", self._host(), self.stall.timeout)  # type: ignore[union-attr]
-        self.runtime.closed["write_stall"] += 1
-        drop(self.transport)  # connection_lost follows: the request's cycle and any stream end there
+        # connection_lost follows: the request's cycle and any stream end there.
+        drop_stalled(self.transport, self.runtime.closed, f"HTTP connection from {self._host()}", self.stall.timeout)  # type: ignore[union-attr]
 
     def _refuse(self, exc: StreamError, reason: str) -> None:
         """Answer a request that never got as far as the app, and close."""
@@ -309,9 +308,7 @@ class StreamingProtocol(asyncio.Protocol):
 
     def _stalled(self) -> None:
         peer = self.transport.get_extra_info("peername")
-        log.info("closing HTTP connection from %s: accepted no output for %g s", peer[0] if peer else "?", self.stall.timeout)
-        self.runtime.closed["write_stall"] += 1
-        drop(self.transport)
+        drop_stalled(self.transport, self.runtime.closed, f"HTTP stream to {peer[0] if peer else '?'}", self.stall.timeout)
 
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}

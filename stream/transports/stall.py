@@ -9,11 +9,15 @@ reads slowly keeps its connection: any progress restarts the clock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["StallWatch", "drop"]
+__all__ = ["StallWatch", "drop", "drop_stalled"]
+
+log = logging.getLogger("stream")
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -29,6 +33,13 @@ def drop(transport: asyncio.Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def drop_stalled(transport: asyncio.Transport, closed: Counter[str], who: str, timeout: float | None) -> None:
+    """Drop a client that accepted no output for ``timeout`` seconds: one log line, one count."""
+    log.info("dropping %s: accepted no output for %g s", who, timeout)
+    closed["write_stall"] += 1
+    drop(transport)
 
 
 class StallWatch:

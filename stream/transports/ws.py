@@ -42,7 +42,7 @@ from ..limits import Admission, TokenBucket
 from ..runtime import Runtime
 from . import ws_ops
 from .params import check_origin
-from .stall import StallWatch, drop
+from .stall import StallWatch, drop, drop_stalled
 
 __all__ = ["WebSocketProtocol"]
 
@@ -261,10 +261,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _stalled(self) -> None:
         assert self.runtime is not None and self.stall is not None
-        log.info("dropping WebSocket %s: accepted no output for %g s", self.client_host, self.stall.timeout)
-        self.runtime.closed["write_stall"] += 1
         self._stop_delivery()
-        drop(self.transport)
+        drop_stalled(self.transport, self.runtime.closed, f"WebSocket {self.client_host}", self.stall.timeout)
 
     # -- called by uvicorn and the runtime ------------------------------------------------
 
