@@ -161,6 +161,9 @@ def test_a_closed_subscriber_gets_nothing_it_held():
         sub.close()
         await wait_for(lambda: hub.window.holding is None)
         assert len(sink.writes) == 1 and sub.sent == 1  # the held one was never delivered
+        # What the hub books for a closed subscriber is what it wrote, not what it held then.
+        transport = sub.transport_name
+        assert hub.stats.sent_by_closed[transport] == 1 and hub.stats.writes_by_closed[transport] == 1
 
     asyncio.run(run())
 

@@ -346,6 +346,9 @@ class Hub:
         sub.wants.clear()
         if sub.state is not State.CLOSED:
             sub.set_state(State.CLOSED)
+        if sub.held:  # counted as sent when held for the write window, and now never written
+            sub.sent -= len(sub.held)
+            sub.held = None
         if sub in self.subscribers:
             self.subscribers.discard(sub)
             closed = self.stats.sent_by_closed

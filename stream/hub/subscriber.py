@@ -256,16 +256,13 @@ class Subscriber:
         """Write the frames held for the write window now, in one write. The hub calls it when
         the window ends; the transport before anything else it writes (a reply, a close)."""
         held = self.held
-        if held is not None:
+        if held is not None:  # a closed subscriber holds nothing: the hub's detach let it go
             self.held = None
-            if self.state is State.CLOSED:
-                self.sent -= len(held)  # counted when held, never written
+            if len(held) > 1:
+                self.merged += len(held) - 1
+                self.write(b"".join(held))
             else:
-                if len(held) > 1:
-                    self.merged += len(held) - 1
-                    self.write(b"".join(held))
-                else:
-                    self.write(held[0])
+                self.write(held[0])
 
     # -- flow control -----------------------------------------------------------------------
 
