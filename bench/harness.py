@@ -44,6 +44,13 @@ KEY = "bench-publisher-key"
 TICK = os.sysconf("SC_CLK_TCK")
 PIPELINE = 8  # publish requests written and not yet answered, at most
 PAD = "x" * 150  # makes a published message about 250 bytes on the wire, as in the issue
+CLIENT_ADDRESSES = 8  # subscriber processes connect from 127.0.0.1-8, spreading loopback ports
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds process ``pid`` has used, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -141,11 +148,11 @@ class RunningServer:
         user = system = 0.0
         for pid in self.pids():
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                more_user, more_system = proc_cpu(pid)
             except FileNotFoundError:
                 continue
-            user += int(fields[11]) / TICK
-            system += int(fields[12]) / TICK
+            user += more_user
+            system += more_system
         return user, system
 
     def rss_kb(self) -> int:
@@ -174,7 +181,7 @@ class RunningServer:
 class Clients:
     """Client processes holding ``total`` connections between them."""
 
-    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0, addresses: int = 8) -> None:
+    def __init__(self, server: RunningServer, transport: str, total: int, processes: int, stall: int = 0) -> None:
         path = server.spec.ws_path if transport == "ws" else server.spec.sse_path
         self.files: list[str] = []
         self.procs: list[subprocess.Popen[str]] = []
@@ -184,7 +191,7 @@ class Clients:
             latencies = tempfile.mktemp(prefix="stream-bench-", suffix=".f64")
             self.files.append(latencies)
             command = [PYTHON, str(BENCH / "client.py"), "--transport", transport, "--url", server.url, "--path", path,
-                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % addresses}"]
+                       "--count", str(count), "--latencies", latencies, "--source", f"127.0.0.{1 + index % CLIENT_ADDRESSES}"]
             if stall and index == 0:
                 command += ["--stall", str(stall)]
             self.procs.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))

@@ -12,11 +12,10 @@ import shutil
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import redis
-from harness import CHILDREN, STREAM, TICK, Clients, RunningServer, free_port, publish
+from harness import CHILDREN, STREAM, Clients, RunningServer, free_port, proc_cpu, publish
 
 __all__ = ["RedisProcess", "scaleout"]
 
@@ -26,6 +25,8 @@ class RedisProcess:
 
     def __init__(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="stream-bench-redis-")
@@ -47,8 +48,7 @@ class RedisProcess:
         redis.Redis(port=self.port).flushall()
 
     def cpu(self) -> tuple[float, float]:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / TICK, int(fields[12]) / TICK
+        return proc_cpu(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -67,8 +67,6 @@ def _ready(node: RunningServer) -> None:
 def scaleout(result_type, record, subscribers: int, rate: float, seconds: float) -> tuple[list, dict]:
     """(same-node and cross-node results, broker figures). ``result_type`` / ``record`` are
     run.py's Result and record, so the rows print in the same table as the other scenarios."""
-    if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
     redis_server = RedisProcess()
     env = {"STREAM_BROKER": redis_server.url}
     nodes: list[RunningServer] = []
