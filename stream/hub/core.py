@@ -202,12 +202,17 @@ class Hub:
         holding.clear()
 
     def _gap_all(self, reason: str) -> None:
-        """The broker reloaded its store after losing events (its data: "epoch"; history while
-        away: "history"): every subscriber is told, then reads what the store now holds after
-        what it had (everything, for a new epoch), as if it had resumed."""
+        """The broker reloaded its store after losing events: its data ("epoch": every subscriber
+        is told, then reads everything the store now holds), or entries trimmed before this node
+        read them ("history": each subscriber reads on from its own position, and is told of the
+        hole after it when it meets it)."""
+        trimmed = self.store.history.trimmed_seq
         for sub in list(self.subscribers):
-            if sub.announce_gap(reason, 0 if reason == "epoch" else sub.last_seq):
-                self.stats.gap(reason)
+            if reason == "epoch":
+                if sub.resync(trimmed, "epoch"):
+                    self.stats.gap(reason)
+            else:
+                sub.resync(sub.position)
 
     def _count(self, event: Event) -> None:
         event.policy = self.policy_for(event.topic)

@@ -91,6 +91,7 @@ class Reader:
             event = history.at(index)
             if event is None:
                 # Caught up: every later event is newer than the head and arrives live.
+                sub.last_seq = max(sub.last_seq, sub.cursor)
                 sub.set_state(State.LIVE)
                 return count
             index += 1

@@ -3,8 +3,10 @@
 Keys (all under ``stream:``):
 
     stream:epoch      the hub's epoch: created once (SET NX); only losing Redis's data loses it
-    stream:events     one Redis Stream of every event in accept order: fields e (epoch), t (topic),
-                      d (data JSON), and p on a primed value (a retained value that is not an event)
+    stream:events     one Redis Stream of every event in accept order: fields e (epoch), n (the
+                      entry's number, counted by stream:count), t (topic), d (data JSON), and p on
+                      a primed value (a retained value that is not an event)
+    stream:count      how many entries were ever added: numbers them, so a reader sees a hole
     stream:retained   hash topic -> "<entry id> <-|p> <data JSON>", written by the same script
                       as the XADD, so a snapshot and the stream never disagree
 
@@ -22,6 +24,12 @@ with Retry-After), subscribers stay connected; the reader reconnects with backof
 from its last entry id, so every event accepted meanwhile (by other nodes) arrives once. If the
 epoch key is gone when it comes back (FLUSHALL, a new Redis), a new epoch starts: the store is
 emptied and every subscriber is sent an ``epoch`` gap.
+
+Falling behind: the stream is trimmed to about ``history_size`` entries, so a node that stops
+reading for a while (a stalled process, a slow link) can find entries gone that it never read.
+Entries are numbered, so the reader sees the hole at the first entry it reads after it: it
+reloads its store from Redis, and every subscriber is sent a ``history`` gap after the last event
+it got, then what the store still holds.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ __all__ = ["RedisBroker", "seq_of"]
 log = logging.getLogger("stream.broker")
 
 PREFIX = "stream:"
-EPOCH, EVENTS, RETAINED = PREFIX + "epoch", PREFIX + "events", PREFIX + "retained"
+EPOCH, EVENTS, RETAINED, COUNT = PREFIX + "epoch", PREFIX + "events", PREFIX + "retained", PREFIX + "count"
 READ_BLOCK_MS = 1000  # one XREAD waits this long for new entries before checking the epoch
 READ_COUNT = 1000  # entries one XREAD returns at most: one fan-out batch
 SEEN_WAIT = 2.0  # seconds a publish waits for this node's reader to see its events
@@ -62,7 +70,8 @@ POOL_SIZE = 32  # connections for publishes and leases; more publishes at once w
 FUTURE_SLACK_MS = 60_000  # a `since` id may be this far ahead of this node's clock (skew, lag)
 
 # Publishes drafts (or, with ARGV[4] == "1", primes the topics that have no retained value) in
-# one atomic step: XADD to the stream, HSET the retained value, trim by count and by age.
+# one atomic step: number each entry, XADD it to the stream, HSET the retained value, trim by
+# count and by age.
 # Refuses with STREAMEPOCH when the epoch key is not the caller's (Redis lost its data).
 _SCRIPT = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
@@ -76,10 +85,11 @@ for i = 5, #ARGV, 2 do
     ids[#ids + 1] = ''
   else
     local id
+    local n = redis.call('INCR', KEYS[4])
     if prime then
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 't', topic, 'd', data, 'p', '1')
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'n', n, 't', topic, 'd', data, 'p', '1')
     else
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 't', topic, 'd', data)
+      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'n', n, 't', topic, 'd', data)
     end
     redis.call('HSET', KEYS[2], topic, id .. (prime and ' p ' or ' - ') .. data)
     ids[#ids + 1] = id
@@ -102,8 +112,10 @@ def seq_of(entry_id: bytes | str) -> int:
     return int(ms) * 1_000_000 + int(n)
 
 
-def _entry_id(seq: int) -> str:
-    return f"{seq // 1_000_000}-{seq % 1_000_000}"
+def _number(fields: dict[bytes, bytes]) -> int | None:
+    """An entry's number (None for one written before entries were numbered)."""
+    value = fields.get(b"n")
+    return None if value is None else int(value)
 
 
 class RedisBroker(Broker):
@@ -135,6 +147,8 @@ class RedisBroker(Broker):
         self._reader_redis: Any = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **options)
         self._script = self.redis.register_script(_SCRIPT)
         self._last_id = "0-0"
+        self._last_n: int | None = None  # the number of the last entry read (None: unknown)
+        self._behind = False  # entries after the last one read were trimmed before it read them
         self._problem: str | None = "connecting to Redis"
         self._connected = False
         self._ever_connected = False
@@ -206,7 +220,7 @@ class RedisBroker(Broker):
         for draft in drafts:
             args += [draft.topic, draft.data_json]
         try:
-            ids = await self._script(keys=[EVENTS, RETAINED, EPOCH], args=args)
+            ids = await self._script(keys=[EVENTS, RETAINED, EPOCH, COUNT], args=args)
         except ResponseError as exc:
             if "STREAMEPOCH" not in str(exc):
                 raise
@@ -291,10 +305,11 @@ class RedisBroker(Broker):
                 self.epoch_changes += 1
                 log.warning("broker: Redis has a new epoch %s (its data was lost); subscribers get an epoch gap", epoch)
             self._announce_gap("epoch")  # subscribers that came while Redis was away included
-        elif self._last_id != "0-0" and await self._trimmed_past_last_read():
-            log.warning("broker: history was trimmed past this node's last read entry while Redis was away; reloading")
+        elif self._behind or (self._last_id != "0-0" and await self._trimmed_past_last_read()):
+            log.warning("broker: the stream was trimmed past this node's last read entry %s (it fell behind); reloading", self._last_id)
             await self._load(epoch)
             self._announce_gap("history")
+        self._behind = False
         if self._ever_connected and not self._connected:
             self.reconnects += 1
             log.info("broker: connected to Redis again; reading on from entry %s", self._last_id)
@@ -330,6 +345,7 @@ class RedisBroker(Broker):
         self.store.clear()
         self.store.load(history, retained, trimmed, int(self._clock() * 1000))
         self._last_id = newest[0][0].decode() if newest else "0-0"
+        self._last_n = _number(newest[0][1]) if newest else None
         self.last_read_seq = seq_of(self._last_id)
         self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
         log.info("broker: loaded %d events and %d retained values from Redis", len(history), len(retained))
@@ -355,6 +371,15 @@ class RedisBroker(Broker):
                 entries = entries[:index]
                 self._resync.set()
                 break
+            number = _number(fields)
+            if number is not None and self._last_n is not None and number != self._last_n + 1:
+                # Entries between the last one read and this one were trimmed unread: reload, and
+                # tell every subscriber, before delivering anything after the hole.
+                entries = entries[:index]
+                self._behind = True
+                self._resync.set()
+                break
+            self._last_n = number
             event = self._event((entry_id, fields))
             (primed if event.primed else events).append(event)
         if not entries:

@@ -237,15 +237,23 @@ class Subscriber:
             self._enqueue(event)
         # CATCHING_UP reads this event from history itself; CLOSED wants nothing.
 
-    def announce_gap(self, reason: str, cursor: int) -> bool:
-        """The broker reloaded its store (it lost data): send a gap (``after`` unknown) before
-        anything else, then catch up from the store after ``cursor``, as a resume does. False if
-        closed."""
+    @property
+    def position(self) -> int:
+        """The seq after which this subscriber still needs events: everything up to it has been
+        written or queued (or did not match)."""
+        return self.cursor if self.state is State.CATCHING_UP else self.last_seq
+
+    def resync(self, cursor: int, gap: str | None = None) -> bool:
+        """The broker reloaded its store: catch up from the store after ``cursor``, as a resume
+        does; reading finds and announces any hole after it (a ``history`` gap). ``gap`` sends
+        a gap of that reason (``after`` unknown) first: the broker's data was lost ("epoch").
+        Whether a gap was announced now; False if closed."""
         if self.state is State.CLOSED:
             return False
-        announced = self.pending_gap is None
-        if announced:
-            self.pending_gap = (None, reason)
+        announced = False
+        if gap is not None and self.pending_gap is None:
+            self.pending_gap = (None, gap)
+            announced = True
         self.cursor = cursor
         if self.state is State.LIVE:
             self.set_state(State.CATCHING_UP)
