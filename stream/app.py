@@ -34,7 +34,7 @@ from .auth import Auth
 from .errors import StreamError
 from .hub import Broker, Hub, HubConfig, MemoryBroker, Policy
 from .hub.store import Store
-from .leases import Leases, RedisLeases
+from .leases import Leases
 from .limits import SocketLimits, TrustedProxies
 from .metrics import Metrics
 from .pollers import Pollers
@@ -117,9 +117,14 @@ def build(settings: Settings) -> Service:
     leases = Leases()
     if server.broker.startswith(("redis://", "rediss://")):
         from .hub.redis_broker import RedisBroker  # redis-py is loaded only for a Redis hub
+        from .redis_leases import RedisLeases
 
-        broker = RedisBroker(server.broker, store, history_size=server.history_size, history_ttl=server.history_ttl)
-        leases = RedisLeases(broker.redis, broker.node, server.lease_ttl)
+        broker = RedisBroker(
+            server.broker, store, history_size=server.history_size, history_ttl=server.history_ttl, timeout=server.redis_timeout
+        )
+        # A pool of their own, so publishes never delay a renewal: a keeper and a save per provider.
+        polled = sum(1 for provider in settings.providers if provider.enabled)
+        leases = RedisLeases(broker.link.client(2 * polled + 1), broker.node, server.lease_ttl, server.redis_timeout)
     else:
         broker = MemoryBroker(store)
     hub = Hub(_hub_config(settings), broker)

@@ -11,6 +11,8 @@
     ├── ValidationFailed            validation_error 422
     ├── HeadTimeout                 head_timeout    408
     ├── HeadTooLarge                head_too_large  431
+    ├── LeaseLost                   lease_lost      409 (a provider's publish after its lease moved on;
+    │                                                    the poller's, never a client's)
     ├── RateLimited                 rate_limited    429 (a RetryLater: with Retry-After)
     ├── Unavailable                 not_ready / over_capacity 503
     │   └── BrokerUnavailable       broker_unavailable 503 (also a RetryLater)
@@ -32,6 +34,7 @@ __all__ = [
     "Forbidden",
     "HeadTimeout",
     "HeadTooLarge",
+    "LeaseLost",
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
@@ -108,6 +111,14 @@ class HeadTimeout(StreamError):
 class HeadTooLarge(StreamError):
     code = "head_too_large"
     status = 431
+
+
+class LeaseLost(StreamError):
+    """A provider's publish (or save) carried the fence of a lease another node has taken since:
+    refused, so a node that lost its lease mid-poll never publishes what the new holder does."""
+
+    code = "lease_lost"
+    status = 409
 
 
 class RetryLater(StreamError):

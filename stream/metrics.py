@@ -84,8 +84,7 @@ class _HubCollector(Collector):
             sockets.refused,
         )
         yield _by_reason("stream_sockets_closed", "Sockets the server closed on a misbehaving client", runtime.closed)
-        refused = Counter(runtime.publish_refused)
-        refused["too_many_topics"] += stats.topics_refused
+        refused = Counter({"too_many_topics": stats.topics_refused, "rate_limited": stats.rate_limited})
         yield _by_reason("stream_publish_refused", "Publishes refused by a limit", refused)
         yield CounterMetricFamily(
             "stream_ws_ops_refused", "WebSocket ops and control frames refused by the op rate", value=runtime.ops_refused

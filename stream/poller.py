@@ -30,9 +30,9 @@ from typing import Any
 import httpx
 import orjson
 
-from .errors import StreamError, UpstreamError
+from .errors import BrokerUnavailable, LeaseLost, StreamError, UpstreamError
 from .fetch import fetch
-from .hub import Draft, Hub
+from .hub import Draft, Fence, Hub
 from .leases import Leases
 from .provider_settings import ProviderSettings
 from .providers import Item, Parsed, parse
@@ -90,7 +90,8 @@ class Poller:
         self.last_modified: str | None = None
         self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
         self.primed = False
-        self.restored: int | None = None  # the lease term whose state this poller took over
+        self.restored: int | None = None  # the fence of the lease whose saved state this poller took over
+        self.fence: Fence | None = None  # the lease this poll runs under: its writes carry it
         self.dirty = False  # dedup memory or validators changed since they were last saved
         self.polls = 0
         self.not_modified = 0
@@ -117,18 +118,26 @@ class Poller:
             if not self.leases.holds(name):
                 await sleep(STANDBY_CHECK)
                 continue
+            # Every write of this poll carries the lease it began under: if another node takes
+            # the lease meanwhile, Redis refuses them (LeaseLost), and the poll is discarded.
+            self.fence = fence = self.leases.fence(name)
             try:
-                if self.restored != self.leases.term(name):
-                    # A new term of the lease (first, or regained after another node held it):
+                token = fence.token if fence is not None else 0
+                if self.restored != token:
+                    # A new taking of the lease (first, or regained after another node held it):
                     # whoever held it meanwhile changed the state, so take it from Redis again.
-                    await self._restore()
+                    await self._restore(token)
                 delay = await self.poll_once()
-                if self.leases.holds(name):  # a poll that outlived its lease leaves the state alone
-                    if self.dirty:
-                        await self._save()
-                    await self.leases.save_status(name, self.status())
+                await self._persist()
             except asyncio.CancelledError:
                 raise
+            except LeaseLost:
+                log.info("provider %s: the lease passed to another node during this poll; its result is discarded", name)
+                self.restored = None  # the new holder's state is the one to start from next time
+                delay = STANDBY_CHECK
+            except BrokerUnavailable as exc:  # the saved state could not be read: no poll without it
+                log.warning("provider %s: %s", name, exc.message)
+                delay = STANDBY_CHECK
             except Exception:
                 log.exception("provider %s: unexpected error while polling", name)
                 delay = self._failed(UpstreamError("internal", "unexpected error (see the log)"), time.monotonic())
@@ -136,7 +145,7 @@ class Poller:
 
     # -- state shared with the next lease holder ------------------------------------------
 
-    async def _restore(self) -> None:
+    async def _restore(self, token: int) -> None:
         """Take over what the previous holder of the lease saved, and every headline of this
         provider the hub already holds (it may have published some and died before saving)."""
         state = await self.leases.load(self.provider.name)
@@ -150,7 +159,18 @@ class Poller:
                 if isinstance(data, dict) and data.get("provider") == self.provider.name and isinstance(data.get("id"), str):
                     self.seen[data["id"]] = None
                     self.primed = True
-        self.restored = self.leases.term(self.provider.name)
+        self.restored = token
+
+    async def _persist(self) -> None:
+        """Save the dedup memory and validators (if they changed) and the status for the other
+        nodes. Redis not answering costs nothing but the save: the state stays dirty and is
+        saved after the next poll."""
+        try:
+            if self.dirty:
+                await self._save()
+            await self.leases.save_status(self.provider.name, self.status(), self.fence)
+        except BrokerUnavailable as exc:
+            log.warning("provider %s: %s", self.provider.name, exc.message)
 
     async def _save(self) -> None:
         state = {
@@ -159,7 +179,7 @@ class Poller:
             "primed": self.primed,
             "seen": [[key, None if value is None else value.decode()] for key, value in self.seen.items()],
         }
-        await self.leases.save(self.provider.name, state)
+        await self.leases.save(self.provider.name, state, self.fence)
         self.dirty = False  # only once saved: a failed save is tried again after the next poll
 
     async def poll_once(self) -> float:
@@ -252,7 +272,9 @@ class Poller:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
                 try:
-                    primed = await self.hub.prime(self._drafts(fresh))
+                    primed = await self.hub.prime(self._drafts(fresh), fence=self.fence)
+                except LeaseLost:
+                    raise
                 except StreamError as exc:  # the broker is away: prime at the next poll, publish nothing
                     log.warning("provider %s: could not prime: %s", provider.name, exc.message)
                     return
@@ -269,7 +291,9 @@ class Poller:
         drafts = self._drafts(fresh)
         if drafts:
             try:
-                events = await self.hub.publish_many(drafts)
+                events = await self.hub.publish_many(drafts, fence=self.fence)
+            except LeaseLost:
+                raise
             except StreamError as exc:  # a hub limit (max_topics): tried again at the next poll
                 self.items_skipped += len(drafts)
                 log.warning("provider %s: %d items not published: %s", provider.name, len(drafts), exc.message)

@@ -18,7 +18,7 @@ import httpx
 from . import __version__
 from .errors import StreamError
 from .events import Event
-from .hub import Hub
+from .hub import Draft, Hub
 from .leases import Leases
 from .poller import Poller
 from .provider_settings import ProviderSettings
@@ -122,32 +122,37 @@ class Pollers:
         except StreamError:
             log.exception("cannot publish the status of provider %s", poller.provider.name)
             return
-        task = asyncio.get_running_loop().create_task(self.hub.publish_many([draft]))
+        task = asyncio.get_running_loop().create_task(self._publish_status(poller.provider.name, draft))
         self._status_tasks.add(task)
         task.add_done_callback(self._status_tasks.discard)
 
+    async def _publish_status(self, name: str, draft: Draft) -> None:
+        try:
+            await self.hub.publish_many([draft])
+        except StreamError as exc:  # Redis away: the next change publishes the state anew
+            log.info("provider %s: its status was not published on %s: %s", name, STATUS_TOPIC, exc.message)
+
     def statuses(self) -> list[dict[str, Any]]:
-        if self.pollers:
-            # A provider polled by another node: the status its holder last saved.
-            return [self.leases.status_elsewhere(p.provider.name) or p.status() for p in self.pollers]
-        # Not started (no server yet): report the configuration.
-        return [
-            {
-                "name": p.name,
-                "kind": p.kind,
-                "state": "ok" if p.enabled else "disabled",
-                "last_ok": None,
-                "last_error": None,
-                "next_poll": None,
-                "polls": 0,
-                "not_modified": 0,
-                "items_published": 0,
-                "items_skipped": 0,
-                "consecutive_failures": 0,
-                "node": None,
-            }
-            for p in self.providers
-        ]
+        """Each provider's status as the node polling it sees it. A node that does not hold a
+        provider's lease shows what the holder last saved, never its own idle poller; ``node``
+        names the holder, null when none is known (nobody holds it, or Redis is unreachable)."""
+        if not self.pollers:  # not started (no server yet): the configuration
+            return [_idle_status(provider, None) for provider in self.providers]
+        statuses = []
+        for poller in self.pollers:
+            name = poller.provider.name
+            if self.leases.holds(name) or not poller.provider.enabled:
+                statuses.append(poller.status())
+                continue
+            holder = self.leases.holder(name)
+            saved = self.leases.status_elsewhere(name)
+            status = dict(saved) if saved is not None else _idle_status(poller.provider, holder)
+            status["node"] = holder
+            if holder is None:
+                status["next_poll"] = None
+                status["last_error"] = "not polled now: no node is known to hold its lease (Redis unreachable, or it is being taken over)"
+            statuses.append(status)
+        return statuses
 
     def saw(self, event: Event) -> None:
         """Every event the hub accepts: keep the headlines of this hub's news providers."""
@@ -186,3 +191,21 @@ class Pollers:
             found.append((stamp, event.seq, event))
         found.sort(reverse=True, key=lambda entry: (entry[0], entry[1]))
         return [event for _, _, event in found[:limit]]
+
+
+def _idle_status(provider: ProviderSettings, node: str | None) -> dict[str, Any]:
+    """The status of a provider nobody here has polled yet: its configuration."""
+    return {
+        "name": provider.name,
+        "kind": provider.kind,
+        "state": "ok" if provider.enabled else "disabled",
+        "last_ok": None,
+        "last_error": None,
+        "next_poll": None,
+        "polls": 0,
+        "not_modified": 0,
+        "items_published": 0,
+        "items_skipped": 0,
+        "consecutive_failures": 0,
+        "node": node,
+    }

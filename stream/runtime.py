@@ -17,14 +17,14 @@ from typing import Protocol
 
 from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
-from .hub import Hub
+from .hub import Charge, Hub
 from .limits import SocketLimits, TokenBucket, TrustedProxies
 from .pollers import Pollers
 from .settings import Settings
 
 __all__ = ["Connection", "Runtime"]
 
-_MAX_BUCKETS = 10_000  # publish rate buckets kept before idle (full) ones are dropped
+_MAX_BUCKETS = 10_000  # per-address op buckets and turns kept before they are forgotten
 
 log = logging.getLogger("stream")
 
@@ -70,10 +70,8 @@ class Runtime:
         self._client_ops: dict[str, TokenBucket] = {}  # per address, may go into debt
         self._ops_turns: dict[str, float] = {}  # per address: when the last connection waiting for its share wakes
         self._ops_spent: Counter[str] = Counter()  # op work not yet charged to its address's bucket
-        self.publish_refused: Counter[str] = Counter()  # by reason
         self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
-        self._publish_buckets: dict[tuple[str, str], TokenBucket] = {}  # by (principal kind, name)
         self._expiries: dict[Connection, asyncio.TimerHandle] = {}  # connections opened with a JWT
         self.started = False
         self.stopping = False  # readiness off and no new streams; set as soon as SIGTERM arrives
@@ -204,38 +202,18 @@ class Runtime:
             if timer is not None:
                 timer.cancel()
 
-    def charge_publish(self, principal: Principal | None, count: int) -> None:
-        """Spend ``count`` events of the key's publish rate (SPEC §6), or raise RateLimited."""
+    def publish_charge(self, principal: Principal | None, count: int) -> Charge | None:
+        """What publishing ``count`` events costs ``principal``'s rate (SPEC §6), for the broker to
+        spend with the publish itself (so the rate holds for the whole hub); a batch over the
+        burst can never pass and is refused here."""
         if principal is None:
-            return
+            return None
         server = self.settings.server
         rate = principal.publish_rate or server.publish_rate
         burst = principal.publish_burst or server.publish_burst
-        now = time.monotonic()
-        buckets = self._publish_buckets
-        bucket = buckets.get((principal.kind, principal.name))
-        if bucket is None:
-            if len(buckets) >= _MAX_BUCKETS:  # every JWT subject gets one: forget the idle ones
-                self._forget_full_buckets(now)
-            bucket = buckets[(principal.kind, principal.name)] = TokenBucket(rate, burst, now)
         if count > burst:
-            raise RateLimited(
-                f"body: {count} events exceed this key's burst of {burst}; split the batch",
-                retry_after=count / rate,
-            )
-        if not bucket.take(now, count):
-            self.publish_refused["rate_limited"] += 1
-            wait = bucket.wait_time(count)
-            raise RateLimited(
-                f"{principal.kind} {principal.name!r} is over its publish rate of {rate:g} events/s; retry in {wait:.2f} s",
-                retry_after=wait,
-            )
-
-    def _forget_full_buckets(self, now: float) -> None:
-        """A full bucket is the same as a new one: dropping it forgets nothing."""
-        for name, bucket in list(self._publish_buckets.items()):
-            if bucket.take(now, 0) and bucket.tokens >= bucket.burst:
-                del self._publish_buckets[name]
+            raise RateLimited(f"body: {count} events exceed this key's burst of {burst}; split the batch", retry_after=count / rate)
+        return Charge(f"{principal.kind} {principal.name!r}", f"{principal.kind}:{principal.name}", rate, burst, count)
 
     def charge_ops(self, host: str, cost: int = 1) -> None:
         """WebSocket op work from ``host``: 1 per op or control frame, plus 1 per pattern beyond

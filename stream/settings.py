@@ -78,6 +78,7 @@ class ServerSettings(Frozen):
     shutdown_timeout: Positive = 8.0  # seconds SIGTERM waits for connections before cancelling
     broker: str = "memory://"  # memory:// (one process) or redis://… / rediss://… (one hub over many processes)
     lease_ttl: Annotated[float, Field(ge=1)] = 10.0  # seconds a provider lease lasts unrenewed (Redis; renewed every third)
+    redis_timeout: Annotated[float, Field(ge=0.05, le=10)] = 1.0  # seconds any one Redis command (or wait for a connection) may take
     public: Annotated[tuple[Pattern, ...], Commas] = (">",)  # patterns anyone may subscribe to
     jwt_secret: TextOrOff = Field(default=None, repr=False)  # HS256 tokens; best set as STREAM_JWT_SECRET
     jwt_public_key: TextOrOff = None  # path to a PEM public key: RS256 (RSA) or ES256 (EC P-256) tokens

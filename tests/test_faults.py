@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 
 import httpx
 import orjson
 import pytest
 from httpx_sse import aconnect_sse
+from starlette.responses import Response
 
-from .faults import RawSSE, Received, delivery_problems, stopped
-from .support import publish, wait_for
-from .test_scaleout import Cluster, nodes
+from .faults import Link, RawSSE, Received, delivery_problems, stopped
+from .support import AUTH, Server, metric_now, publish, wait_for
+from .test_scaleout import Cluster, cluster_config, nodes
+from .upstream import Upstream
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +119,236 @@ def b_has(node, event_id: str) -> bool:
     """Whether ``node`` has read ``event_id`` (it answers it as a resume point with nothing new)."""
     answer = httpx.get(f"{node.url}/api/events", params={"topics": ">", "limit": 1}).json()
     return answer["next"] == event_id
+
+
+async def publish_timed(client: httpx.AsyncClient, node, data: dict) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await client.post(f"{node.url}/api/publish", json={"topic": "hang.x", "data": data}, headers=AUTH)
+    return response, time.monotonic() - started
+
+
+async def until_status(client: httpx.AsyncClient, url: str, status: int, timeout: float) -> float:
+    """Poll ``url`` every 20 ms until it answers ``status``; the seconds that took."""
+    started = time.monotonic()
+    while (await client.get(url)).status_code != status:
+        assert time.monotonic() - started < timeout, f"{url} did not answer {status} within {timeout} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def until_accepted(client: httpx.AsyncClient, node, accepted: list[str], timeout: float) -> float:
+    """Publish every 20 ms until one is accepted (202); the seconds that took."""
+    started = time.monotonic()
+    while True:
+        response = await client.post(f"{node.url}/api/publish", json={"topic": "hang.x", "data": {"back": True}}, headers=AUTH)
+        if response.status_code == 202:
+            accepted += response.json()["ids"]
+            return time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert time.monotonic() - started < timeout, f"publishes still refused {timeout} s after Redis came back"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_hung_redis_is_noticed_within_two_seconds_and_forgotten_within_two_of_its_return(redis_server):
+    """redis-server frozen with SIGSTOP (a hung Redis: it refuses nothing): a publish answers 503
+    with Retry-After within 1.5 s and /readyz turns 503 within 2 s; after SIGCONT both are back
+    within 2 s, and the subscriber on the other node has every accepted event once, with no gap."""
+    with Cluster(nodes(redis_server.url, 2)) as (a, b):
+        async with httpx.AsyncClient(timeout=10) as client, sse_subscriber(client, f"{b.url}/sse?topics=hang.>") as received:
+            accepted = await publish(client, a, [{"topic": "hang.x", "data": {"n": n}} for n in range(5)])
+            with stopped(redis_server.proc):
+                frozen = time.monotonic()
+                refused, took = await publish_timed(client, a, {"n": "frozen"})
+                await until_status(client, f"{a.url}/readyz", 503, 5)
+                not_ready = time.monotonic() - frozen
+                await until_status(client, f"{b.url}/readyz", 503, 5)
+                still, _ = await publish_timed(client, b, {"n": "frozen"})
+            back = await until_accepted(client, a, accepted, 5)
+            ready = await until_status(client, f"{b.url}/readyz", 200, 5)
+            accepted += await publish(client, b, [{"topic": "hang.x", "data": {"n": n}} for n in range(5, 10)])
+            await wait_for(lambda: accepted[-1] in received.ids, 10)
+    assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+    assert took < 1.5, f"a publish to a hung Redis took {took:.2f} s to be refused"
+    assert not_ready < 2.0, f"/readyz turned 503 {not_ready:.2f} s after Redis hung"
+    assert still.status_code == 503
+    assert back < 2.0 and ready < 2.0, f"publishes back after {back:.2f} s, /readyz after {ready:.2f} s"
+    assert delivery_problems(accepted, received) == [] and not received.gaps
+
+
+async def test_a_partition_that_drops_packets_is_noticed_like_a_hung_redis_and_loses_nothing(redis_server):
+    """Node A reaches Redis through a link that is then blackholed (nothing refused, nothing
+    answered): A refuses publishes within 1.5 s and is not ready within 2 s, while node B goes on
+    publishing; once the link heals A is back within 2 s and its subscriber has everything B
+    accepted meanwhile, once."""
+    with Link(redis_server.port) as link, Cluster([Server(cluster_config(link.url)), Server(cluster_config(redis_server.url))]) as (a, b):
+        async with httpx.AsyncClient(timeout=10) as client, sse_subscriber(client, f"{a.url}/sse?topics=hang.>") as received:
+            accepted = await publish(client, b, [{"topic": "hang.x", "data": {"n": n}} for n in range(5)])
+            link.blackhole()
+            cut_off = time.monotonic()
+            refused, took = await publish_timed(client, a, {"n": "partitioned"})
+            await until_status(client, f"{a.url}/readyz", 503, 5)
+            not_ready = time.monotonic() - cut_off
+            for n in range(5, 25):
+                accepted += await publish(client, b, {"topic": "hang.x", "data": {"n": n}})
+            link.heal()
+            back = await until_accepted(client, a, accepted, 5)
+            await wait_for(lambda: accepted[-1] in received.ids, 10)
+    assert refused.status_code == 503 and took < 1.5, (refused.status_code, took)
+    assert not_ready < 2.0 and back < 2.0, (not_ready, back)
+    assert delivery_problems(accepted, received) == [] and not received.gaps
+
+
+class GatedFeed:
+    """A JSON news upstream whose headlines the test sets, and which can hold its next answer
+    until released (the upstream runs in a thread of its own)."""
+
+    def __init__(self) -> None:
+        self.upstream = Upstream()
+        self.items: list[dict] = []
+        self.gate: threading.Event | None = None
+        self.held = threading.Event()  # a request is being held
+        self.url = self.upstream.route("/news.json", self.answer)
+
+    async def answer(self, request, hit: int) -> Response:
+        items = list(self.items)  # what upstream has at the moment the request arrives
+        gate = self.gate
+        if gate is not None:
+            self.gate = None
+            self.held.set()
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        return Response(orjson.dumps({"items": items}), media_type="application/json")
+
+    def headline(self, n: int) -> dict:
+        return {"id": f"h{n}", "title": f"Headline {n}", "symbols": ["AAPL"]}
+
+
+def provider_block(url: str, name: str = "wire", interval: float = 1, timeout: float = 30) -> str:
+    return f"""
+[[providers]]
+name = "{name}"
+kind = "json"
+url = "{url}"
+topic = "news.{name}"
+interval = {interval}
+jitter = 0
+timeout = {timeout}
+items = "items"
+"""
+
+
+def status_of(node, name: str = "wire") -> dict:
+    return next(p for p in httpx.get(f"{node.url}/api/providers").json() if p["name"] == name)
+
+
+def holder_of(servers, name: str = "wire"):
+    node_id = status_of(servers[0], name)["node"]
+    return next(s for s in servers if node_id and node_id.split(":")[1] == str(s.proc.pid)), node_id
+
+
+def headline_ids(node) -> list[str]:
+    events = httpx.get(f"{node.url}/api/events", params={"topics": "news.>", "since": "-1h", "limit": 1000}).json()["events"]
+    return [event["data"]["id"] for event in events]
+
+
+async def test_a_poll_that_outlives_its_lease_publishes_nothing_the_new_holder_published(redis_server):
+    """The holder A is frozen (SIGSTOP) mid-poll, with upstream's answer (a new headline) already
+    on its socket; B takes the lease and publishes the headline; A wakes and finishes its poll:
+    Redis refuses A's publish (its fence is old), and the headline is in history once."""
+    feed = GatedFeed()
+    feed.items = [feed.headline(0)]
+    feed.upstream.start()
+    try:
+        with Cluster(nodes(redis_server.url, 2, toml=cluster_config(redis_server.url) + provider_block(feed.url))) as servers:
+            await wait_for(lambda: status_of(servers[0])["polls"] >= 1 and status_of(servers[0])["node"], 20)
+            a, _ = holder_of(servers)
+            b = next(s for s in servers if s is not a)
+            feed.items = [feed.headline(0), feed.headline(1)]
+            gate = feed.gate = threading.Event()
+            await wait_for(feed.held.is_set, 10)  # A's next poll is waiting for its answer
+            with stopped(a.proc):
+                gate.set()  # the answer goes to A's socket; A is frozen
+                await wait_for(lambda: "h1" in headline_ids(b), 20)  # B took over and published it
+            await wait_for(lambda: "result is discarded" in a.output() or headline_ids(b).count("h1") > 1, 20)
+            published = headline_ids(b)
+    finally:
+        feed.upstream.stop()
+    assert published.count("h1") == 1, f"h1 published {published.count('h1')} times: {published}"
+    assert "result is discarded" in a.output()
+
+
+async def test_lease_renewals_do_not_wait_for_each_other_or_for_publishes(redis_server):
+    """Eight providers, a 150 ms link to Redis each way and 64 publishes always in flight on that
+    node: no lease lapses (each renews on its own, on a pool of its own), so the node keeps
+    every lease it took."""
+    feed = GatedFeed()
+    feed.upstream.start()
+    providers = "".join(provider_block(feed.url, f"p{n}", interval=60) for n in range(8))
+    try:
+        with Link(redis_server.port) as link, Cluster([Server(cluster_config(link.url, lease_ttl=6) + providers)]) as (node,):
+            await wait_for(lambda: metric_now(node, "stream_lease_changes_total") >= 8, 20)
+            link.delay(0.15)
+            stop = asyncio.Event()
+            async with httpx.AsyncClient(timeout=30) as client:
+
+                async def keep_publishing() -> None:
+                    while not stop.is_set():
+                        await client.post(f"{node.url}/api/publish", json={"topic": "load.x", "data": {}}, headers=AUTH)
+
+                load = [asyncio.create_task(keep_publishing()) for _ in range(64)]
+                started = time.monotonic()
+                while time.monotonic() - started < 9:  # three renewal periods (lease_ttl / 3 = 2 s) and more
+                    assert metric_now(node, "stream_lease_changes_total") == 8, "a lease lapsed"
+                    await asyncio.sleep(0.25)
+                stop.set()
+                await asyncio.gather(*load, return_exceptions=True)
+            link.heal()
+    finally:
+        feed.upstream.stop()
+
+
+async def test_every_node_shows_the_holders_status_and_none_claims_a_lease_it_lost(redis_server):
+    """A standby node shows the status the holder saved (its polls, node = holder), not its own
+    idle poller; a holder cut off from Redis stops naming itself (node null and why) while the
+    other node takes over; once healed, it shows the new holder's status."""
+    feed = GatedFeed()
+    feed.items = [feed.headline(0)]
+    feed.upstream.start()
+    try:
+        with Link(redis_server.port) as link:
+            toml = provider_block(feed.url)
+            with Cluster([Server(cluster_config(link.url) + toml)]) as (a,):
+                await wait_for(lambda: status_of(a)["polls"] >= 2, 20)  # A holds it: the only node
+                with Cluster([Server(cluster_config(redis_server.url) + toml)]) as (b,):
+                    await wait_for(lambda: status_of(b)["polls"] >= 3, 20)
+                    on_b, on_a = status_of(b), status_of(a)
+                    assert on_b["node"] == on_a["node"] and on_a["node"].split(":")[1] == str(a.proc.pid)
+                    link.blackhole()
+                    await wait_for(lambda: (status_of(b)["node"] or "").split(":")[1:2] == [str(b.proc.pid)], 20)
+                    cut_off = status_of(a)
+                    link.heal()
+                    await wait_for(lambda: status_of(a)["node"] == status_of(b)["node"], 20)
+                    await wait_for(lambda: status_of(a)["polls"] == status_of(b)["polls"], 20)
+    finally:
+        feed.upstream.stop()
+    assert cut_off["node"] is None and "no node is known" in cut_off["last_error"], cut_off
+
+
+async def test_a_keys_publish_rate_holds_for_the_cluster_not_per_node(redis_server):
+    """A key allowed 5 events/s (burst 5) publishing on two nodes in turn gets about 5 events/s
+    accepted in all, not 5 on each node."""
+    key = '\n[[keys]]\nname = "slow"\nkey = "slow-publisher-key"\npublish = [">"]\npublish_rate = 5\npublish_burst = 5\n'
+    with Cluster(nodes(redis_server.url, 2, toml=cluster_config(redis_server.url) + key)) as (a, b):
+        async with httpx.AsyncClient(timeout=10) as client:
+            started = time.monotonic()
+            answers = []
+            for n in range(40):
+                node = (a, b)[n % 2]
+                response = await client.post(f"{node.url}/api/publish", json={"topic": "rate.x", "data": {"n": n}},
+                                             headers={"Authorization": "Bearer slow-publisher-key"})
+                answers.append(response)
+            elapsed = time.monotonic() - started
+    accepted = sum(1 for r in answers if r.status_code == 202)
+    refused = [r for r in answers if r.status_code != 202]
+    assert all(r.status_code == 429 and r.headers.get("retry-after") for r in refused)
+    assert accepted <= 5 + 5 * elapsed + 1, f"{accepted} accepted in {elapsed:.2f} s: the rate is per node"

@@ -303,11 +303,11 @@ def test_items_whose_publish_failed_are_tried_again():
     original = hub.publish_many
     calls = {"n": 0}
 
-    async def failing_once(drafts):
+    async def failing_once(drafts, **guards):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("broker down")
-        return await original(drafts)
+        return await original(drafts, **guards)
 
     hub.publish_many = failing_once  # type: ignore[method-assign]
 

@@ -25,8 +25,8 @@ from .upstream import Upstream
 pytestmark = pytest.mark.slow
 
 
-def cluster_config(redis_url: str, extra: str = "") -> str:
-    return KEYS + f'\n[server]\nbroker = "{redis_url}"\nlease_ttl = 2.0\n{extra}'
+def cluster_config(redis_url: str, extra: str = "", lease_ttl: float = 2.0) -> str:
+    return KEYS + f'\n[server]\nbroker = "{redis_url}"\nlease_ttl = {lease_ttl}\n{extra}'
 
 
 def nodes(redis_url: str, count: int, extra: str = "", toml: str | None = None) -> list[Server]:

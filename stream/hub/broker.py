@@ -8,6 +8,10 @@ replaces all of that without touching routing.
 
 ``MemoryBroker`` does it all synchronously inside ``publish``; a Redis broker appends to a
 stream and records what its reader sees, so every node accepts the same events in one order.
+
+A publish may carry a ``Fence`` (a provider's lease: refused once another node took it) and a
+``Charge`` (the publisher's rate: checked by the broker with the publish itself, so it holds
+for the whole hub).
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import RateLimited
 from ..events import Event, format_id, new_epoch
+from ..limits import TokenBucket
 from .store import Store
 
-__all__ = ["Broker", "Draft", "MemoryBroker"]
+__all__ = ["Broker", "Charge", "Draft", "Fence", "MemoryBroker"]
+
+_MAX_BUCKETS = 10_000  # publishers' rate buckets kept before idle (full) ones are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +39,32 @@ class Draft:
     topic: str
     data: Any
     data_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A publish is accepted only while ``key`` in the broker still holds ``token``: the value a
+    node got when it took a provider's lease, which the next holder's taking moves on."""
+
+    key: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a publish costs its publisher: ``count`` events from the bucket named ``bucket``
+    (``rate`` per second, at most ``burst`` saved up). ``who`` names the publisher in messages."""
+
+    who: str
+    bucket: str
+    rate: float
+    burst: int
+    count: int
+
+    def refused(self, wait: float) -> RateLimited:
+        return RateLimited(
+            f"{self.who} is over its publish rate of {self.rate:g} events/s; retry in {wait:.2f} s", retry_after=wait
+        )
 
 
 class Broker(abc.ABC):
@@ -71,17 +105,19 @@ class Broker(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def publish(self, drafts: list[Draft]) -> list[Event]:
-        """Accept drafts into history, in order; return them as events once accepted."""
+    async def publish(self, drafts: list[Draft], *, fence: Fence | None = None, charge: Charge | None = None) -> list[Event]:
+        """Accept drafts into history, in order; return them as events once accepted. Raises
+        RateLimited past the ``charge``'s rate, LeaseLost once the ``fence`` moved on."""
 
     @abc.abstractmethod
-    async def prime(self, drafts: list[Draft]) -> list[Event]:
+    async def prime(self, drafts: list[Draft], *, fence: Fence | None = None) -> list[Event]:
         """Make drafts the retained values of topics that have none yet, publishing no event
         (SPEC §7); the last draft of a topic wins. Returns the values retained."""
 
 
 class MemoryBroker(Broker):
-    """One process is the whole hub: a counter orders events, the store keeps them."""
+    """One process is the whole hub: a counter orders events, the store keeps them, and a fence
+    always holds (no other process can take a lease)."""
 
     def __init__(self, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
         self.epoch = new_epoch()
@@ -89,9 +125,24 @@ class MemoryBroker(Broker):
         self._clock = clock
         self._seq = 0
         self._last_ts = 0
+        self._buckets: dict[str, TokenBucket] = {}
 
-    async def publish(self, drafts: list[Draft]) -> list[Event]:
+    async def publish(self, drafts: list[Draft], *, fence: Fence | None = None, charge: Charge | None = None) -> list[Event]:
+        if charge is not None:
+            self._charge(charge, time.monotonic())
         return self.publish_now(drafts)
+
+    def _charge(self, charge: Charge, now: float) -> None:
+        buckets = self._buckets
+        bucket = buckets.get(charge.bucket)
+        if bucket is None:
+            if len(buckets) >= _MAX_BUCKETS:  # every JWT subject gets one: forget the idle ones
+                for name, idle in list(buckets.items()):
+                    if idle.take(now, 0) and idle.tokens >= idle.burst:  # full: the same as a new one
+                        del buckets[name]
+            bucket = buckets[charge.bucket] = TokenBucket(charge.rate, charge.burst, now)
+        if not bucket.take(now, charge.count):
+            raise charge.refused(bucket.wait_time(charge.count))
 
     def publish_now(self, drafts: list[Draft]) -> list[Event]:
         """The synchronous core of ``publish``, for callers that already run on the loop."""
@@ -108,7 +159,7 @@ class MemoryBroker(Broker):
         self._accept(events)
         return events
 
-    async def prime(self, drafts: list[Draft]) -> list[Event]:
+    async def prime(self, drafts: list[Draft], *, fence: Fence | None = None) -> list[Event]:
         store = self.store
         latest = {draft.topic: draft for draft in drafts if draft.topic not in store.retained}
         # Stamped with the current position: a state as of now, not a point in history.

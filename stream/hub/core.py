@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest, Forbidden, PayloadTooLarge, TooManySubscriptions, TooManyTopics
+from ..errors import BadRequest, Forbidden, PayloadTooLarge, RateLimited, TooManySubscriptions, TooManyTopics
 from ..events import Event, Since, encode_data, format_id
 from ..topics import Pattern, PatternIndex, is_system, validate_topic
-from .broker import Broker, Draft, MemoryBroker
+from .broker import Broker, Charge, Draft, Fence, MemoryBroker
 from .reading import Reader
 from .routes import Route, WakeSink
 from .stats import HubStats
@@ -130,10 +130,15 @@ class Hub:
         (event,) = await self.publish_many([self.draft(topic, data, internal=internal)])
         return event
 
-    async def publish_many(self, drafts: list[Draft]) -> list[Event]:
-        """Publish validated drafts in order; all were validated before any is accepted."""
+    async def publish_many(self, drafts: list[Draft], *, fence: Fence | None = None, charge: Charge | None = None) -> list[Event]:
+        """Publish validated drafts in order; all were validated before any is accepted.
+        ``charge`` spends the publisher's rate, ``fence`` guards a provider's lease (see Broker)."""
         self._check_topics(drafts)
-        return await self.broker.publish(drafts)
+        try:
+            return await self.broker.publish(drafts, fence=fence, charge=charge)
+        except RateLimited:
+            self.stats.rate_limited += 1
+            raise
 
     def _check_topics(self, drafts: list[Draft]) -> None:
         new = self.store.new_topics(draft.topic for draft in drafts)
@@ -144,11 +149,11 @@ class Hub:
                 f"{self.config.max_topics} topics (max_topics); publish to an existing topic"
             )
 
-    async def prime(self, drafts: list[Draft]) -> int:
+    async def prime(self, drafts: list[Draft], *, fence: Fence | None = None) -> int:
         """Make ``drafts`` the retained values of topics that have none yet, publishing no event
         (a provider's first poll, SPEC §7). Returns how many topics got a value."""
         wanted = len(self.store.new_topics(draft.topic for draft in drafts))
-        primed = await self.broker.prime(drafts)
+        primed = await self.broker.prime(drafts, fence=fence)
         for event in primed:
             event.policy = self.policy_for(event.topic)
         self.stats.topics_refused += wanted - len(primed)

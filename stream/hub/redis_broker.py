@@ -1,14 +1,6 @@
 """The Redis broker (SPEC §10): any number of processes on any number of hosts, one hub.
 
-Keys (all under ``stream:``):
-
-    stream:epoch      the hub's epoch: created once (SET NX); only losing Redis's data loses it
-    stream:events     one Redis Stream of every event in accept order: fields e (epoch), n (the
-                      entry's number, counted by stream:count), t (topic), d (data JSON), and p on
-                      a primed value (a retained value that is not an event)
-    stream:count      how many entries were ever added: numbers them, so a reader sees a hole
-    stream:retained   hash topic -> "<entry id> <-|p> <data JSON>", written by the same script
-                      as the XADD, so a snapshot and the stream never disagree
+The keys it keeps in Redis, and the scripts that write them, are in ``redis_scripts``.
 
 An event's seq is its entry id ``<ms>-<n>`` as ``ms * 1_000_000 + n``: global, strictly
 increasing on every node, and its ``ts`` is the ``ms`` (Redis's clock, one for all nodes).
@@ -19,11 +11,13 @@ into this node's :class:`~.store.Store` and then to the hub's fan-out; replay, `
 XREVRANGE and HSCAN when the node connects): no subscriber ever causes Redis traffic. A publish
 returns once its XADD succeeded and this node's reader has seen it (read-your-writes on a node).
 
-Losing Redis: ``problem()`` says so (``/readyz`` 503), publishes get ``BrokerUnavailable`` (503
-with Retry-After), subscribers stay connected; the reader reconnects with backoff and goes on
-from its last entry id, so every event accepted meanwhile (by other nodes) arrives once. If the
-epoch key is gone when it comes back (FLUSHALL, a new Redis), a new epoch starts: the store is
-emptied and every subscriber is sent an ``epoch`` gap.
+Losing Redis (refused, or hung: see ``redis_link``): every command is bounded by
+``redis_timeout``, and from the first failed health check ``problem()`` says so (``/readyz``
+503) and publishes get ``BrokerUnavailable`` (503 with Retry-After) at once; subscribers stay
+connected. The reader rejoins when Redis answers again and goes on from its last entry id, so
+every event accepted meanwhile (by other nodes) arrives once. If the epoch key is gone when it
+comes back (FLUSHALL, a new Redis), a new epoch starts: the store is emptied and every
+subscriber is sent an ``epoch`` gap.
 
 Falling behind: the stream is trimmed to about ``history_size`` entries, so a node that stops
 reading for a while (a stalled process, a slow link) can find entries gone that it never read.
@@ -46,64 +40,30 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..errors import BrokerUnavailable
+from ..errors import BrokerUnavailable, LeaseLost
 from ..events import Event, format_id, new_epoch
-from .broker import Broker, Draft
+from .broker import Broker, Charge, Draft, Fence
+from .redis_link import RedisLink, redis_failure
+from .redis_scripts import PREFIX, PUBLISH
 from .store import Store
 
 __all__ = ["RedisBroker", "seq_of"]
 
 log = logging.getLogger("stream.broker")
 
-PREFIX = "stream:"
 EPOCH, EVENTS, RETAINED, COUNT = PREFIX + "epoch", PREFIX + "events", PREFIX + "retained", PREFIX + "count"
+RATE = PREFIX + "rate:"
 READ_BLOCK_MS = 1000  # one XREAD waits this long for new entries before checking the epoch
 READ_COUNT = 1000  # entries one XREAD returns at most: one fan-out batch
 SEEN_WAIT = 2.0  # seconds a publish waits for this node's reader to see its events
-BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0)  # seconds between reconnects, the last repeated
-POOL_SIZE = 32  # connections for publishes and leases; more publishes at once wait for one
+# Seconds between the reader's attempts to rejoin, the last repeated; it also tries at once
+# when the health check finds Redis answering again.
+BACKOFF = (0.1, 0.2, 0.5, 1.0)
+POOL_SIZE = 32  # connections for publishes; more publishes at once wait (at most redis_timeout) for one
+LOAD_PAGE = 1000  # entries one XREVRANGE reads when loading history: each answer comes within redis_timeout
 FUTURE_SLACK_MS = 60_000  # a `since` id may be this far ahead of this node's clock (skew, lag)
-
-# Publishes drafts (or, with ARGV[4] == "1", primes the topics that have no retained value) in
-# one atomic step: number each entry, XADD it to the stream, HSET the retained value, trim by
-# count and by age.
-# Refuses with STREAMEPOCH when the epoch key is not the caller's (Redis lost its data).
-_SCRIPT = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then
-  return redis.error_reply('STREAMEPOCH the hub epoch changed')
-end
-local prime = ARGV[4] == '1'
-local ids = {}
-for i = 5, #ARGV, 2 do
-  local topic, data = ARGV[i], ARGV[i + 1]
-  if prime and redis.call('HEXISTS', KEYS[2], topic) == 1 then
-    ids[#ids + 1] = ''
-  else
-    local id
-    local n = redis.call('INCR', KEYS[4])
-    if prime then
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'n', n, 't', topic, 'd', data, 'p', '1')
-    else
-      id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1], 'n', n, 't', topic, 'd', data)
-    end
-    redis.call('HSET', KEYS[2], topic, id .. (prime and ' p ' or ' - ') .. data)
-    ids[#ids + 1] = id
-  end
-end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  local now = redis.call('TIME')
-  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - ttl
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d', cutoff))
-end
-return ids
-"""
-
 
 def seq_of(entry_id: bytes | str) -> int:
     """A stream entry id ``<ms>-<n>`` as one strictly increasing integer."""
@@ -128,6 +88,7 @@ class RedisBroker(Broker):
         *,
         history_size: int,
         history_ttl: float | None,
+        timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -137,22 +98,16 @@ class RedisBroker(Broker):
         self._maxlen = history_size
         self._ttl_ms = 0 if history_ttl is None else int(history_ttl * 1000)
         self._clock = clock
-        options: dict[str, Any] = {"socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
-        # Commands never retry by themselves: a publish whose answer was lost must not be added twice.
-        # A burst of publishes waits for one of POOL_SIZE connections instead of failing (redis-py's
-        # default pool raises past 100, which would look like losing Redis).
-        # Typed Any: redis-py's replies are unions of every shape a command can answer.
-        pool = BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5, **options)
-        self.redis: Any = Redis(connection_pool=pool)
-        self._reader_redis: Any = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 5, **options)
-        self._script = self.redis.register_script(_SCRIPT)
+        self._wake = asyncio.Event()  # the health check's verdict changed: the reader retries at once
+        self.link = RedisLink(url, timeout, on_change=self._wake.set)
+        self.redis: Any = self.link.client(POOL_SIZE)
+        self._reader_redis: Any = self.link.blocking_client(READ_BLOCK_MS / 1000)
+        self._script = self.redis.register_script(PUBLISH)
         self._last_id = "0-0"
         self._last_n: int | None = None  # the number of the last entry read (None: unknown)
         self._behind = False  # entries after the last one read were trimmed before it read them
-        self._problem: str | None = "connecting to Redis"
-        self._connected = False
-        self._ever_connected = False
-        self._warned = False  # the current outage has been logged
+        self._unjoined: str | None = "connecting to Redis"  # why the reader is not reading (None: it is)
+        self._ever_joined = False
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_count = 0
@@ -168,10 +123,12 @@ class RedisBroker(Broker):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await self._connect()
-        except RedisError as exc:
-            self._lost(exc)
+        await self.link.start()
+        if self.link.problem is None:
+            try:
+                await self._connect()
+            except RedisError as exc:
+                self._unjoin(exc)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="redis reader")
 
     async def close(self) -> None:
@@ -180,6 +137,7 @@ class RedisBroker(Broker):
             self._task.cancel()
             # A read cancelled inside redis-py may wait on its socket: closing the clients ends it.
             await asyncio.wait({self._task}, timeout=1)
+        await self.link.close()
         for client in (self.redis, self._reader_redis):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2)
@@ -187,52 +145,78 @@ class RedisBroker(Broker):
             await asyncio.wait({self._task}, timeout=2)
 
     def problem(self) -> str | None:
-        return self._problem
+        """Why publishing is refused now: Redis does not answer the health check, or this node's
+        reader has not (re)joined the stream. None when both are fine."""
+        return self.link.problem or self._unjoined
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, drafts: list[Draft]) -> list[Event]:
+    async def publish(self, drafts: list[Draft], *, fence: Fence | None = None, charge: Charge | None = None) -> list[Event]:
         if not drafts:
             return []
-        ids = await self._call(drafts, prime=False)
+        ids = await self._call(drafts, prime=False, fence=fence, charge=charge)
         events = []
         for draft, entry in zip(drafts, ids, strict=True):
             events.append(self._make(entry, draft.topic, draft.data, draft.data_json))
         await self._seen(events[-1].seq)
         return events
 
-    async def prime(self, drafts: list[Draft]) -> list[Event]:
+    async def prime(self, drafts: list[Draft], *, fence: Fence | None = None) -> list[Event]:
         latest = {draft.topic: draft for draft in drafts if draft.topic not in self.store.retained}
         room = max(0, self.store.max_topics - len(self.store.retained))
         latest = dict(list(latest.items())[:room])
         if not latest:
             return []
-        ids = await self._call(list(latest.values()), prime=True)
+        ids = await self._call(list(latest.values()), prime=True, fence=fence)
         written = [seq_of(entry) for entry in ids if entry]
         if written:
             await self._seen(max(written))
         return [self.store.retained[topic] for topic, entry in zip(latest, ids, strict=True) if entry and topic in self.store.retained]
 
-    async def _call(self, drafts: list[Draft], *, prime: bool) -> list[bytes]:
-        if not self._connected:
-            raise BrokerUnavailable(f"broker: Redis is unreachable ({self._problem}); retry shortly", retry_after=1)
-        args: list[Any] = [self.epoch, self._maxlen, self._ttl_ms, "1" if prime else "0"]
+    async def _call(self, drafts: list[Draft], *, prime: bool, fence: Fence | None = None, charge: Charge | None = None) -> list[bytes]:
+        problem = self.problem()
+        if problem is not None:
+            raise BrokerUnavailable(f"broker: {problem}; retry shortly", retry_after=1)
+        keys = [EVENTS, RETAINED, EPOCH, COUNT, fence.key if fence else PREFIX + "fence", RATE + (charge.bucket if charge else "")]
+        args: list[Any] = [self.epoch, self._maxlen, self._ttl_ms, "1" if prime else "0", fence.token if fence else ""]
+        args += [charge.rate, charge.burst, charge.count] if charge else ["", "", ""]
+        args.append(self.link.deadline())
         for draft in drafts:
             args += [draft.topic, draft.data_json]
         try:
-            ids = await self._script(keys=[EVENTS, RETAINED, EPOCH, COUNT], args=args)
+            # The whole call, a wait for a pooled connection and a reconnect included.
+            async with asyncio.timeout(self.link.timeout):
+                ids = await self._script(keys=keys, args=args)
         except ResponseError as exc:
-            if "STREAMEPOCH" not in str(exc):
-                raise
-            self._resync.set()  # the reader starts the new epoch
-            raise BrokerUnavailable("broker: Redis lost its data and a new epoch is starting; retry", retry_after=1) from None
-        except RedisError as exc:
-            self._lost(exc)
-            raise BrokerUnavailable(f"broker: Redis is unreachable ({exc.__class__.__name__}); retry shortly", retry_after=1) from None
+            raise self._refused(str(exc), charge) from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            # This publish fails alone; whether Redis is down is the health check's verdict.
+            raise self._late(redis_failure(exc)) from None
         written = [seq_of(entry) for entry in ids if entry]
         if written:
             self.last_written_seq = max(self.last_written_seq, max(written))
         return ids
+
+    def _late(self, why: str) -> BrokerUnavailable:
+        # Redis refuses the script past its deadline, which comes before this node gave up:
+        # a publish answered so was not accepted, and may be sent again.
+        return BrokerUnavailable(
+            f"broker: Redis did not answer within {self.link.timeout:g} s ({why}); the event was not accepted; retry shortly",
+            retry_after=1,
+        )
+
+    def _refused(self, reply: str, charge: Charge | None) -> Exception:
+        """The publish script's refusals as the hub's errors (anything else is a bug: re-raised)."""
+        if reply.startswith("STREAMLATE"):
+            return self._late("it ran the publish too late")
+        if reply.startswith("STREAMRATE") and charge is not None:
+            return charge.refused(float(reply.split()[1]))
+        if reply.startswith("STREAMFENCED"):
+            return LeaseLost("the provider's lease passed to another node; this node's poll is discarded")
+        if reply.startswith("STREAMEPOCH"):
+            self._resync.set()  # the reader starts the new epoch
+            return BrokerUnavailable("broker: Redis lost its data and a new epoch is starting; retry", retry_after=1)
+        return ResponseError(reply)
 
     async def _seen(self, seq: int) -> None:
         """Wait (briefly) until this node's reader has passed ``seq``: read-your-writes."""
@@ -252,7 +236,7 @@ class RedisBroker(Broker):
         failures = 0
         while not self._closing:
             try:
-                if not self._connected or self._resync.is_set():
+                if self._unjoined is not None or self._resync.is_set():
                     await self._connect()
                     failures = 0
                 reply = await self._reader_redis.xread({EVENTS: self._last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
@@ -262,17 +246,27 @@ class RedisBroker(Broker):
                     await self._check()
             except asyncio.CancelledError:
                 raise
-            except RedisError as exc:
+            except (RedisError, OSError) as exc:
                 if self._closing:
                     return
-                self._lost(exc)
-                await asyncio.sleep(BACKOFF[min(failures, len(BACKOFF) - 1)])
+                self._unjoin(exc)
+                await self._retry_after(BACKOFF[min(failures, len(BACKOFF) - 1)])
                 failures += 1
             except Exception:
                 log.exception("the Redis reader failed; restarting it")
-                self._connected = False
-                self._problem = "the Redis reader failed (see the log)"
-                await asyncio.sleep(BACKOFF[-1])
+                self._unjoined = "the Redis reader failed (see the log)"
+                await self._retry_after(BACKOFF[-1])
+
+    async def _retry_after(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if the health check finds Redis answering again."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _unjoin(self, exc: BaseException) -> None:
+        if self._unjoined is None:
+            log.info("broker: the Redis reader lost the stream (%s); it rejoins when Redis answers", redis_failure(exc))
+        self._unjoined = f"Redis unreachable: {redis_failure(exc)}"
 
     async def _check(self) -> None:
         """Once a second: is the epoch still ours (FLUSHALL), and how far is the stream ahead?"""
@@ -301,7 +295,7 @@ class RedisBroker(Broker):
         epoch = (await self.redis.get(EPOCH)).decode()
         if epoch != self.epoch:
             await self._load(epoch)  # switches epoch and store only once all of it was read
-            if self._ever_connected:
+            if self._ever_joined:
                 self.epoch_changes += 1
                 log.warning("broker: Redis has a new epoch %s (its data was lost); subscribers get an epoch gap", epoch)
             self._announce_gap("epoch")  # subscribers that came while Redis was away included
@@ -310,19 +304,18 @@ class RedisBroker(Broker):
             await self._load(epoch)
             self._announce_gap("history")
         self._behind = False
-        if self._ever_connected and not self._connected:
+        if self._ever_joined:
             self.reconnects += 1
             log.info("broker: connected to Redis again; reading on from entry %s", self._last_id)
-        elif not self._ever_connected:
+        else:
             log.info("broker: connected to Redis, epoch %s, node %s", self.epoch, self.node)
-        self._connected = self._ever_connected = True
-        self._warned = False
-        self._problem = None
+        self._ever_joined = True
+        self._unjoined = None
 
     async def _load(self, epoch: str) -> None:
         """Fill the store from Redis: the newest ``history_size`` entries of ``epoch`` and every
         retained value. Nothing changes here until all of it has been read."""
-        newest = await self.redis.xrevrange(EVENTS, count=self._maxlen + 1)
+        newest = await self._newest(self._maxlen + 1)
         trimmed = (0, 0)
         if len(newest) > self._maxlen:
             gone = seq_of(newest.pop()[0])
@@ -349,6 +342,20 @@ class RedisBroker(Broker):
         self.last_read_seq = seq_of(self._last_id)
         self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
         log.info("broker: loaded %d events and %d retained values from Redis", len(history), len(retained))
+
+    async def _newest(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The newest ``count`` entries, newest first, read a page at a time (a 10,000-entry
+        history in one answer could take longer than ``redis_timeout`` to arrive)."""
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        top = "+"
+        while len(entries) < count:
+            want = min(LOAD_PAGE, count - len(entries))
+            page = await self.redis.xrevrange(EVENTS, max=top, count=want)
+            entries += page
+            if len(page) < want:
+                break
+            top = f"({page[-1][0].decode()}"
+        return entries
 
     async def _trimmed_past_last_read(self) -> bool:
         """Whether entries after the last one read are gone (Redis trimmed while we were away)."""
@@ -412,10 +419,3 @@ class RedisBroker(Broker):
     def _retained(self, topic: bytes, value: bytes) -> Event:
         entry_id, flag, data_json = value.split(b" ", 2)
         return self._make(entry_id, topic.decode(), orjson.loads(data_json), data_json, flag == b"p")
-
-    def _lost(self, exc: Exception) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning("broker: Redis is unreachable (%s); publishes get 503 until it is back", exc.__class__.__name__)
-        self._connected = False
-        self._problem = f"Redis unreachable: {exc.__class__.__name__}"

@@ -16,6 +16,7 @@ class HubStats:
     writes_by_closed: dict[str, int] = field(default_factory=dict)  # their socket writes that carried events
     dropped_by_closed: int = 0
     topics_refused: int = 0  # publishes refused by max_topics
+    rate_limited: int = 0  # publishes refused by their publisher's rate
 
     def gap(self, reason: str) -> None:
         self.gaps[reason] = self.gaps.get(reason, 0) + 1

@@ -267,8 +267,8 @@ async def publish_body(runtime: Runtime, principal: Any, body: bytes) -> list[st
         draft = hub.draft(item["topic"], item["data"], field=f"{where}.topic")
         runtime.auth.check_publish(principal, draft.topic, f"{where}.topic")
         drafts.append(draft)
-    runtime.charge_publish(principal, len(drafts))
-    return [event.id for event in await hub.publish_many(drafts)]
+    charge = runtime.publish_charge(principal, len(drafts))
+    return [event.id for event in await hub.publish_many(drafts, charge=charge)]
 
 
 def error_parts(exc: StreamError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

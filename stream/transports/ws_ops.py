@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from ..auth import Principal
 from ..errors import BadRequest, StreamError
-from ..hub import Draft, Subscriber
+from ..hub import Charge, Draft, Subscriber
 from ..runtime import Runtime
 from ..topics import parse_pattern_list
 from .params import subscribe_request
@@ -74,16 +74,16 @@ def publish(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     hub = conn.runtime.hub
     draft = hub.draft(message.get("topic"), message["data"])
     conn.runtime.auth.check_publish(conn.principal, draft.topic)
-    conn.runtime.charge_publish(conn.principal, 1)
-    task = conn.loop.create_task(_publish(conn, draft, ref))
+    charge = conn.runtime.publish_charge(conn.principal, 1)
+    task = conn.loop.create_task(_publish(conn, draft, charge, ref))
     conn.tasks.add(task)
     task.add_done_callback(conn.tasks.discard)
 
 
-async def _publish(conn: Connection, draft: Draft, ref: Any) -> None:
+async def _publish(conn: Connection, draft: Draft, charge: Charge | None, ref: Any) -> None:
     assert conn.runtime is not None
     try:
-        (event,) = await conn.runtime.hub.publish_many([draft])
+        (event,) = await conn.runtime.hub.publish_many([draft], charge=charge)
     except StreamError as exc:
         conn.send_error(exc, ref)
     except Exception:
