@@ -281,3 +281,37 @@ def test_resume_and_overflow_suites_pass_with_a_window_after_every_fan_out():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
+def test_a_batch_stops_at_the_transports_pause_and_writes_the_rest_when_it_drains():
+    """A batch to a subscriber whose transport pauses after its first write: the rest stays held
+    (the shared frames, not a joined copy) and leaves, in order and before anything newer, when
+    the transport drains."""
+
+    class PausingSink(Sink):
+        def encode(self, event) -> bytes:
+            return f"E {event.seq} {'x' * 40_000}\n".encode()  # a frame of 40 KB
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+            if paused:
+                sub.pause()  # as a transport does, synchronously inside write
+
+    async def run():
+        hub = Hub(HubConfig())
+        sink = PausingSink()
+        nonlocal sub
+        sub = hub.new_subscriber(sink, transport="test")
+        hub.subscribe(sub, [">"])
+        events = await hub.publish_many([hub.draft("a", {"n": n}) for n in range(6)])
+        assert len(sink.writes) == 1 and sub.held is not None and len(sub.held) == 5
+        assert sub.held == [sink.encode(event) for event in events[1:]]
+        later = await hub.publish("a", {"n": 6})  # paused: queued behind what is held
+        nonlocal paused
+        paused = False
+        sub.resume()
+        return [*events, later], sink
+
+    sub, paused = None, True
+    events, sink = asyncio.run(run())
+    assert [line.split(" ")[:2] for line in sink.lines()] == [["E", str(event.seq)] for event in events]

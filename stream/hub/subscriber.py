@@ -261,16 +261,32 @@ class Subscriber:
         return announced
 
     def release(self) -> None:
-        """Write the frames held for the write window now, in one write. The hub calls it when
-        the window ends; the transport before anything else it writes (a reply, a close)."""
+        """Write the frames held for the write window or a batch, in as few writes as flow
+        control allows. The hub calls it when the window ends; the transport before anything
+        else it writes (a reply, a close); ``flush`` when the transport drains.
+
+        At most ``FLUSH_BYTES`` are joined into one write. If the transport pauses, the rest stays
+        held: the frames are shared with every other subscriber of the batch, so a client that
+        stopped reading holds references, not a private copy of the whole batch."""
         held = self.held
-        if held is not None:  # a closed subscriber holds nothing: the hub's detach let it go
-            self.held = None
-            if len(held) > 1:
-                self.merged += len(held) - 1
-                self.write(b"".join(held))
+        if held is None:  # a closed subscriber holds nothing: the hub's detach let it go
+            return
+        self.held = None
+        start, count = 0, len(held)
+        while start < count:
+            end, size = start + 1, len(held[start])
+            while end < count and size + len(held[end]) <= FLUSH_BYTES:
+                size += len(held[end])
+                end += 1
+            if end - start > 1:
+                self.merged += end - start - 1
+                self.write(b"".join(held[start:end]))
             else:
-                self.write(held[0])
+                self.write(held[start])
+            start = end
+            if self.paused and start < count:
+                self.held = held[start:]  # written when the transport drains (``flush``)
+                return
 
     # -- flow control -----------------------------------------------------------------------
 
