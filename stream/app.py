@@ -123,23 +123,26 @@ def build(settings: Settings) -> Service:
             server.broker, store, history_size=server.history_size, history_ttl=server.history_ttl, timeout=server.redis_timeout
         )
         # A pool of their own, so publishes never delay a renewal: a keeper and a save per provider.
-        polled = sum(1 for provider in settings.providers if provider.enabled)
-        leases = RedisLeases(broker.link.client(2 * polled + 1), broker.node, server.lease_ttl, server.redis_timeout)
+        pool = 2 * sum(1 for provider in settings.providers if provider.enabled) + 1
+        leases = RedisLeases(broker.link.client(pool), broker.node, server.lease_ttl, server.redis_timeout, pool)
     else:
         broker = MemoryBroker(store)
     hub = Hub(_hub_config(settings), broker)
     hub.observe(metrics.fanned_out)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    pollers = Pollers(settings.providers, hub, on_poll=metrics.polled, leases=leases)
     runtime = Runtime(
         settings,
         hub=hub,
-        pollers=Pollers(settings.providers, hub, on_poll=metrics.polled, leases=leases),
+        pollers=pollers,
         auth=Auth(settings.keys, server, settings.jwt_public_key),
         sockets=SocketLimits(
             server.max_connections,
             server.max_connections_per_client,
             server.fd_margin,
             1 << 20 if nofile == resource.RLIM_INFINITY else nofile,
+            # Descriptors the process's own pools may hold come off the sockets' room first.
+            reserved=pollers.connections + broker.connections + leases.connections,
         ),
         proxies=TrustedProxies(list(server.forwarded_allow_ips)),
     )

@@ -121,11 +121,19 @@ class Auth:
             if not any(covers(granted, pattern) for granted in principal.subscribe):
                 raise Forbidden(f"{field}: {principal.kind} {principal.name!r} may not subscribe to {pattern!r}")
 
-    def check_publish(self, principal: Principal | None, topic: str, field: str = "topic") -> None:
+    def check_may_publish(self, principal: Principal | None) -> None:
+        """Whether ``principal`` may publish anything at all: checked from a request's head,
+        before its body is read (an anonymous client must not make the server hold a body)."""
         if not self.can_anyone_publish:
             raise Forbidden("publishing is disabled: no key with publish rights is configured ([[keys]] publish)")
         if principal is None:
             raise Unauthorized("publishing needs a key or token: send Authorization: Bearer <key or token>")
+        if not principal.publish:
+            raise Forbidden(f"{principal.kind} {principal.name!r} may not publish")
+
+    def check_publish(self, principal: Principal | None, topic: str, field: str = "topic") -> None:
+        self.check_may_publish(principal)
+        assert principal is not None
         if not any(covers(granted, topic) for granted in principal.publish):
             raise Forbidden(f"{field}: {principal.kind} {principal.name!r} may not publish to {topic!r}")
 

@@ -18,6 +18,7 @@ class Leases:
     """One process: every lease is held here, and provider state lives in its pollers."""
 
     node: str | None = None  # named only in a cluster
+    connections = 0  # Redis connections its pool may open (a cluster's)
 
     def __init__(self) -> None:
         self.changes = 0  # leases gained or lost by this node (a metric)

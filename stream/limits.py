@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections import Counter
+import itertools
+from collections import Counter, OrderedDict
 
-__all__ = ["Admission", "SocketLimits", "TokenBucket", "TrustedProxies"]
+__all__ = ["AddressCounts", "Admission", "SocketLimits", "TokenBucket", "TrustedProxies", "address_group"]
 
 
 class TokenBucket:
@@ -53,49 +54,128 @@ class Admission(enum.Enum):
 # address's sockets are closed at once, so one address cannot take all the room health checks
 # and other clients' "over capacity" answers need.
 OVER_PER_CLIENT = 8
+# Once this share of the limit is open, an address (group) already holding more than FAIR_SHARE
+# of the limit gets no new socket, while addresses holding fewer are still served to the limit:
+# a few addresses cannot fill the server and leave everyone else "over capacity".
+CROWDED, FAIR_SHARE = 0.9, 0.01
+# At the descriptor cap, how many of the oldest sockets still waiting for their first head are
+# looked at for one to drop in favour of a newcomer from a smaller address (group).
+EVICTION_LOOK = 16
+
+
+def address_group(host: str, ipv6_prefix: int) -> str:
+    """The key per-address limits count ``host`` under: an IPv4 address as it is (an
+    IPv4-mapped IPv6 address ``::ffff:a.b.c.d`` included), an IPv6 address as its
+    ``/ipv6_prefix`` network (one IPv6 client owns a whole /64), anything else as it is."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+
+
+class AddressCounts:
+    """Sockets (and, behind a trusted proxy, streams and requests) held per address group, for
+    the per-client limit. This process's own count; with ``--workers`` a table shared by the
+    workers of a host takes its place (``workers.SharedCounts``), so the limit holds for the host."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def count(self, group: str) -> int:
+        return self._counts[group]
+
+    def add(self, group: str, delta: int) -> None:
+        self._counts[group] += delta
+        if self._counts[group] <= 0:
+            del self._counts[group]
 
 
 class SocketLimits:
-    """Counts every open client socket, in all and per client address, against the limits.
+    """Counts every open client socket, in all and per client address group, against the limits.
 
-    ``nofile`` is the process's file-descriptor limit: sockets are served up to
-    ``min(max_connections, nofile - fd_margin)``; past that they are answered "over capacity"
-    until ``nofile - fd_margin / 2``, and refused beyond, so the process never runs out of
-    descriptors for its own files, upstream connections and health checks.
+    ``nofile`` is the process's file-descriptor limit and ``reserved`` what its own pools may
+    hold (Redis and upstream connections): sockets are served up to
+    ``min(max_connections, nofile - reserved - fd_margin)``; past that they are answered "over
+    capacity" while the sockets open in all stay under ``nofile - reserved - fd_margin / 2``. At that cap a newcomer takes the place
+    of one of the oldest sockets still waiting for their first head, if that socket's address
+    holds at least two more sockets than the newcomer's (the attacker holding the most loses its
+    idle sockets, a health check gets in); otherwise it is closed at once. So the process never runs
+    out of descriptors for its own files, pools and health checks.
     """
 
-    def __init__(self, max_connections: int, per_client: int, fd_margin: int, nofile: int) -> None:
-        self.limit = max(1, min(max_connections, nofile - fd_margin))
-        self.hard = max(self.limit + 1, nofile - fd_margin // 2)
+    def __init__(
+        self, max_connections: int, per_client: int, fd_margin: int, nofile: int, *, reserved: int = 0, clients: AddressCounts | None = None
+    ) -> None:
+        room = nofile - reserved
+        self.limit = max(1, min(max_connections, room - fd_margin))
+        self.hard = max(self.limit + 1, room - fd_margin // 2)
         self.per_client = per_client
         self.over_per_client = max(OVER_PER_CLIENT, (self.hard - self.limit) // 4)
-        self.open: dict[object, tuple[str, Admission]] = {}
-        self.per_host: Counter[str] = Counter()
+        self.crowded = int(self.limit * CROWDED)
+        self.fair_share = max(1, int(self.limit * FAIR_SHARE))
+        self.clients = clients or AddressCounts()  # per group, for per_client (host-wide with workers)
+        self.open: dict[object, tuple[str, Admission, bool]] = {}  # key -> (group, admission, counted by address)
+        # Sockets served (not over capacity): what max_connections bounds. Over-capacity ones
+        # hold descriptors (``hard``) while they get their answer, not a place among the served.
+        self.served = 0
+        self.per_host: Counter[str] = Counter()  # this process's sockets per group
         self.over_per_host: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()  # by reason: over_capacity, per_client, fd_margin
+        self.fresh: OrderedDict[object, str] = OrderedDict()  # sockets yet to send a head, oldest first
+        self.refused: Counter[str] = Counter()  # by reason: over_capacity, per_client, fair_share, fd_margin
 
-    def opened(self, key: object, host: str, *, counted_by_address: bool = True) -> Admission:
-        """Admit a new socket (``key`` identifies it until ``closed``). A trusted proxy's
-        sockets are not limited by address: the clients behind it are, per request."""
-        total = len(self.open)
-        if total >= self.hard or (self.over_per_host[host] >= self.over_per_client and self._over(total, host, counted_by_address)):
-            self.refused["fd_margin" if total >= self.hard else "per_client"] += 1
-            return Admission.REFUSE
+    def opened(self, key: object, group: str, *, counted_by_address: bool = True) -> tuple[Admission, object | None]:
+        """Admit a new socket (``key`` identifies it until ``closed``), and the key of a socket to
+        drop for it (already forgotten here), if any. A trusted proxy's sockets are not limited
+        by address: the clients behind it are, per request."""
+        evicted = None
+        if len(self.open) >= self.hard:
+            evicted = self._evict_for(group)
+            if evicted is None:
+                self.refused["fd_margin"] += 1
+                return Admission.REFUSE, None
+        elif self.over_per_host[group] >= self.over_per_client and self._over(group, counted_by_address):
+            self.refused["per_client"] += 1
+            return Admission.REFUSE, None
         admission = Admission.SERVE
-        if total >= self.limit:
+        if self.served >= self.limit:
             admission = Admission.OVER
             self.refused["over_capacity"] += 1
-        elif counted_by_address and self.per_host[host] >= self.per_client:
+        elif counted_by_address and self.clients.count(group) >= self.per_client:
             admission = Admission.OVER
             self.refused["per_client"] += 1
-        self.open[key] = (host, admission)
-        self.per_host[host] += 1
+        elif counted_by_address and self.served >= self.crowded and self.per_host[group] > self.fair_share:
+            admission = Admission.OVER
+            self.refused["fair_share"] += 1
+        self.open[key] = (group, admission, counted_by_address)
+        self.fresh[key] = group
+        self.per_host[group] += 1
+        if counted_by_address:
+            self.clients.add(group, 1)
         if admission is Admission.OVER:
-            self.over_per_host[host] += 1
-        return admission
+            self.over_per_host[group] += 1
+        else:
+            self.served += 1
+        return admission, evicted
 
-    def _over(self, total: int, host: str, counted_by_address: bool) -> bool:
-        return total >= self.limit or (counted_by_address and self.per_host[host] >= self.per_client)
+    def _over(self, group: str, counted_by_address: bool) -> bool:
+        return self.served >= self.limit or (counted_by_address and self.clients.count(group) >= self.per_client)
+
+    def _evict_for(self, group: str) -> object | None:
+        mine = self.per_host[group]
+        for key, owner in itertools.islice(self.fresh.items(), EVICTION_LOOK):
+            if self.per_host[owner] > mine + 1:  # still at least as many as the newcomer's after
+                self.closed(key)
+                return key
+        return None
+
+    def engaged(self, key: object) -> None:
+        """The socket sent its first request head: it is no longer dropped for a newcomer."""
+        self.fresh.pop(key, None)
 
     def admission(self, key: object) -> Admission | None:
         entry = self.open.get(key)
@@ -106,10 +186,15 @@ class SocketLimits:
         entry = self.open.pop(key, None)
         if entry is None:
             return
-        host, admission = entry
-        _decrement(self.per_host, host)
+        group, admission, counted = entry
+        self.fresh.pop(key, None)
+        _decrement(self.per_host, group)
+        if counted:
+            self.clients.add(group, -1)
         if admission is Admission.OVER:
-            _decrement(self.over_per_host, host)
+            _decrement(self.over_per_host, group)
+        else:
+            self.served -= 1
 
 
 def _decrement(counter: Counter[str], key: str) -> None:

@@ -67,13 +67,19 @@ class Pollers:
         hub.observe(self.saw)
         self._status_tasks: set[asyncio.Task[Any]] = set()
 
+    @property
+    def connections(self) -> int:
+        """Upstream connections the shared client may open: each poller has one request in
+        flight at a time (redirects are followed one by one). The server keeps descriptors for them."""
+        return sum(1 for provider in self.providers if provider.enabled) + 4
+
     def start(self, base_url: str) -> None:
         """Create the client and one task per enabled provider (call once the server listens)."""
         if self.started:
             return
         self.started = True
         self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
             timeout=httpx.Timeout(30.0),
             follow_redirects=False,  # Poller._get follows them, keeping keys on their origin
             headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},

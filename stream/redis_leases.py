@@ -38,9 +38,10 @@ log = logging.getLogger("stream.leases")
 
 
 class RedisLeases(Leases):
-    def __init__(self, redis: Any, node: str, ttl: float, timeout: float) -> None:
+    def __init__(self, redis: Any, node: str, ttl: float, timeout: float, connections: int = 0) -> None:
         super().__init__()
         self.redis = redis
+        self.connections = connections  # its pool's size: descriptors the server keeps for it
         self.node: str = node
         self.ttl = ttl
         self.timeout = timeout

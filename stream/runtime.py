@@ -18,7 +18,7 @@ from typing import Protocol
 from .auth import Auth, Principal
 from .errors import RateLimited, Unavailable
 from .hub import Charge, Hub
-from .limits import SocketLimits, TokenBucket, TrustedProxies
+from .limits import SocketLimits, TokenBucket, TrustedProxies, address_group
 from .pollers import Pollers
 from .settings import Settings
 
@@ -33,7 +33,9 @@ class Connection(Protocol):
     """An open WebSocket or SSE stream, as the runtime sees it."""
 
     transport_name: str
-    client_host: str
+    client_host: str  # the client's address (behind a trusted proxy: the one it forwarded)
+    client_group: str  # what per-address limits count it under (Runtime.group)
+    forwarded: bool  # it came through a trusted proxy: its socket is not counted by address
     principal: Principal | None
 
     def shutdown(self) -> None:
@@ -70,7 +72,6 @@ class Runtime:
         self._client_ops: dict[str, TokenBucket] = {}  # per address, may go into debt
         self._ops_turns: dict[str, float] = {}  # per address: when the last connection waiting for its share wakes
         self._ops_spent: Counter[str] = Counter()  # op work not yet charged to its address's bucket
-        self._per_host: Counter[str] = Counter()
         self._per_key: Counter[str] = Counter()
         self._expiries: dict[Connection, asyncio.TimerHandle] = {}  # connections opened with a JWT
         self.started = False
@@ -127,6 +128,13 @@ class Runtime:
             self._ticker = None
         await self.hub.close()
 
+    @property
+    def close_grace(self) -> float:
+        """Seconds a socket the server closes may take to drain what was written before the
+        close; then it is dropped: ``close_timeout``, and never more than ``write_stall_timeout``."""
+        server = self.settings.server
+        return min(server.close_timeout, server.write_stall_timeout or server.close_timeout)
+
     def problem(self) -> str | None:
         """Why the service should not get traffic now (``/readyz``), or None."""
         if self.stopping:
@@ -147,6 +155,10 @@ class Runtime:
 
     # -- connections ----------------------------------------------------------------------
 
+    def group(self, host: str) -> str:
+        """What per-address limits count ``host`` under (``limits.address_group``)."""
+        return address_group(host, self.settings.server.ipv6_prefix)
+
     def admit(self, connection: Connection) -> None:
         """Count a new streaming connection in, or refuse it (503 / 1013) when over capacity.
 
@@ -154,13 +166,6 @@ class Runtime:
         streams count per key and, behind a trusted proxy, per forwarded client address."""
         if self.stopping:
             raise Unavailable("the server is shutting down; reconnect in a moment")
-        server = self.settings.server
-        host = connection.client_host
-        if self._per_host[host] >= server.max_connections_per_client:
-            raise Unavailable(
-                f"over capacity: {server.max_connections_per_client} connections from {host} are open",
-                code="over_capacity",
-            )
         principal = connection.principal
         if principal is not None and principal.max_connections is not None:
             if self._per_key[principal.name] >= principal.max_connections:
@@ -168,13 +173,28 @@ class Runtime:
                     f"over capacity: key {principal.name!r} has its {principal.max_connections} connections open",
                     code="over_capacity",
                 )
+        if connection.forwarded:
+            self.enter_forwarded(connection.client_group, connection.client_host)
+        if principal is not None and principal.max_connections is not None:
             self._per_key[principal.name] += 1
         self.connections.add(connection)
-        self._per_host[host] += 1
         if principal is not None and principal.expires is not None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, principal.expires - time.time())
             self._expiries[connection] = loop.call_later(delay, self._expire, connection)
+
+    def enter_forwarded(self, group: str, host: str) -> None:
+        """A client behind a trusted proxy begins a request or a stream: counted against the
+        per-client limit as its own socket would be (the proxy's socket is not), or refused."""
+        limit = self.settings.server.max_connections_per_client
+        clients = self.sockets.clients
+        if clients.count(group) >= limit:
+            self.sockets.refused["per_client"] += 1
+            raise Unavailable(f"over capacity: {limit} connections from {host} are open", code="over_capacity")
+        clients.add(group, 1)
+
+    def leave_forwarded(self, group: str) -> None:
+        self.sockets.clients.add(group, -1)
 
     def _expire(self, connection: Connection) -> None:
         self._expiries.pop(connection, None)
@@ -195,7 +215,8 @@ class Runtime:
     def release(self, connection: Connection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            _decrement(self._per_host, connection.client_host)
+            if connection.forwarded:
+                self.leave_forwarded(connection.client_group)
             if connection.principal is not None and connection.principal.max_connections is not None:
                 _decrement(self._per_key, connection.principal.name)
             timer = self._expiries.pop(connection, None)

@@ -49,7 +49,8 @@ class ServerSettings(Frozen):
     max_patterns: AtLeast1 = 100  # per connection
     max_frame_bytes: AtLeast1 = 64 * 1024  # largest WebSocket message a client may send
     max_connections: AtLeast1 = 10_000  # client sockets of every kind (HTTP, long-poll, SSE, WebSocket), whole process
-    max_connections_per_client: AtLeast1 = 1000  # the same, from one client address
+    max_connections_per_client: AtLeast1 = 1000  # the same, from one client address (an IPv6 client: its /ipv6_prefix)
+    ipv6_prefix: Annotated[int, Field(ge=16, le=128)] = 64  # IPv6 addresses count per-address limits by this prefix (one client owns a /64)
     fd_margin: Annotated[int, Field(ge=10)] = 100  # file descriptors kept for the server itself below `ulimit -n`
     max_head_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024  # request line + headers; larger gets 431
     head_timeout: Timer = 10.0  # seconds for a request head to arrive, from the socket's first byte or its opening

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from .errors import BadTopic
+from .errors import BadTopic, TooManySubscriptions
 
 V = TypeVar("V")
 
@@ -80,8 +80,9 @@ def validate_pattern(pattern: object, field: str = "topics") -> str:
     return pattern  # type: ignore[return-value]
 
 
-def parse_pattern_list(value: object, field: str = "topics") -> list[str]:
-    """Patterns from a list of strings or a comma-separated string, validated, duplicates removed."""
+def parse_pattern_list(value: object, field: str = "topics", limit: int | None = None) -> list[str]:
+    """Patterns from a list of strings or a comma-separated string, validated, duplicates removed.
+    A list longer than ``limit`` is refused (``too_many_subscriptions``) before any is checked."""
     if isinstance(value, str):
         items: list[object] = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, list):
@@ -90,6 +91,8 @@ def parse_pattern_list(value: object, field: str = "topics") -> list[str]:
         raise BadTopic(f"{field}: expected a list of patterns or a comma-separated string")
     if not items:
         raise BadTopic(f"{field}: at least one pattern is required")
+    if limit is not None and len(items) > limit:
+        raise TooManySubscriptions(f"{field}: at most {limit} patterns per request, got {len(items)}")
     seen: dict[str, None] = {}
     for index, item in enumerate(items):
         seen[validate_pattern(item, f"{field}[{index}]")] = None

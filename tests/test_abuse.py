@@ -5,11 +5,13 @@ subscribes refused for their size. Attackers connect from 127.0.0.2 and up."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
-from .hostile_attacks import ATTACKERS, AttackWebSocket, allow_open_files
-from .support import AUTH, KEYS, Server, rss_mb
+from .hostile_attacks import ATTACKERS, AttackWebSocket, allow_open_files, exchange
+from .support import AUTH, KEYS, Server, metric_now, rss_mb, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,3 +44,94 @@ async def test_a_batch_to_readers_that_stopped_is_held_once_not_copied_per_subsc
         for ws in sockets:
             ws.close()
     assert grown < 50, f"the server grew by {grown:.0f} MB for one batch to 200 stalled readers"
+
+
+async def test_a_head_over_the_limit_gets_431_however_its_bytes_arrive(server):
+    """A 100 KiB header sent in one write often reaches the server in the very read that
+    completes the head, where a count of the incomplete head never sees it: 20 such requests all
+    get 431 head_too_large, none reaches the app."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 100 * 1024 + b"\r\n\r\n"
+    answers = await asyncio.gather(*(exchange(server.port, ATTACKERS[i % 4], head, 10) for i in range(20)))
+    statuses = [answer.status if answer else None for answer in answers]
+    assert statuses == [431] * 20, statuses
+    assert all(answer.error_code() == "head_too_large" for answer in answers if answer)
+
+
+async def test_a_long_poll_ends_when_its_socket_does(server):
+    """500 long-polls of 100 patterns each (wait=60) that connect, send and close at once: the
+    server lets go of their 50,000 subscriptions within seconds, not after 60."""
+    patterns = ",".join(f"gone.p{n}" for n in range(100))
+    request = f"GET /api/events?topics={patterns}&wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+    async def hit_and_run(source: str) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
+        writer.write(request)
+        await writer.drain()
+        writer.close()
+
+    before = metric_now(server, "stream_subscriptions ")
+    for start in range(0, 500, 50):
+        await asyncio.gather(*(hit_and_run(ATTACKERS[i % 4]) for i in range(start, start + 50)))
+    await wait_for(lambda: metric_now(server, "stream_sockets ") <= 2, 10)  # the sockets are gone ...
+    await wait_for(lambda: metric_now(server, "stream_subscriptions ") <= before, 5)  # ... and so are their waits
+
+
+async def test_empty_continuation_frames_cost_ops_and_a_flood_of_them_is_closed(server):
+    """A fragmented message then 200,000 empty continuation frames on one anonymous socket: each
+    costs an op, so the flood is closed with 1008 instead of being parsed for free."""
+    ws = AttackWebSocket(server.port, source=ATTACKERS[1])
+    try:
+        ws.messages_until(lambda message: message.get("type") == "welcome", 10)
+        mask = b"\x00\x00\x00\x00"
+        ws.sock.sendall(b"\x01\x80" + mask)  # TEXT, not final, empty
+        empty = b"\x00\x80" + mask  # CONT, not final, empty
+        code = None
+        for _ in range(40):
+            try:
+                ws.sock.sendall(empty * 5000)
+            except OSError:
+                break
+            code = ws.close_code(timeout=0.05) if code is None else code
+            if code is not None:
+                break
+        code = code if code is not None else ws.close_code(timeout=5)
+    finally:
+        ws.close()
+    assert code == 1008, f"closed with {code}"
+
+
+async def test_a_refused_subscribe_costs_its_address_one_op_not_its_pattern_count(server):
+    """Three subscribes of 5,000 patterns each (refused: too_many_subscriptions) from one
+    address; another connection from that address still gets its pong at once."""
+    big = '{"op":"subscribe","topics":[' + ",".join(f'"many.p{n}"' for n in range(5000)) + "]}"
+    first, second = AttackWebSocket(server.port, source=ATTACKERS[2]), AttackWebSocket(server.port, source=ATTACKERS[2])
+    try:
+        for ws in (first, second):
+            ws.messages_until(lambda message: message.get("type") == "welcome", 10)
+        for _ in range(3):
+            first.send_text(big)
+        errors = first.messages_until(lambda message: message.get("type") == "error", 10)
+        assert errors and errors[-1]["code"] == "too_many_subscriptions", errors
+        started = asyncio.get_running_loop().time()
+        second.send_text('{"op":"ping","ref":1}')  # read at once: the debt is found only after it
+        second.send_text('{"op":"ping","ref":2}')
+        pong = second.messages_until(lambda message: message.get("ref") == 2, 40)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        first.close()
+        second.close()
+    assert pong and pong[-1]["type"] == "pong"
+    assert waited < 2, f"a ping waited {waited:.1f} s behind refused subscribes of its address"
+
+
+async def test_a_publish_without_credentials_is_answered_from_its_head_and_its_body_never_read(server):
+    """100 anonymous publishes that declare 1 MiB bodies and send a few bytes of them: each is
+    answered 401 at once and closed; the server holds none of the bodies."""
+    head = b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+    before = rss_mb(server.proc.pid)
+    answers = await asyncio.gather(*(exchange(server.port, ATTACKERS[i % 4], head + b'[{"topic":', 5) for i in range(100)))
+    assert [answer.status if answer else None for answer in answers] == [401] * 100
+    assert all(answer.headers.get("connection") == "close" for answer in answers if answer)
+    assert rss_mb(server.proc.pid) - before < 20
+    with_key = await exchange(server.port, ATTACKERS[0], head.replace(b"\r\n\r\n", f"\r\nAuthorization: {AUTH['Authorization']}\r\n\r\n".encode()), 1)
+    assert with_key is None, "a publish with a key waits for its body"

@@ -72,7 +72,8 @@ class _FakeStream:
     """Just enough of a Connection for the runtime's bookkeeping."""
 
     transport_name = "ws"
-    client_host = "127.0.0.9"
+    client_host = client_group = "127.0.0.9"
+    forwarded = False
 
     def __init__(self, expires_in: float) -> None:
         import time

@@ -73,6 +73,7 @@ class Broker(abc.ABC):
     epoch: str
     store: Store  # this node's view of history and retained values; only the broker writes it
     shared = False  # True when other processes publish into the same order (Redis)
+    connections = 0  # descriptors its own connections may take (Redis)
     reconnects = 0  # times the connection to the broker came back after an outage
     epoch_changes = 0  # times the broker lost its data and a new epoch began
 

@@ -387,15 +387,15 @@ class Hub:
         since: Since | None,
         timeout: float,
         symbols: frozenset[str] | None = None,
+        until: asyncio.Future[Any] | None = None,
     ) -> None:
-        """Return when an event after ``since`` matches ``patterns``, or after ``timeout`` s."""
+        """Return when an event after ``since`` matches ``patterns``, after ``timeout`` s, or
+        when ``until`` is done (the waiting client went away), whichever comes first."""
         done = asyncio.get_running_loop().create_future()
         sub = self.new_subscriber(WakeSink(done), transport="http")
         try:
             self.subscribe(sub, patterns, since=since, symbols=symbols)
             if not done.done():
-                await asyncio.wait_for(asyncio.shield(done), timeout)
-        except TimeoutError:
-            pass
+                await asyncio.wait({done} if until is None else {done, until}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sub.close()

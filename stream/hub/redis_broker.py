@@ -101,6 +101,7 @@ class RedisBroker(Broker):
         self._wake = asyncio.Event()  # the health check's verdict changed: the reader retries at once
         self.link = RedisLink(url, timeout, on_change=self._wake.set)
         self.redis: Any = self.link.client(POOL_SIZE)
+        self.connections = POOL_SIZE + 2  # the pool, the reader and the health check: descriptors the server keeps
         self._reader_redis: Any = self.link.blocking_client(READ_BLOCK_MS / 1000)
         self._script = self.redis.register_script(PUBLISH)
         self._last_id = "0-0"

@@ -6,6 +6,7 @@ which the app turns into ``{"error": {"code", "message"}}`` with the matching st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -20,7 +21,6 @@ from ..errors import (
     PayloadTooLarge,
     RetryLater,
     StreamError,
-    TooManySubscriptions,
     Unauthorized,
     Unavailable,
     ValidationFailed,
@@ -60,12 +60,6 @@ def _runtime(request: Request) -> Runtime:
 def _principal(request: Request, runtime: Runtime):
     token = bearer_token(request.headers.get("authorization"), request.query_params.get("token"))
     return runtime.auth.identify(token)
-
-
-def _check_pattern_count(runtime: Runtime, patterns: list[str]) -> None:
-    limit = runtime.settings.server.max_patterns
-    if len(patterns) > limit:
-        raise TooManySubscriptions(f"topics: at most {limit} patterns per request, got {len(patterns)}")
 
 
 @router.get("/healthz", tags=["operations"])
@@ -159,8 +153,7 @@ async def events(request: Request) -> Response:
     """History after ``since`` (or the latest events), long-polling up to ``wait`` seconds."""
     runtime = _runtime(request)
     params = request.query_params
-    patterns = parse_pattern_list(params.get("topics") or ">", "topics")
-    _check_pattern_count(runtime, patterns)
+    patterns = parse_pattern_list(params.get("topics") or ">", "topics", limit=runtime.settings.server.max_patterns)
     runtime.auth.check_subscribe(_principal(request, runtime), patterns)
     since_text = params.get("since")
     since = parse_since(since_text) if since_text else None
@@ -171,7 +164,15 @@ async def events(request: Request) -> Response:
     found, position, gap = hub.reader.read(patterns, since, limit, symbols)
     if not found and not gap and wait:
         cursor = parse_since(position)
-        await hub.wait(patterns, cursor, wait, symbols)
+        # A long-poll ends when its socket does: what it subscribed to is not held for `wait`
+        # seconds after the client left.
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await hub.wait(patterns, cursor, wait, symbols, until=gone)
+        finally:
+            gone.cancel()
+        if gone.done() and not gone.cancelled():
+            return Response(status_code=499)  # nobody to answer; uvicorn drops it (the socket is gone)
         found, position, gap = hub.reader.read(patterns, cursor, limit, symbols)
     # The events' own JSON, spliced in: no decode and re-encode of every event per request.
     body = b'{"events":[%s],"next":"%s","gap":%s}' % (
@@ -180,6 +181,12 @@ async def events(request: Request) -> Response:
         b"true" if gap else b"false",
     )
     return Response(body, media_type="application/json")
+
+
+async def _disconnected(receive: Any) -> None:
+    """Returns once the client has gone (ASGI http.disconnect); a GET's body is read on the way."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("/api/providers", tags=["api"])
@@ -225,6 +232,12 @@ async def answer_publish(runtime: Runtime, scope: Any, receive: Any) -> tuple[in
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         principal = runtime.auth.identify(bearer_token(authorization, (query.get("token") or [None])[-1]))
+        runtime.auth.check_may_publish(principal)
+    except StreamError as exc:
+        # Answered from the head alone, and the socket closed: its body is never read.
+        status, response_headers, payload = error_parts(exc)
+        return status, [*response_headers, (b"connection", b"close")], payload
+    try:
         body = await _read(receive, headers.get(b"content-length", b""), runtime.settings.server.max_batch_bytes)
         ids = await publish_body(runtime, principal, body)
     except StreamError as exc:
@@ -283,6 +296,9 @@ def error_parts(exc: StreamError) -> tuple[int, list[tuple[bytes, bytes]], bytes
 
 # Answered even on a socket past the connection limits: monitoring must see the process.
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+# Requests a trusted proxy forwards are counted per client by Gate, but for these: health checks
+# (never refused) and /sse (counted as a stream by Runtime.admit).
+_COUNTED_ELSEWHERE = _HEALTH_PATHS | {"/sse"}
 
 
 class Gate:
@@ -308,6 +324,30 @@ class Gate:
         protocol = scope.get("extensions", {}).get("stream.http")
         if protocol is not None and protocol.over_capacity:
             return await self._over_capacity(scope, receive, send)
+        if protocol is not None and protocol.via_proxy and scope["path"] not in _COUNTED_ELSEWHERE:
+            return await self._forwarded(scope, receive, send)
+        return await self._route(scope, receive, send)
+
+    async def _forwarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A request a trusted proxy forwarded counts against its client's per-client limit
+        while it runs, as the client's own socket would (a long-poll for its whole wait)."""
+        runtime = self.runtime
+        host = scope["client"][0] if scope.get("client") else ""
+        group = runtime.group(host)
+        try:
+            runtime.enter_forwarded(group, host)
+        except Unavailable as exc:
+            status, headers, payload = error_parts(exc)
+            headers += [(b"retry-after", b"%d" % max(1, runtime.settings.server.sse_retry // 1000)), (b"content-length", b"%d" % len(payload))]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            runtime.leave_forwarded(group)
+
+    async def _route(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["path"] != "/api/publish" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if any(name == b"origin" for name, _ in scope["headers"]):
@@ -361,9 +401,9 @@ async def sse(request: Request) -> EventStream:
     check_origin(request.headers.get("origin"), runtime.settings.server.allowed_origins)
     principal = _principal(request, runtime)
     params = dict(request.query_params)
-    subscription = subscribe_request(params, since_override=request.headers.get("last-event-id"))
+    subscription = subscribe_request(params, since_override=request.headers.get("last-event-id"), max_patterns=runtime.settings.server.max_patterns)
     runtime.auth.check_subscribe(principal, subscription.topics)
-    _check_pattern_count(runtime, subscription.topics)
     runtime.hub.reader.resolve(subscription.since)  # a since from the future is a 400 before streaming
-    client = request.client.host if request.client else ""
-    return EventStream(runtime, subscription, principal, client)
+    client = request.client.host if request.client else ""  # behind a trusted proxy, the forwarded client
+    protocol = request.scope.get("extensions", {}).get("stream.http")
+    return EventStream(runtime, subscription, principal, client, forwarded=bool(protocol and protocol.via_proxy))

@@ -8,6 +8,11 @@ uvicorn parses requests and runs the ASGI app; this subclass adds, per socket:
   most ``max_head_bytes`` (431) and must arrive within ``head_timeout``; a body that stops
   arriving for ``body_timeout`` is abandoned; output nobody reads for ``write_stall_timeout``
   closes the socket;
+- a close that cannot finish: a close (ours, or uvicorn's own: keep-alive, 400, Connection:
+  close) waits until what was written before it is read, so the write-stall watch runs whenever
+  any output waits (the transport's high-water mark is 0) and is never cancelled before the
+  socket is gone: whoever closed it, a peer that stopped reading loses it within
+  ``write_stall_timeout``;
 - a way for ``/sse`` to own its socket: the ASGI scope gets ``extensions["stream.http"]`` =
   this protocol; once its headers are out, an event stream calls ``hand_over`` and from then on
   writes to the socket itself, hearing about flow control and the connection going away from a
@@ -28,7 +33,7 @@ import orjson
 from ..errors import HeadTimeout, HeadTooLarge, StreamError
 from ..limits import Admission
 from ..uvicorn_seam import HttpToolsProtocol
-from .stall import StallWatch, drop, drop_stalled
+from .stall import StallWatch, drop, drop_stalled, limit_unsent_time
 
 __all__ = ["HttpProtocol", "StreamSink", "StreamingProtocol"]
 
@@ -57,7 +62,10 @@ class StreamSink(Protocol):
 class HttpProtocol(HttpToolsProtocol):
     admission: Admission = Admission.SERVE
     runtime: Any = None
-    head_bytes: int | None = None  # bytes of the head so far, None once it is complete
+    via_proxy = False  # the peer is a trusted proxy (forwarded_allow_ips)
+    head_bytes: int | None = None  # bytes received since the head began, None once it is complete
+    head_size = 0  # bytes of request line and headers the parser has found so far
+    refused = False  # answered (or closed) before the app: the parser's later callbacks do nothing
     head_timer: asyncio.TimerHandle | None = None
     body_timer: asyncio.TimerHandle | None = None
     body_seen = 0.0
@@ -72,17 +80,28 @@ class HttpProtocol(HttpToolsProtocol):
             return
         peer = transport.get_extra_info("peername")
         host = peer[0] if peer else ""
-        self.admission = runtime.sockets.opened(transport, host, counted_by_address=not runtime.proxies.trusts(host))
+        # A trusted proxy's socket is not limited by its address: the clients behind it are, per
+        # request and per stream (Runtime.enter_forwarded).
+        self.via_proxy = runtime.proxies.trusts(host)
+        self.admission, evicted = runtime.sockets.opened(transport, runtime.group(host), counted_by_address=not self.via_proxy)
+        if evicted is not None:
+            runtime.closed["evicted"] += 1
+            drop(evicted)
         if self.admission is Admission.REFUSE:
             transport.abort()
             return
         server = runtime.settings.server
         self.stall = StallWatch(self.loop, transport, server.write_stall_timeout, self._stalled)
+        # Any output that waits pauses writing, so the stall watch runs: a close waits for it.
+        transport.set_write_buffer_limits(high=0)
+        limit_unsent_time(transport, server.write_stall_timeout)
         self.head_bytes = 0
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        if self.stall is not None:
+            self.stall.cancel()
         if self.runtime is not None:
             self.runtime.sockets.closed(self.transport)
         super().connection_lost(exc)
@@ -113,21 +132,40 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"stream.http": self}  # type: ignore[dict-item]
+        self.head_size = 0
         if self.runtime is not None:
             self.head_bytes = 0
             if self.head_timer is None:  # a keep-alive socket's next request
                 self._arm_head_timer()
 
+    # The head's size is counted as the parser finds its parts, so the bound holds however the
+    # bytes arrive: data_received alone sees a head only while it is incomplete after a read,
+    # and a head that ends in the read that crosses the limit would pass.
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self.head_size += len(url) + 16  # the method, the version and the line's spaces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self.head_size += len(name) + len(value) + 4  # ": " and the line end
+
     def on_headers_complete(self) -> None:
         self.head_bytes = None
+        if self.runtime is not None:
+            self.runtime.sockets.engaged(self.transport)
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self.refused:
             return  # refused: the rest of the received chunk is ignored
+        limit = self.runtime.settings.server.max_head_bytes if self.runtime is not None else None
+        if limit is not None and self.head_size > limit:
+            self._refuse(HeadTooLarge(f"request head: over {limit} bytes (request line and headers)"), "head_too_large")
+            return
         if len(self.pipeline) >= MAX_PIPELINED and self.runtime is not None:
             log.info("closing HTTP connection from %s: over %d pipelined requests", self._host(), MAX_PIPELINED)
             self.runtime.closed["pipelining"] += 1
+            self.refused = True
             self._cancel_timers()
             self.transport.close()
             return
@@ -138,6 +176,8 @@ class HttpProtocol(HttpToolsProtocol):
             self.body_timer = self.loop.call_later(server.body_timeout, self._body_timeout)
 
     def on_body(self, body: bytes) -> None:
+        if self.refused:
+            return
         self.body_seen = self.loop.time()
         super().on_body(body)
 
@@ -145,7 +185,8 @@ class HttpProtocol(HttpToolsProtocol):
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None
-        super().on_message_complete()
+        if not self.refused:
+            super().on_message_complete()
 
     # -- streams --------------------------------------------------------------------------
 
@@ -165,6 +206,9 @@ class HttpProtocol(HttpToolsProtocol):
         stream would otherwise cost (~25 KB with the app's suspended middleware, ~5 KB here).
         The end of the stream closes the socket: no further request is read from it."""
         self._cancel_timers()
+        if self.stall is not None:
+            self.stall.cancel()  # the streaming protocol watches its own stalls
+        self.transport.set_write_buffer_limits()  # events wait in the subscriber past the default mark
         # uvicorn closes the socket of an app that returns before its response is complete;
         # this one is the streaming protocol's to complete now.
         self.cycle.response_complete = True
@@ -224,26 +268,28 @@ class HttpProtocol(HttpToolsProtocol):
         drop_stalled(self.transport, self.runtime.closed, f"HTTP connection from {self._host()}", self.stall.timeout)  # type: ignore[union-attr]
 
     def _refuse(self, exc: StreamError, reason: str) -> None:
-        """Answer a request that never got as far as the app, and close."""
+        """Answer a request that never got as far as the app, and close. Behind an answer still
+        being written the refusal is not answered (it would land inside that answer): closed."""
         self.runtime.closed[reason] += 1
         log.info("closing HTTP connection from %s: %s", self._host(), exc.message)
-        body = orjson.dumps({"error": exc.to_dict()})
-        head = (
-            f"HTTP/1.1 {exc.status} {_REASONS[exc.status]}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        )
+        self.refused = True
         self.head_bytes = None
         self._cancel_timers()
-        self.transport.write(head.encode() + body)
+        if self.cycle is None or self.cycle.response_complete:
+            body = orjson.dumps({"error": exc.to_dict()})
+            head = (
+                f"HTTP/1.1 {exc.status} {_REASONS[exc.status]}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
         self.transport.close()
 
     def _cancel_timers(self) -> None:
+        """The head and body timers; the stall watch stays until the socket is gone."""
         for timer in (self.head_timer, self.body_timer):
             if timer is not None:
                 timer.cancel()
         self.head_timer = self.body_timer = None
-        if self.stall is not None:
-            self.stall.cancel()
 
     def _host(self) -> str:
         return self.client[0] if self.client else "?"

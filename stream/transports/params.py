@@ -50,9 +50,10 @@ def parse_symbols(value: Any, field: str = "symbols") -> frozenset[str] | None:
     return symbols or None
 
 
-def subscribe_request(values: dict[str, Any], *, since_override: str | None = None) -> SubscribeRequest:
-    """Build a subscription from a WS op or query parameters; raises a StreamError naming the field."""
-    topics = parse_pattern_list(values.get("topics"), "topics")
+def subscribe_request(values: dict[str, Any], *, since_override: str | None = None, max_patterns: int | None = None) -> SubscribeRequest:
+    """Build a subscription from a WS op or query parameters; raises a StreamError naming the field.
+    More than ``max_patterns`` patterns are refused before any is checked."""
+    topics = parse_pattern_list(values.get("topics"), "topics", limit=max_patterns)
     since_text = since_override if since_override is not None else values.get("since")
     since = None
     if since_text is not None and since_text != "":

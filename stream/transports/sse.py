@@ -57,7 +57,7 @@ class EventStream(Response):
     encode = staticmethod(wire.sse_event_chunk)
     encode_snapshot = staticmethod(_chunked(wire.sse_snapshot))
 
-    def __init__(self, runtime: Runtime, request: SubscribeRequest, principal: Principal | None, client_host: str):
+    def __init__(self, runtime: Runtime, request: SubscribeRequest, principal: Principal | None, client_host: str, forwarded: bool):
         self.status_code = 200
         self.background = None
         self.raw_headers = list(HEADERS)
@@ -65,6 +65,8 @@ class EventStream(Response):
         self.request = request
         self.principal = principal
         self.client_host = client_host
+        self.client_group = runtime.group(client_host)
+        self.forwarded = forwarded
         self.sub: Subscriber | None = None
         self.socket: StreamingProtocol | None = None
         self.ended: str | None = None  # why: "lost", "slow", "shutdown", "error", "expired"
@@ -111,7 +113,7 @@ class EventStream(Response):
             )
         except StreamError as exc:
             self.write(wire.sse_chunk(wire.sse_control("error", {"error": exc.to_dict()})))
-            self._end("error", self.runtime.settings.server.close_timeout)
+            self._end("error", self.runtime.close_grace)
 
     def _end(self, reason: str, abort_after: float | None = None) -> None:
         if self.ended is not None:
@@ -138,7 +140,7 @@ class EventStream(Response):
 
     def overflowed(self) -> None:
         log.info("ending slow SSE consumer %s (buffer full)", self.client_host)
-        self._end("slow", self.runtime.settings.server.close_timeout)
+        self._end("slow", self.runtime.close_grace)
 
     # -- StreamSink (called by its socket's StreamingProtocol) --------------------------------
 
@@ -166,7 +168,7 @@ class EventStream(Response):
                 self.sub.release()
                 error = Unauthorized("token: expired; reconnect with a fresh one")
                 self.write(wire.sse_chunk(wire.sse_control("error", {"error": error.to_dict()})))
-            self._end("expired", self.runtime.settings.server.close_timeout)
+            self._end("expired", self.runtime.close_grace)
 
     def tick(self, now: float) -> None:
         if self.ended is None and self.sub is not None and not self.sub.paused:

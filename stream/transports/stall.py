@@ -15,7 +15,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["StallWatch", "drop", "drop_stalled"]
+__all__ = ["StallWatch", "drop", "drop_stalled", "limit_unsent_time"]
 
 log = logging.getLogger("stream")
 
@@ -33,6 +33,21 @@ def drop(transport: asyncio.Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def limit_unsent_time(transport: asyncio.BaseTransport, timeout: float | None) -> None:
+    """Have the kernel reset the connection once output has waited ``timeout`` seconds on a peer
+    that takes none of it (TCP_USER_TIMEOUT, which Linux applies to a zero window too). The
+    StallWatch sees what waits in the transport; this covers what waits in the kernel, also
+    after the socket was closed: a closed socket lingers (FIN-WAIT-1) until its output is read,
+    holding a send buffer of kernel memory, and a peer that never reads would make that for ever."""
+    sock = transport.get_extra_info("socket")
+    if timeout is None or sock is None or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(timeout * 1000)))
+    except OSError:
+        pass
 
 
 def drop_stalled(transport: asyncio.Transport, closed: Counter[str], who: str, timeout: float | None) -> None:

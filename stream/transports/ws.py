@@ -84,6 +84,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.conn = ServerProtocol(max_size=max_size, logger=_protocol_log)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_host = ""
+        self.client_group = ""  # what per-address limits count it under
+        self.forwarded = False  # came through a trusted proxy (forwarded_allow_ips)
         self.sub: Subscriber | None = None
         self.principal: Principal | None = None
         self.admitted = False
@@ -120,6 +122,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.runtime is not None:
             timeout = self.runtime.settings.server.write_stall_timeout
             self.stall = StallWatch(self.loop, self.transport, timeout, self._stalled)
+        self.transport.set_write_buffer_limits()  # the HTTP protocol's are for requests (see http_protocol)
 
     def data_received(self, data: bytes) -> None:
         # Fed in slices: websockets parses all it is given at once, and 256 KiB of 6-byte PING
@@ -140,7 +143,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.op_debt_checked or self.runtime is None or self.flooded:
             return
         self.op_debt_checked = True
-        wait = self.runtime.ops_debt(self.client_host, self.loop.time())
+        wait = self.runtime.ops_debt(self.client_group, self.loop.time())
         if wait > 0 and self.throttle is None and not self.transport.is_closing():
             self.runtime.ops_throttled += 1
             self.transport.pause_reading()
@@ -150,13 +153,13 @@ class WebSocketProtocol(asyncio.Protocol):
         # An address's connections share one debt: each waits for a turn of its own, so they wake
         # one by one as the share allows, not all at once (the very burst the share prevents),
         # and few wake only to find the debt back and sleep again.
-        self.throttle = self.loop.call_later(runtime.ops_turn(self.client_host, self.loop.time(), wait), self._unthrottle)
+        self.throttle = self.loop.call_later(runtime.ops_turn(self.client_group, self.loop.time(), wait), self._unthrottle)
 
     def _unthrottle(self) -> None:
         self.throttle = None
         if self.transport.is_closing() or self.runtime is None:
             return
-        wait = self.runtime.ops_debt(self.client_host, self.loop.time())
+        wait = self.runtime.ops_debt(self.client_group, self.loop.time())
         if wait > 0:  # others of its address spent the share meanwhile
             self._wait_for_share(self.runtime, wait)
             return
@@ -198,10 +201,12 @@ class WebSocketProtocol(asyncio.Protocol):
             self.fragments_binary = opcode is Opcode.BINARY
             if frame.fin:
                 self._message(bytes(frame.data))
-            else:
+            elif self._fragment_allowed():
                 self.fragments = [bytes(frame.data)]
         elif opcode is Opcode.CONT:
-            if self.fragments is not None:
+            # Every frame is work, an empty continuation too: each fragment costs an op, and the
+            # message its op when it is complete.
+            if self._fragment_allowed() and self.fragments is not None:
                 self.fragments.append(bytes(frame.data))
                 if frame.fin:
                     data, self.fragments = b"".join(self.fragments), None
@@ -317,7 +322,9 @@ class WebSocketProtocol(asyncio.Protocol):
         if path != PATH:
             self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), request.path, 404)
             return
+        self.forwarded = runtime.proxies.trusts(self.client_host)
         self.client_host = runtime.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
+        self.client_group = runtime.group(self.client_host)
         try:
             check_origin(request.headers.get("Origin"), runtime.settings.server.allowed_origins)
             authorization = request.headers.get_all("Authorization")
@@ -392,6 +399,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.conn.send_response(response)
         self._flush()
         self.transport.close()
+        self._arm_abort(self._close_timeout())  # the refusal may wait behind output nobody reads
 
     def _log_access(self, target: str, status: int) -> None:
         # The request target as sent (percent-encoded, as uvicorn logs HTTP requests): a decoded
@@ -449,6 +457,15 @@ class WebSocketProtocol(asyncio.Protocol):
         self.send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
         return False
 
+    def _fragment_allowed(self) -> bool:
+        """A fragment of a message costs an op; past the rate the message is dropped, and said so."""
+        if self._control_allowed():
+            return True
+        if self.fragments is not None:
+            self.fragments = None
+            self.send_error(RateLimited("frame: a fragmented message past the op rate was dropped; send it again", retry_after=1), None)
+        return False
+
     def _control_allowed(self) -> bool:
         """Control frames cost an op too (a PING flood is a flood); refused ones get no answer
         of ours beyond the pong websockets already queued."""
@@ -457,7 +474,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def _spend(self) -> bool:
         assert self.bucket is not None
         if self.runtime is not None:
-            self.runtime.charge_ops(self.client_host)
+            self.runtime.charge_ops(self.client_group)
             self.op_debt_checked = False
         if self.bucket.take(self.loop.time()):
             self.strikes = 0
@@ -554,7 +571,7 @@ class WebSocketProtocol(asyncio.Protocol):
         return min(server.close_timeout, server.shutdown_timeout / 2)
 
     def _close_timeout(self) -> float:
-        return self.runtime.settings.server.close_timeout if self.runtime else 5.0
+        return self.runtime.close_grace if self.runtime else 5.0
 
     def _arm_abort(self, timeout: float) -> None:
         if self.close_timer is None:

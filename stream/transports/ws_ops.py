@@ -27,7 +27,7 @@ class Connection(Protocol):
     runtime: Runtime | None
     sub: Subscriber | None
     principal: Principal | None
-    client_host: str
+    client_group: str
     loop: asyncio.AbstractEventLoop
     tasks: set[asyncio.Task[None]]
 
@@ -41,9 +41,9 @@ log = logging.getLogger("stream.ws")
 def subscribe(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     """``subscribe``: answer ``subscribed`` with the position, then snapshot / replay / live."""
     assert conn.runtime is not None and conn.sub is not None
-    request = subscribe_request(message)
-    conn.runtime.charge_ops(conn.client_host, len(request.topics) - 1)  # each pattern is work
+    request = subscribe_request(message, max_patterns=conn.runtime.settings.server.max_patterns)
     conn.runtime.auth.check_subscribe(conn.principal, request.topics)
+    held = len(conn.sub.wants)
 
     def announce(position: str) -> None:
         conn.send_json({"type": "subscribed", "topics": request.topics, "position": position, "ref": ref})
@@ -56,13 +56,16 @@ def subscribe(conn: Connection, message: dict[str, Any], ref: Any) -> None:
         symbols=request.symbols,
         announce=announce,
     )
+    # Each pattern added is work (the op itself was charged when it arrived): a refused
+    # subscribe costs its address 1, not its pattern count.
+    conn.runtime.charge_ops(conn.client_group, max(0, len(conn.sub.wants) - held - 1))
 
 
 def unsubscribe(conn: Connection, message: dict[str, Any], ref: Any) -> None:
     assert conn.runtime is not None and conn.sub is not None
-    topics = parse_pattern_list(message.get("topics"), "topics")
-    conn.runtime.charge_ops(conn.client_host, len(topics) - 1)
-    conn.runtime.hub.unsubscribe(conn.sub, topics)
+    topics = parse_pattern_list(message.get("topics"), "topics", limit=conn.runtime.settings.server.max_patterns)
+    removed = conn.runtime.hub.unsubscribe(conn.sub, topics)
+    conn.runtime.charge_ops(conn.client_group, max(0, len(removed) - 1))
     conn.send_json({"type": "unsubscribed", "topics": topics, "ref": ref})
 
 
