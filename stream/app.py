@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from . import __version__
 from .auth import Auth
@@ -163,6 +164,10 @@ def build(settings: Settings) -> Service:
         version=__version__,
         summary="Real-time push: WebSocket, Server-Sent Events and HTTP over one hub.",
         lifespan=lifespan,
+        # /docs is static/docs/, on Swagger UI's own files (below): FastAPI's page loads them
+        # from a CDN, with an inline script the dashboard's CSP would refuse.
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_exception_handler(StreamError, _stream_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -177,6 +182,7 @@ def build(settings: Settings) -> Service:
     )
     app.include_router(router)
     app.include_router(demo.router)
+    app.mount("/docs/assets", _SecurityHeaders(StaticFiles(directory=swagger_ui_path)), name="swagger-ui")
     if STATIC.is_dir():
         app.mount("/", _SecurityHeaders(StaticFiles(directory=STATIC, html=True)), name="dashboard")
     return Service(settings, runtime, metrics, app, Gate(app, runtime))
@@ -200,8 +206,8 @@ def _hub_config(settings: Settings) -> HubConfig:
     )
 
 
-# The dashboard loads only its own scripts, styles and connections, cannot be framed, and leaks
-# no URL (a #token= fragment never leaves the page anyway) to anyone.
+# The dashboard and the API docs load only their own scripts, styles and connections, cannot be
+# framed, and leak no URL (a #token= fragment never leaves the page anyway) to anyone.
 _DASHBOARD_HEADERS = [
     (
         b"content-security-policy",

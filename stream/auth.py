@@ -60,6 +60,7 @@ class Auth:
             self._verifiers[public_key.algorithm] = public_key.key
         self.audience = server.jwt_audience
         self.issuer = server.jwt_issuer
+        self.max_ttl = server.jwt_max_ttl or None
         # A JWT may carry publish rights, so with JWTs configured publishing is not off.
         self.can_anyone_publish = any(k.publish for k in keys) or bool(self._verifiers)
 
@@ -100,6 +101,9 @@ class Auth:
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("token: claim 'sub' must be a non-empty string")
+        if self.max_ttl is not None and claims["exp"] > time.time() + self.max_ttl + LEEWAY:
+            # A stolen token must not stay good for years: the issuer cannot revoke it.
+            raise Unauthorized(f"token: exp lies more than {self.max_ttl:g} s ahead (jwt_max_ttl); get one that expires sooner")
         return Principal(
             subject,
             _claimed_patterns(claims, "subscribe"),

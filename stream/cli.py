@@ -221,6 +221,10 @@ def _token(args: argparse.Namespace) -> int:
     if not secret:
         print("stream token: no server.jwt_secret in the config (or $STREAM_JWT_SECRET) to sign with", file=sys.stderr)
         return 1
+    limit = settings.server.jwt_max_ttl
+    if limit and args.ttl > limit:
+        print(f"stream token: --ttl {args.ttl:g} s is over the server's jwt_max_ttl ({limit:g} s), which would refuse it", file=sys.stderr)
+        return 2
     try:
         for option in ("subscribe", "publish"):
             for pattern in getattr(args, option):

@@ -85,6 +85,7 @@ class ServerSettings(Frozen):
     jwt_public_key: TextOrOff = None  # path to a PEM public key: RS256 (RSA) or ES256 (EC P-256) tokens
     jwt_audience: TextOrOff = None  # when set, JWTs must carry it in "aud"; when not, JWTs with "aud" are refused
     jwt_issuer: TextOrOff = None  # when set, JWTs must carry it as "iss"
+    jwt_max_ttl: Annotated[float, Field(ge=0)] = 30 * 86400.0  # seconds: a JWT whose exp lies further out is refused (0 = no bound)
     allowed_origins: Annotated[tuple[str, ...], Commas] = ("*",)  # Origin values accepted on /ws and /sse; "*" = any
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
     log_json: bool = False

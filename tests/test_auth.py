@@ -124,9 +124,30 @@ def test_audience_and_issuer_when_configured():
 
 
 def test_huge_exp_does_not_crash():
-    """A signed token whose exp is absurdly far away is accepted with a bounded expiry."""
-    principal = _auth(jwt_secret=SECRET).identify(_token(exp=10**400))
+    """With jwt_max_ttl off (0), a signed token whose exp is absurdly far away is accepted with a
+    bounded expiry."""
+    principal = _auth(jwt_secret=SECRET, jwt_max_ttl=0).identify(_token(exp=10**400))
     assert principal.expires == 4_102_444_800 + LEEWAY
+
+
+def test_a_jwt_expiring_past_jwt_max_ttl_is_refused():
+    """jwt_max_ttl (30 days by default): a token whose exp lies further out, +1000 years
+    included, is a 401 that says why; one within it passes."""
+    auth = _auth(jwt_secret=SECRET)
+    assert auth.identify(_token(exp=int(time.time()) + 29 * 86400)).name == "bot"
+    for exp in (int(time.time()) + 31 * 86400, int(time.time()) + 1000 * 366 * 86400, 10**400):
+        with pytest.raises(Unauthorized, match="jwt_max_ttl"):
+            auth.identify(_token(exp=exp))
+    assert _auth(jwt_secret=SECRET, jwt_max_ttl=3600).identify(_token(exp=int(time.time()) + 3000)).name == "bot"
+
+
+def test_stream_token_refuses_to_mint_past_jwt_max_ttl(tmp_path: Path):
+    """`stream token --ttl 60d` with the default jwt_max_ttl (30 days) exits 2 and says so."""
+    env = {"STREAM_JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "stream", "token", "--ttl", "60d"], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 2 and "jwt_max_ttl" in done.stderr and not done.stdout, done
+    fine = subprocess.run([sys.executable, "-m", "stream", "token", "--ttl", "7d"], capture_output=True, text=True, env=env, timeout=30)
+    assert fine.returncode == 0 and fine.stdout.count(".") == 2, fine
 
 
 @pytest.mark.parametrize(("private", "algorithm"), [(RSA_KEY, "RS256"), (EC_KEY, "ES256")])

@@ -184,3 +184,31 @@ async def _text_is(page, selector: str, text: str) -> bool:
 
 async def _state_in(page, states: tuple[str, ...]) -> bool:
     return await page.get_attribute("#connection", "data-state") in states
+
+
+async def test_the_api_docs_render_offline_under_the_dashboards_security_headers(chromium):
+    """/docs (Swagger UI) is served with the dashboard's headers (CSP self only, no framing,
+    nosniff, no referrer) and its scripts from this server: in a browser it lists the API's
+    operations, every request stays on this origin, and nothing breaks the policy."""
+    with Server(KEYS) as server:
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"{server.url}/docs", follow_redirects=True)
+        csp = answer.headers.get("content-security-policy", "")
+        assert answer.status_code == 200
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, csp
+        assert answer.headers.get("x-content-type-options") == "nosniff" and answer.headers.get("referrer-policy") == "no-referrer"
+        requested: list[str] = []
+        problems: list[str] = []
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = await browser.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{server.url}/docs")
+            await page.wait_for_selector(".opblock-summary-path", timeout=15_000)
+            paths = await page.eval_on_selector_all(".opblock-summary-path", "nodes => nodes.map(n => n.textContent)")
+            await browser.close()
+    assert "/api/publish" in "".join(paths), paths
+    assert all(url.startswith(server.url) or url.startswith("data:") for url in requested), [u for u in requested if not u.startswith(server.url)]
+    assert problems == [], problems
