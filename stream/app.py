@@ -42,6 +42,7 @@ from .pollers import Pollers
 from .providers import DemoMarket
 from .runtime import Runtime
 from .settings import Settings, load_settings
+from .siblings import HostMetrics, Seat, SharedCounts
 from .transports import demo
 from .transports.http import Gate, error_parts, router
 
@@ -110,7 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return build(settings or load_settings()).app
 
 
-def build(settings: Settings) -> Service:
+def build(settings: Settings, seat: Seat | None = None) -> Service:
+    """Every part of one process; ``seat``: its place among the workers of a host (--workers),
+    whose metrics and per-address counts it then shares."""
     server = settings.server
     metrics = Metrics()
     store = Store(server.history_size, server.history_ttl, server.history_bytes, server.max_topics)
@@ -144,20 +147,28 @@ def build(settings: Settings) -> Service:
             1 << 20 if nofile == resource.RLIM_INFINITY else nofile,
             # Descriptors the process's own pools may hold come off the sockets' room first.
             reserved=pollers.connections + broker.connections + leases.connections,
+            clients=SharedCounts(seat) if seat is not None else None,
         ),
         proxies=TrustedProxies(list(server.forwarded_allow_ips)),
+        workers=seat.count if seat is not None else 1,
     )
     metrics.watch(runtime)
+    if seat is not None:
+        metrics.siblings = HostMetrics(seat, metrics.render)
     market = DemoMarket(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await runtime.start()
+        if metrics.siblings is not None:
+            await metrics.siblings.start()
         try:
             yield {"stream": runtime, "metrics": metrics, "demo": market}
         finally:
             await runtime.drain()
             await runtime.stop()
+            if metrics.siblings is not None:
+                await metrics.siblings.close()
 
     app = FastAPI(
         title="stream",

@@ -50,8 +50,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
     print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
-    service = build(settings)
-    server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime)
+    seat = None
+    if args.worker:  # one of --workers' processes: its place among them
+        from .siblings import Seat
+
+        seat = Seat.parse(args.worker, args.worker_dir)
+    service = build(settings, seat)
+    server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime, seat.serving if seat else None)
     if args.reuse_port:  # one of --workers' processes: the port is shared with the others
         from .workers import listening_socket
 
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port, each a node of the hub (needs the Redis broker)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by --workers for its workers
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # "<index>/<count>", set by --workers
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)  # what the workers share, made by --workers
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config file; exit 1 with one line per problem")

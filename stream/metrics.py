@@ -11,11 +11,13 @@ import time
 from collections import Counter
 
 from prometheus_client import CollectorRegistry, GCCollector, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .events import Event
 from .runtime import Runtime
+from .siblings import HostMetrics
 
 __all__ = ["Metrics"]
 
@@ -27,6 +29,7 @@ class Metrics:
     ``polled`` as their hooks, then ``watch`` reads the runtime's counters at scrape time."""
 
     def __init__(self) -> None:
+        self.siblings: HostMetrics | None = None  # with --workers: the host's other workers
         self.registry = CollectorRegistry()
         # The process's memory, file descriptors and CPU, and the collector's runs per generation.
         ProcessCollector(registry=self.registry)
@@ -57,6 +60,36 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """What /metrics answers: this process's metrics, or with ``--workers`` every worker's of
+        the host (``siblings``), each series labelled with its worker."""
+        if self.siblings is None:
+            return self.render()
+        return merge_expositions(await self.siblings.gather())
+
+
+def merge_expositions(expositions: dict[str, bytes]) -> bytes:
+    """Several processes' expositions as one, each sample labelled ``worker``: prometheus-client's
+    multiprocess mode cannot run custom collectors, so the workers' own texts are parsed back and
+    the library encodes the result."""
+    families: dict[str, Metric] = {}
+    for worker, text in sorted(expositions.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value, sample.timestamp, sample.exemplar)
+    registry = CollectorRegistry()
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
 
 
 class _HubCollector(Collector):

@@ -58,8 +58,13 @@ class Runtime:
         auth: Auth,
         sockets: SocketLimits,
         proxies: TrustedProxies,
+        workers: int = 1,
     ) -> None:
         self.settings = settings
+        # With --workers the kernel spreads an address's connections over the workers, so each
+        # keeps its share of the per-address op rate: together they hold the host to it.
+        self.ops_rate = settings.server.ws_ops_rate_per_client / workers
+        self.ops_burst = max(1.0, settings.server.ws_ops_burst_per_client / workers)
         self.hub = hub
         self.pollers = pollers
         self.auth = auth
@@ -244,12 +249,11 @@ class Runtime:
 
     def ops_debt(self, host: str, now: float) -> float:
         """Seconds ``host`` must wait before its connections are read again (0: within its share)."""
-        server = self.settings.server
         bucket = self._client_ops.get(host)
         if bucket is None:
             if len(self._client_ops) >= _MAX_BUCKETS:
                 self._client_ops.clear()  # a fresh share for everyone is only ever more lenient
-            bucket = self._client_ops[host] = TokenBucket(server.ws_ops_rate_per_client, server.ws_ops_burst_per_client, now)
+            bucket = self._client_ops[host] = TokenBucket(self.ops_rate, self.ops_burst, now)
         return bucket.spend(now, self._ops_spent.pop(host, 0))
 
     def ops_turn(self, host: str, now: float, wait: float) -> float:
@@ -260,7 +264,7 @@ class Runtime:
         turns = self._ops_turns
         if host not in turns and len(turns) >= _MAX_BUCKETS:
             turns.clear()  # forgetting who waits only lets them read sooner
-        turn = turns[host] = max(now + wait, turns.get(host, 0.0) + 1 / self.settings.server.ws_ops_rate_per_client)
+        turn = turns[host] = max(now + wait, turns.get(host, 0.0) + 1 / self.ops_rate)
         return turn - now
 
     def count(self, transport: str) -> int:

@@ -6,6 +6,7 @@ import gc
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 from . import __version__
@@ -69,9 +70,10 @@ def settle_heap() -> None:
 class StreamServer(Server):
     """uvicorn's Server (touchpoint 3 of ``uvicorn_seam``) whose shutdown first drains stream's connections (SPEC §8)."""
 
-    def __init__(self, config: Config, runtime: Runtime) -> None:
+    def __init__(self, config: Config, runtime: Runtime, serving: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.serving = serving  # called once the socket listens (a worker tells its parent)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -85,6 +87,8 @@ class StreamServer(Server):
             )
             self.runtime.start_pollers(self.base_url())
             settle_heap()
+            if self.serving is not None:
+                self.serving()
 
     def base_url(self) -> str:
         """How this process reaches itself (demo providers poll /demo/… over HTTP)."""

@@ -4,12 +4,8 @@ ports, one real redis-server, real WebSocket / SSE / HTTP clients, and a loopbac
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import orjson
@@ -18,7 +14,7 @@ from httpx_sse import aconnect_sse
 from starlette.responses import Response
 from websockets.asyncio.client import connect
 
-from .support import AUTH, KEYS, RUNNING, Server, SSEReader, publish, wait_for
+from .support import AUTH, KEYS, Server, SSEReader, publish, wait_for
 from .test_resume import Publisher, recv, ws_events
 from .upstream import Upstream
 
@@ -272,80 +268,3 @@ async def test_a_redis_outage_refuses_publishes_keeps_subscribers_and_loses_noth
     assert "stream_broker_up 1.0" in metrics and "stream_broker_epoch_changes_total 0.0" in metrics
     assert metric_value(metrics, "stream_broker_reconnects_total") >= 1
     assert metric_value(metrics, "stream_broker_lag_seconds") < 5
-
-
-class Workers(Server):
-    """`stream serve --workers 2` on one port."""
-
-    def start(self, timeout: float = 30.0) -> Server:
-        self._log_file = open(self.log, "wb")
-        assert self.config is not None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "serve", "--config", str(self.config), "--port", str(self.port), "--workers", "2"],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            preexec_fn=self.child_setup,
-        )
-        RUNNING.add(self)
-        self._wait_ready(timeout)
-        deadline = time.monotonic() + timeout
-        while self.output().count("serving on") < 2:  # both workers listen, not just the first
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the second worker did not start:\n{self.output()}")
-            time.sleep(0.05)
-        return self
-
-
-def _children(pid: int) -> list[int]:
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
-
-
-def _owner(client_port: int, pids: list[int]) -> int | None:
-    """Which of ``pids`` holds the server end of the loopback connection from ``client_port``."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[2].split(":")[1], 16) == client_port:  # the remote end is the client
-            inodes.add(fields[9])
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
-                    return pid
-            except OSError:
-                continue
-    return None
-
-
-async def test_workers_share_one_port_and_every_subscriber_gets_every_event(redis_server):
-    """--workers 2: subscribers spread over both processes (the kernel balances SO_REUSEPORT), and
-    every one receives every event; with the memory broker the flag is one clear error."""
-    with Workers(cluster_config(redis_server.url)) as server:
-        sockets = [await connect(server.ws_url + "?topics=w.>") for _ in range(16)]
-        try:
-            welcomes = [await recv(ws) for ws in sockets]
-            for ws in sockets:
-                await recv(ws)  # subscribed
-            assert server.proc is not None
-            workers = _children(server.proc.pid)
-            owners = {_owner(ws.transport.get_extra_info("sockname")[1], workers) for ws in sockets}
-            async with httpx.AsyncClient(timeout=10) as client:
-                ids = await publish(client, server, [{"topic": "w.x", "data": {"n": n}} for n in range(20)])
-            for ws in sockets:
-                assert await ws_ids(ws, 20) == ids
-        finally:
-            for ws in sockets:
-                await ws.close()
-    assert len(workers) == 2 and owners == set(workers), (workers, owners)
-    assert len({w["epoch"] for w in welcomes}) == 1
-
-
-def test_workers_with_the_memory_broker_are_one_clear_error(tmp_path):
-    """--workers 2 with memory:// would be two separate hubs: refused with one line, exit 2."""
-    config = tmp_path / "stream.toml"
-    config.write_text(KEYS)
-    done = subprocess.run([sys.executable, "-m", "stream", "serve", "--config", str(config), "--workers", "2"],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert "--workers 2 needs the Redis broker" in done.stderr

@@ -88,7 +88,7 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     runtime = _runtime(request)
     _need_credentials(request, runtime, runtime.settings.server.metrics_public, "/metrics")
-    return Response(request.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(await request.state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def _event_dict(event: Event) -> dict[str, Any]:
