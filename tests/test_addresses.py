@@ -100,26 +100,8 @@ async def test_fd_churn_past_the_descriptor_cap_leaves_healthz_answering():
     stop = asyncio.Event()
     sources = [f"127.0.0.{n}" for n in range(2, 14)]
 
-    async def keep_one_open(port: int, source: str) -> None:
-        while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                read = asyncio.ensure_future(reader.read(1024))
-                halt = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({read, halt}, return_when=asyncio.FIRST_COMPLETED)
-                read.cancel()
-                halt.cancel()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.transport.abort()
-
     with LimitedServer(config("")) as server, Canary(server) as canary:
-        churn = [asyncio.ensure_future(keep_one_open(server.port, sources[n % 12])) for n in range(1100)]
+        churn = [asyncio.ensure_future(keep_open(server.port, sources[n % 12], stop)) for n in range(1100)]
         await asyncio.sleep(2)  # the attack ramps up (an observation window, not a wait for a condition)
         answered = tried = 0
         started = time.monotonic()
@@ -133,3 +115,72 @@ async def test_fd_churn_past_the_descriptor_cap_leaves_healthz_answering():
         await asyncio.gather(*churn, return_exceptions=True)
     assert answered >= 0.9 * tried, f"/healthz answered {answered} of {tried} times under fd churn"
     canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
+
+
+async def test_a_socket_flood_leaves_the_descriptors_the_process_own_pools_need(redis_server):
+    """Under ulimit -n 512, with Redis and 20 providers polling a local upstream, 600 sockets that
+    reconnect as soon as they are closed hold every descriptor they may; then the link to Redis is
+    cut: the node gets its connections back (ready again, 40 publishes at once all accepted) and
+    every provider goes on polling, because the sockets' room is what is left after the pools'
+    own connections, not a margin they share."""
+    from .faults import Link
+    from .test_faults import GatedFeed, provider_block
+    from .test_scaleout import cluster_config
+
+    allow_open_files(4096)
+    feed = GatedFeed()
+    feed.upstream.start()
+    providers = "".join(provider_block(feed.url, f"p{n}", interval=1) for n in range(20))
+    stop = asyncio.Event()
+    try:
+        with Link(redis_server.port) as link, TightServer(cluster_config(link.url) + providers) as server:
+            limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+            async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+                # Its 40 connections open before the flood (at the cap a new one would be refused).
+                assert await asyncio.gather(*(publish_one(client, server, n) for n in range(40))) == [202] * 40
+                flood = [asyncio.ensure_future(keep_open(server.port, f"127.0.0.{2 + n % 12}", stop)) for n in range(600)]
+                await asyncio.sleep(2)  # the flood takes every descriptor it can (an observation window)
+                link.cut()
+                await asyncio.sleep(3)  # the node reconnects meanwhile, while the flood goes on
+                ready = (await client.get(f"{server.url}/readyz")).status_code
+                answers = await asyncio.gather(*(publish_one(client, server, n) for n in range(40)))
+                hits = feed.upstream.hits["/news.json"]
+                await asyncio.sleep(2.5)  # two more poll intervals
+                statuses = (await client.get(f"{server.url}/api/providers")).json()
+                stop.set()
+                await asyncio.gather(*flood, return_exceptions=True)
+    finally:
+        feed.upstream.stop()
+    assert ready == 200 and answers == [202] * 40, (ready, answers)
+    assert feed.upstream.hits["/news.json"] >= hits + 20, "providers stopped polling"
+    assert all(status["consecutive_failures"] == 0 for status in statuses), [s["last_error"] for s in statuses if s["last_error"]]
+
+
+async def keep_open(port: int, source: str, stop: asyncio.Event) -> None:
+    """One socket that says nothing, reopened as soon as the server closes it, until ``stop``."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        try:
+            read = asyncio.ensure_future(reader.read(1024))
+            halt = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({read, halt}, return_when=asyncio.FIRST_COMPLETED)
+            read.cancel()
+            halt.cancel()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+
+
+class TightServer(LimitedServer):
+    nofile = 512
+
+
+async def publish_one(client: httpx.AsyncClient, server: Server, n: int) -> int:
+    from .support import AUTH
+
+    return (await client.post(f"{server.url}/api/publish", json={"topic": "fd.x", "data": {"n": n}}, headers=AUTH)).status_code

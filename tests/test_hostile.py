@@ -180,11 +180,13 @@ async def test_idle_keep_alive_sockets_are_counted_then_closed():
 
 
 class LimitedServer(Server):
-    """A Server whose process runs under ``ulimit -n 1024``."""
+    """A Server whose process runs under ``ulimit -n 1024`` (or ``nofile``)."""
+
+    nofile = 1024
 
     def child_setup(self) -> None:
         super().child_setup()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
 
 async def test_idle_sockets_past_the_fd_limit_leave_the_server_answering():
