@@ -1,5 +1,5 @@
-"""Real faults for the fault-injection tests: a loopback TCP link that can be delayed, blackholed or
-cut (put between a node and Redis), a process paused with SIGSTOP, and the check that every
+"""Real faults for the tests: a loopback TCP link that can be delayed, blackholed or cut (between a
+node and Redis, or a client and a node), a process paused with SIGSTOP, and the check that every
 subscriber got every accepted event once or was told of a gap.
 
 The link runs on an event loop of its own in a thread, so a test that blocks its own loop (a

@@ -10,7 +10,8 @@ import pytest
 
 from stream.client import Event, Gap, SubscribeError, Subscriber, ws_url
 
-from .support import KEYS, Proxy, Server, publish, wait_for
+from .faults import Link
+from .support import KEYS, Server, publish, wait_for
 
 
 def test_urls_are_normalised():
@@ -29,7 +30,7 @@ async def collect(sub: Subscriber, count: int, into: list) -> None:
 
 async def test_a_dropped_connection_resumes_without_loss_or_duplicate(server):
     """The network drops twice while events keep coming: every event arrives once, in order."""
-    proxy = await Proxy(server.port).start()
+    proxy = Link(server.port, scheme="http", path="").start()
     states: list[str] = []
     received: list = []
     try:
@@ -44,7 +45,7 @@ async def test_a_dropped_connection_resumes_without_loss_or_duplicate(server):
                 await asyncio.sleep(0.002)
             await asyncio.wait_for(reader, 20)
     finally:
-        await proxy.stop()
+        proxy.stop()
     events = [item for item in received if isinstance(item, Event)]
     assert [e.data["n"] for e in events] == list(range(300))
     assert not any(isinstance(item, Gap) for item in received)
