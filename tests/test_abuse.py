@@ -6,12 +6,14 @@ subscribes refused for their size. Attackers connect from 127.0.0.2 and up."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import pytest
 
 from .hostile_attacks import ATTACKERS, AttackWebSocket, allow_open_files, exchange
 from .support import AUTH, KEYS, Server, metric_now, rss_mb, wait_for
+from .test_hostile import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +137,41 @@ async def test_a_publish_without_credentials_is_answered_from_its_head_and_its_b
     assert rss_mb(server.proc.pid) - before < 20
     with_key = await exchange(server.port, ATTACKERS[0], head.replace(b"\r\n\r\n", f"\r\nAuthorization: {AUTH['Authorization']}\r\n\r\n".encode()), 1)
     assert with_key is None, "a publish with a key waits for its body"
+
+
+async def test_a_websocket_upgraded_behind_an_unread_answer_starts_paused_and_is_closed_as_slow(server):
+    """On one keep-alive socket that reads nothing: a big /api/events answer (left unread), then a
+    WebSocket upgrade subscribing to everything, then 2,000 events of 10 KB. The transport is
+    still paused from the HTTP answer, so the connection starts paused: its events queue in its
+    bounded buffer and it is closed as a slow consumer, instead of every event piling up in the
+    transport (+20 MB and more, never closed)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(10):  # ~1 MB of history: an answer that cannot all go to the kernel
+            await client.post(f"{server.url}/api/publish", json=[{"topic": "pre.x", "data": {"pad": "h" * 1000}}] * 100, headers=AUTH)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((ATTACKERS[3], 0))
+        sock.connect(("127.0.0.1", server.port))
+        try:
+            answered = server.output().count("/api/events?topics=pre")
+            get = b"GET /api/events?topics=pre.%3E&since=-1h&limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n"
+            for n in range(1, 4):  # more unread answer than the kernel takes: the rest waits in the transport
+                sock.sendall(get)
+                await wait_for(lambda n=n: server.output().count("/api/events?topics=pre") >= answered + n, 10)  # its answer went out
+            sock.sendall(  # the upgrade is read right after this answer is written, while the transport is paused
+                get + b"GET /ws?topics=up.%3E HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            await wait_for(lambda: metric_now(server, 'stream_connections{transport="ws"}') >= 1, 10)
+            slow_before = metric_now(server, "stream_slow_consumer_disconnects_total")
+            before, history_before = rss_mb(server.proc.pid), metric_now(server, "stream_history_bytes ")
+            for _ in range(20):
+                answer = await client.post(f"{server.url}/api/publish", json=[{"topic": "up.x", "data": {"pad": "p" * 10_000}}] * 100, headers=AUTH)
+                assert answer.status_code == 202
+            grown = rss_mb(server.proc.pid) - before - (metric_now(server, "stream_history_bytes ") - history_before) / MB
+            closed = await eventually(lambda: metric_now(server, "stream_slow_consumer_disconnects_total") > slow_before, 10)
+        finally:
+            sock.close()
+    assert closed, "the subscriber that reads nothing was never closed as a slow consumer"
+    assert grown < 10, f"the server grew by {grown:.0f} MB beyond its history for one subscriber that reads nothing"
+

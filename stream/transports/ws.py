@@ -123,6 +123,10 @@ class WebSocketProtocol(asyncio.Protocol):
             timeout = self.runtime.settings.server.write_stall_timeout
             self.stall = StallWatch(self.loop, self.transport, timeout, self._stalled)
         self.transport.set_write_buffer_limits()  # the HTTP protocol's are for requests (see http_protocol)
+        if self.transport.get_write_buffer_size():
+            # Answers to requests sent before the upgrade still wait: the transport is paused and
+            # tells no new protocol so until it resumes. This connection starts paused, as it is.
+            self.pause_writing()
 
     def data_received(self, data: bytes) -> None:
         # Fed in slices: websockets parses all it is given at once, and 256 KiB of 6-byte PING
@@ -355,6 +359,8 @@ class WebSocketProtocol(asyncio.Protocol):
         server = runtime.settings.server
         self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self.sub = runtime.hub.new_subscriber(self, transport=self.transport_name)
+        if self.write_paused:
+            self.sub.pause()
         self.send_json(
             {
                 "type": "welcome",
