@@ -91,6 +91,7 @@ class Poller:
         self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
         self.primed = False
         self.restored: int | None = None  # the fence of the lease whose saved state this poller took over
+        self.unsure = False  # a publish got no answer: it may have been stored, so look in history first
         self.fence: Fence | None = None  # the lease this poll runs under: its writes carry it
         self.dirty = False  # dedup memory or validators changed since they were last saved
         self.polls = 0
@@ -127,6 +128,8 @@ class Poller:
                     # A new taking of the lease (first, or regained after another node held it):
                     # whoever held it meanwhile changed the state, so take it from Redis again.
                     await self._restore(token)
+                elif self.unsure:
+                    await self._recall()
                 delay = await self.poll_once()
                 await self._persist()
             except asyncio.CancelledError:
@@ -153,13 +156,20 @@ class Poller:
             self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
             self.primed = bool(state.get("primed"))
             self.seen = OrderedDict((key, None if value is None else value.encode()) for key, value in state.get("seen", []))
+        await self._recall()
+        self.restored = token
+
+    async def _recall(self) -> None:
+        """Remember every headline of this provider the hub holds, once this node has read all
+        that was written so far: a publish whose answer was lost may have been stored."""
         if self.provider.headlines:
+            await self.hub.settle()
             for event in self.hub.store.history:
                 data = event.data if event.topic.startswith(self._topic_head) else None
                 if isinstance(data, dict) and data.get("provider") == self.provider.name and isinstance(data.get("id"), str):
                     self.seen[data["id"]] = None
                     self.primed = True
-        self.restored = token
+        self.unsure = False
 
     async def _persist(self) -> None:
         """Save the dedup memory and validators (if they changed) and the status for the other
@@ -196,10 +206,12 @@ class Poller:
                 raise UpstreamError("empty", "empty body")
             # Parsing is CPU work (feedparser on a 5 MiB feed takes seconds): off the event loop.
             parsed = await asyncio.to_thread(self._parse, body, content_type, location)
-            await self._publish(parsed)
+            published = await self._publish(parsed)
         except UpstreamError as exc:
             return self._failed(exc, started)
-        if (self.etag, self.last_modified) != validators:
+        # Validators of a document whose items were not all published are not kept: the next
+        # poll must get the whole document again, not a 304.
+        if published and (self.etag, self.last_modified) != validators:
             self.etag, self.last_modified = validators
             self.dirty = True
         return self._succeeded("ok", started)
@@ -258,7 +270,9 @@ class Poller:
         while len(seen) > max(self.provider.dedup_size, current):
             seen.popitem(last=False)
 
-    async def _publish(self, parsed: Parsed) -> None:
+    async def _publish(self, parsed: Parsed) -> bool:
+        """Publish what is new in ``parsed``; False when some of it could not be (it is tried
+        again at the next poll)."""
         provider = self.provider
         self._report_skips(parsed)
         stamps = [item.published for item in parsed.items if item.published is not None]
@@ -267,7 +281,7 @@ class Poller:
         fresh, remember = self._fresh(parsed.items)
         if not self.primed:
             if not parsed.items:
-                return  # an empty first answer primes nothing: wait for a real one
+                return True  # an empty first answer primes nothing: wait for a real one
             if not provider.backfill:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
@@ -277,7 +291,7 @@ class Poller:
                     raise
                 except StreamError as exc:  # the broker is away: prime at the next poll, publish nothing
                     log.warning("provider %s: could not prime: %s", provider.name, exc.message)
-                    return
+                    return False
                 self.primed = self.dirty = True
                 self._remember(remember, len(parsed.items))
                 log.info(
@@ -286,7 +300,7 @@ class Poller:
                     len(parsed.items),
                     primed,
                 )
-                return
+                return True
             self.primed = self.dirty = True
         drafts = self._drafts(fresh)
         if drafts:
@@ -294,14 +308,16 @@ class Poller:
                 events = await self.hub.publish_many(drafts, fence=self.fence)
             except LeaseLost:
                 raise
-            except StreamError as exc:  # a hub limit (max_topics): tried again at the next poll
+            except StreamError as exc:  # the broker is away, or a hub limit (max_topics): tried again at the next poll
                 self.items_skipped += len(drafts)
+                self.unsure = isinstance(exc, BrokerUnavailable)  # stored maybe, its answer lost
                 log.warning("provider %s: %d items not published: %s", provider.name, len(drafts), exc.message)
-                return
+                return False
             self.items_published += len(events)
             log.debug("provider %s: published %d new items", provider.name, len(events))
         # Only now: an item whose publish failed is tried again at the next poll.
         self._remember(remember, len(parsed.items))
+        return True
 
     def _drafts(self, items: list[Item]) -> list[Draft]:
         drafts = []

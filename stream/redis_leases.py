@@ -1,7 +1,7 @@
 """Provider leases on Redis: which node of a hub polls each provider (SPEC §10).
 
 ``RedisLeases`` runs one keeper task per provider on each node: every
-``lease_ttl / 3`` it takes or renews that provider's lease (``SET NX PX``, renewed only by its
+``lease_ttl / 3`` (a failed attempt again after 0.25 s) it takes or renews that provider's lease (``SET NX PX``, renewed only by its
 holder), or reads the holder's last saved status. Keepers are independent of each other and
 of publishing (a connection pool of their own), and each renewal is bounded by
 ``redis_timeout``, so one slow command delays no other lease. A node counts a lease as held for
@@ -35,6 +35,8 @@ from .leases import Leases
 __all__ = ["RedisLeases"]
 
 log = logging.getLogger("stream.leases")
+
+RETRY_AFTER = 0.25  # seconds before a failed renewal is tried again
 
 
 class RedisLeases(Leases):
@@ -119,13 +121,16 @@ class RedisLeases(Leases):
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._renew(name)
+                pause = self.ttl / 3
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Not renewed: it lapses here (holds() turns false) before Redis lets it go.
+                # Not renewed: tried again soon, while the lease is still held here; if no renewal
+                # gets through, it lapses here (holds() turns false) before Redis lets it go.
                 self._holders[name] = None
                 log.debug("leases: renewing %s failed: %s", name, redis_failure(exc))
-            await asyncio.sleep(self.ttl / 3)
+                pause = min(self.ttl / 3, RETRY_AFTER)
+            await asyncio.sleep(pause)
 
     async def _renew(self, name: str) -> None:
         asked = time.monotonic()

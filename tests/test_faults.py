@@ -16,8 +16,13 @@ import pytest
 from httpx_sse import aconnect_sse
 from starlette.responses import Response
 
+from stream.poller import Poller
+from stream.provider_settings import ProviderSettings
+
 from .faults import Link, RawSSE, Received, delivery_problems, stopped
 from .support import AUTH, Server, metric_now, publish, wait_for
+from .test_poller import Script, items
+from .test_redis_broker import node
 from .test_scaleout import Cluster, cluster_config, nodes
 from .upstream import Upstream
 
@@ -352,3 +357,40 @@ async def test_a_keys_publish_rate_holds_for_the_cluster_not_per_node(redis_serv
     refused = [r for r in answers if r.status_code != 202]
     assert all(r.status_code == 429 and r.headers.get("retry-after") for r in refused)
     assert accepted <= 5 + 5 * elapsed + 1, f"{accepted} accepted in {elapsed:.2f} s: the rate is per node"
+
+
+async def test_a_publish_whose_answer_was_lost_on_a_slow_link_is_not_published_again(redis_server):
+    """The link to Redis turns slow (0.55 s each way) as the poller publishes headline b: Redis
+    runs the publish before its deadline, but the answer comes after ``redis_timeout``, so the
+    poller hears 503. Its next poll first reads the stream to its end, finds b there and does
+    not publish it again: b is in the Redis stream once."""
+    script = Script((200, items("a"), {}), (200, items("b", "a"), {}))
+    with Link(redis_server.port) as link:
+        async with node(link.url) as hub:
+            await wait_for(lambda: hub.broker.link.offset is not None, 5)  # publishes carry a deadline
+            # Pooled connections open now: a connection opened over the slow link would time out
+            # in its handshake, before the publish is even sent.
+            await asyncio.gather(*(hub.publish("warm.x", {}) for _ in range(4)))
+            poller = Poller(ProviderSettings(name="p", kind="json", url="https://upstream.example/items"), httpx.AsyncClient(transport=httpx.MockTransport(script)), hub)
+            pauses, lost = 0, None
+
+            async def between_polls(delay: float) -> None:
+                nonlocal pauses, lost
+                pauses += 1
+                if pauses == 2:  # a was primed: b's publish goes out over the slow link
+                    link.delay(0.55)
+                elif pauses == 3:  # b's publish was answered (503, or 202 if the link was not slow enough)
+                    lost = poller.items_skipped
+                    link.heal()
+                elif "b" in poller.seen or pauses > 200:
+                    raise asyncio.CancelledError
+                else:  # polls again as soon as Redis answers
+                    await wait_for(lambda: hub.broker.problem() is None, 10)
+
+            with pytest.raises(asyncio.CancelledError):
+                await poller.run(sleep=between_polls)
+    with redis_server.client() as redis:
+        stored = [orjson.loads(fields[b"d"]).get("id") for _, fields in redis.xrange("stream:events") if b"p" not in fields]
+    assert lost == 1, "b's publish was answered (the link was not slow enough to lose its answer)"
+    assert "b" in poller.seen
+    assert stored.count("b") == 1, f"b is in the stream {stored.count('b')} times"

@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from stream.errors import BrokerUnavailable
 from stream.fetch import parse_retry_after
 from stream.hub import Hub
 from stream.poller import (
@@ -318,6 +319,59 @@ def test_items_whose_publish_failed_are_tried_again():
         await poller.poll_once()  # b again: published now
 
     run(scenario())
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["b"]
+
+
+def test_validators_of_a_document_whose_publish_failed_are_not_kept():
+    """The broker away when b is found: the ETag of that document must not be sent again, or
+    the upstream answers 304 from then on and b is never published."""
+    script = Script(
+        (200, items("a"), {"ETag": '"v1"'}),
+        (200, items("b", "a"), {"ETag": '"v2"'}),
+        (200, items("b", "a"), {"ETag": '"v2"'}),
+    )
+    poller, hub, _ = make(script)
+    original = hub.publish_many
+    calls = {"n": 0}
+
+    async def away_once(drafts, **guards):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise BrokerUnavailable("broker: Redis unreachable; retry shortly", retry_after=1)
+        return await original(drafts, **guards)
+
+    hub.publish_many = away_once  # type: ignore[method-assign]
+    run(polls(poller, 3))
+    assert script.requests[2].headers["If-None-Match"] == '"v1"', "the failed document's ETag was kept"
+    assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["b"]
+
+
+def test_a_publish_whose_answer_was_lost_is_looked_up_in_history_before_the_next_poll():
+    """Redis stored b but its answer never came back (503 to the poller): the next poll finds b
+    in the hub's history and does not publish it a second time."""
+    script = Script((200, items("a"), {}), (200, items("b", "a"), {}))
+    poller, hub, _ = make(script)
+    original = hub.publish_many
+    calls = {"n": 0}
+
+    async def stored_but_unanswered(drafts, **guards):
+        events = await original(drafts, **guards)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise BrokerUnavailable("broker: Redis did not answer within 1 s; retry shortly", retry_after=1)
+        return events
+
+    hub.publish_many = stored_but_unanswered  # type: ignore[method-assign]
+    slept = []
+
+    async def sleep(delay):
+        slept.append(delay)
+        if len(slept) > 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        run(poller.run(sleep=sleep))
+    assert poller.polls == 3 and not poller.unsure
     assert [e.data["id"] for e in hub.store.history if e.topic.startswith("news.")] == ["b"]
 
 

@@ -105,6 +105,11 @@ class Broker(abc.ABC):
         """Why the broker is unusable right now, or None when it is fine (``/readyz``)."""
         return None
 
+    async def settle(self) -> None:  # noqa: B027 - a memory broker's history is always complete
+        """Return once this node's store holds every event written before the call, anywhere:
+        after a publish that got no answer (it may have been stored all the same), history
+        then says. Raises BrokerUnavailable when that cannot be known now."""
+
     @abc.abstractmethod
     async def publish(self, drafts: list[Draft], *, fence: Fence | None = None, charge: Charge | None = None) -> list[Event]:
         """Accept drafts into history, in order; return them as events once accepted. Raises

@@ -159,6 +159,11 @@ class Hub:
         self.stats.topics_refused += wanted - len(primed)
         return len(primed)
 
+    async def settle(self) -> None:
+        """Return once this node's history holds every event written before the call (see
+        Broker.settle)."""
+        await self.broker.settle()
+
     def policy_for(self, topic: str) -> Policy:
         rules = self._overflow.match(topic)
         return min(rules, key=lambda rule: rule[0])[1] if rules else self.config.default_overflow

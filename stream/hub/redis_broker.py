@@ -219,17 +219,28 @@ class RedisBroker(Broker):
             return BrokerUnavailable("broker: Redis lost its data and a new epoch is starting; retry", retry_after=1)
         return ResponseError(reply)
 
-    async def _seen(self, seq: int) -> None:
-        """Wait (briefly) until this node's reader has passed ``seq``: read-your-writes."""
+    async def _seen(self, seq: int) -> bool:
+        """Wait (briefly) until this node's reader has passed ``seq``: read-your-writes. False
+        if it has not by then (accepted in Redis all the same; the reader delivers it when it can)."""
         if self.last_read_seq >= seq:
-            return
+            return True
         future = asyncio.get_running_loop().create_future()
         self._waiter_count += 1
         heapq.heappush(self._waiters, (seq, self._waiter_count, future))
         try:
             await asyncio.wait_for(asyncio.shield(future), SEEN_WAIT)
         except TimeoutError:
-            pass  # accepted in Redis all the same; the reader delivers it when it can
+            return False
+        return True
+
+    async def settle(self) -> None:
+        try:
+            async with asyncio.timeout(self.link.timeout):
+                newest = await self.redis.xrevrange(EVENTS, count=1)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker: could not read the end of the stream ({redis_failure(exc)}); retry shortly", retry_after=1) from None
+        if newest and not await self._seen(seq_of(newest[0][0])):
+            raise BrokerUnavailable("broker: this node has not read the stream up to its end yet; retry shortly", retry_after=1)
 
     # -- reading --------------------------------------------------------------------------
 
