@@ -71,9 +71,16 @@ def redis_ids(redis_server, epoch: str) -> list[str]:
 async def test_a_node_that_falls_behind_the_trimmed_stream_sends_a_gap_not_silence(redis_server):
     """history_size 100; node B frozen (SIGSTOP) while node A publishes 1,000 events, so Redis trims
     past B's read position: B's SSE subscriber gets every accepted event once or a gap notice that
-    covers it, and what it got after the gap matches the Redis stream."""
+    covers it, and what it got after the gap matches the Redis stream. A subscriber of a quiet
+    topic on B is told of the hole after the last event B had read, not after its own last
+    event: it missed nothing before that."""
     with Cluster(nodes(redis_server.url, 2, "history_size = 100")) as (a, b):
-        async with httpx.AsyncClient(timeout=10) as client, sse_subscriber(client, f"{b.url}/sse?topics=lag.>") as received:
+        async with (
+            httpx.AsyncClient(timeout=10) as client,
+            sse_subscriber(client, f"{b.url}/sse?topics=lag.>") as received,
+            sse_subscriber(client, f"{b.url}/sse?topics=calm.>") as calm,
+        ):
+            calm_ids = await publish(client, a, {"topic": "calm.x", "data": {"n": 0}})
             accepted = await publish(client, a, [{"topic": "lag.x", "data": {"n": n}} for n in range(10)])
             await wait_for(lambda: len(received.ids) == 10, 10)
             with stopped(b.proc):
@@ -85,12 +92,35 @@ async def test_a_node_that_falls_behind_the_trimmed_stream_sends_a_gap_not_silen
             await wait_for(lambda: last in received.ids, 15)
             epoch = last.rsplit("-", 1)[0]
             in_redis = redis_ids(redis_server, epoch)
+            calm_ids += await publish(client, a, {"topic": "calm.x", "data": {"n": 1}})
+            await wait_for(lambda: calm_ids[-1] in calm.ids, 10)
+    assert delivery_problems(calm_ids, calm) == []
     assert delivery_problems(accepted, received) == []
     assert received.gaps, "events were trimmed before B read them, and B's subscriber was not told"
     [gap] = received.gaps
+    assert [notice.after for notice in calm.gaps] == [gap.after], "the quiet topic's gap starts where B stopped reading"
     assert gap.after == gap.before, "the gap starts right after the last event the subscriber got"
     after_gap = received.ids[received.ids.index(gap.upto) :]
     assert after_gap == in_redis[in_redis.index(after_gap[0]) :]
+
+
+async def test_a_node_that_joined_an_empty_stream_and_lost_its_link_sends_a_gap_for_what_was_trimmed(redis_server):
+    """Node B joins while the stream is empty (a fresh hub, or one trimmed by age), then its link
+    to Redis is cut off while A publishes 1,000 events with history_size 100. Back, B has no
+    entry id to look for, but it knows the entry count it started from: its subscriber gets a gap
+    for the 900 trimmed events, then the rest, instead of the rest alone."""
+    with Link(redis_server.port) as link, Cluster([Server(cluster_config(redis_server.url, "history_size = 100")), Server(cluster_config(link.url, "history_size = 100"))]) as (a, b):
+        async with httpx.AsyncClient(timeout=10) as client, sse_subscriber(client, f"{b.url}/sse?topics=cut.>") as received:
+            link.blackhole()
+            await wait_for(lambda: "the Redis reader lost the stream" in b.output(), 10)
+            accepted = []
+            for start in range(0, 1000, 100):
+                accepted += await publish(client, a, [{"topic": "cut.x", "data": {"n": n}} for n in range(start, start + 100)])
+            link.heal()
+            await wait_for(lambda: accepted[-1] in received.ids, 15)
+    assert delivery_problems(accepted, received) == []
+    assert len(received.ids) < 500, "Redis trimmed nothing: the test proves nothing"
+    assert [gap.reason for gap in received.gaps] == ["history"]
 
 
 async def test_a_subscriber_in_the_middle_of_a_replay_reads_on_from_where_it_was_after_a_reload(redis_server):

@@ -85,15 +85,16 @@ class Broker(abc.ABC):
         """With ``shared``: whether a position newer than this node has read could be real."""
         return False
 
-    def bind(self, accept: Callable[[list[Event]], None], gap: Callable[[str], None] | None = None) -> None:
-        """``accept(events)`` fans accepted events out; ``gap(reason)`` tells every subscriber
-        that events may be missing ("epoch": the broker lost its data; "history": trimmed)."""
+    def bind(self, accept: Callable[[list[Event]], None], gap: Callable[[str, int | None], None] | None = None) -> None:
+        """``accept(events)`` fans accepted events out; ``gap(reason, read)`` tells every
+        subscriber that events may be missing ("epoch": the broker lost its data; "history":
+        trimmed before this node read them, all up to seq ``read`` having been read)."""
         self._accept = accept
         self._gap = gap
 
-    def _announce_gap(self, reason: str) -> None:
+    def _announce_gap(self, reason: str, read: int | None = None) -> None:
         if self._gap is not None:
-            self._gap(reason)
+            self._gap(reason, read)
 
     async def start(self) -> None:  # noqa: B027 - optional hook: a memory broker has nothing to connect
         """Connect; called once from the app's lifespan."""

@@ -211,16 +211,20 @@ class Hub:
                 self._failed(sub)
         holding.clear()
 
-    def _gap_all(self, reason: str) -> None:
+    def _gap_all(self, reason: str, read: int | None = None) -> None:
         """The broker reloaded its store after losing events: its data ("epoch": every subscriber
         is told, then reads everything the store now holds), or entries trimmed before this node
         read them ("history": each subscriber reads on from its own position, and is told of the
-        hole after it when it meets it)."""
+        hole after it when it meets it). ``read``: the last seq this node had read before the
+        reload; a live subscriber had everything up to it that matched, however long ago its
+        last event was."""
         trimmed = self.store.history.trimmed_seq
         for sub in list(self.subscribers):
             if reason == "epoch":
                 if sub.resync(trimmed, "epoch"):
                     self.stats.gap(reason)
+            elif sub.state is State.LIVE and read is not None:
+                sub.resync(max(sub.position, read))
             else:
                 sub.resync(sub.position)
 

@@ -56,13 +56,13 @@ log = logging.getLogger("stream.broker")
 EPOCH, EVENTS, RETAINED, COUNT = PREFIX + "epoch", PREFIX + "events", PREFIX + "retained", PREFIX + "count"
 RATE = PREFIX + "rate:"
 READ_BLOCK_MS = 1000  # one XREAD waits this long for new entries before checking the epoch
-READ_COUNT = 1000  # entries one XREAD returns at most: one fan-out batch
+READ_COUNT = 200  # entries one XREAD returns at most: one fan-out batch, 12 MiB at most of 64 KiB events
 SEEN_WAIT = 2.0  # seconds a publish waits for this node's reader to see its events
 # Seconds between the reader's attempts to rejoin, the last repeated; it also tries at once
 # when the health check finds Redis answering again.
 BACKOFF = (0.1, 0.2, 0.5, 1.0)
 POOL_SIZE = 32  # connections for publishes; more publishes at once wait (at most redis_timeout) for one
-LOAD_PAGE = 1000  # entries one XREVRANGE reads when loading history: each answer comes within redis_timeout
+LOAD_PAGE = 200  # entries one XREVRANGE reads when loading history: each answer (12 MiB at most) comes within redis_timeout
 FUTURE_SLACK_MS = 60_000  # a `since` id may be this far ahead of this node's clock (skew, lag)
 
 def seq_of(entry_id: bytes | str) -> int:
@@ -313,8 +313,9 @@ class RedisBroker(Broker):
             self._announce_gap("epoch")  # subscribers that came while Redis was away included
         elif self._behind or (self._last_id != "0-0" and await self._trimmed_past_last_read()):
             log.warning("broker: the stream was trimmed past this node's last read entry %s (it fell behind); reloading", self._last_id)
+            read = self.last_read_seq
             await self._load(epoch)
-            self._announce_gap("history")
+            self._announce_gap("history", read)
         self._behind = False
         if self._ever_joined:
             self.reconnects += 1
@@ -337,6 +338,9 @@ class RedisBroker(Broker):
             if info.get("entries-added", len(newest)) > len(newest):
                 first = seq_of(newest[-1][0]) - 1  # some entry before the first is gone; which, unknown
                 trimmed = (first, first // 1_000_000)
+        # With nothing in the stream (trimmed by age), the entry count says which number comes
+        # next: entries written and trimmed before this node reads again are then a hole too.
+        count = None if newest else int(await self.redis.get(COUNT) or 0)
         values = []
         cursor: int | bytes = 0
         while True:
@@ -350,7 +354,7 @@ class RedisBroker(Broker):
         self.store.clear()
         self.store.load(history, retained, trimmed, int(self._clock() * 1000))
         self._last_id = newest[0][0].decode() if newest else "0-0"
-        self._last_n = _number(newest[0][1]) if newest else None
+        self._last_n = _number(newest[0][1]) if newest else count
         self.last_read_seq = seq_of(self._last_id)
         self.last_written_seq = max(self.last_written_seq, self.last_read_seq)
         log.info("broker: loaded %d events and %d retained values from Redis", len(history), len(retained))
