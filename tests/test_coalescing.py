@@ -283,10 +283,10 @@ def test_resume_and_overflow_suites_pass_with_a_window_after_every_fan_out():
     assert " passed" in done.stdout and "skipped" not in done.stdout
 
 
-def test_a_batch_stops_at_the_transports_pause_and_writes_the_rest_when_it_drains():
-    """A batch to a subscriber whose transport pauses after its first write: the rest stays held
-    (the shared frames, not a joined copy) and leaves, in order and before anything newer, when
-    the transport drains."""
+def test_a_batch_to_a_transport_that_paused_is_written_frame_by_frame_and_in_order():
+    """A batch to a subscriber whose transport pauses after its first write: the rest is not
+    joined (a private copy per subscriber) but written a shared frame at a time, so nothing
+    stays held to be overtaken by a reply; what comes next waits for the transport to drain."""
 
     class PausingSink(Sink):
         def encode(self, event) -> bytes:
@@ -304,9 +304,10 @@ def test_a_batch_stops_at_the_transports_pause_and_writes_the_rest_when_it_drain
         sub = hub.new_subscriber(sink, transport="test")
         hub.subscribe(sub, [">"])
         events = await hub.publish_many([hub.draft("a", {"n": n}) for n in range(6)])
-        assert len(sink.writes) == 1 and sub.held is not None and len(sub.held) == 5
-        assert sub.held == [sink.encode(event) for event in events[1:]]
-        later = await hub.publish("a", {"n": 6})  # paused: queued behind what is held
+        assert sub.held is None and sink.writes == [sink.encode(event) for event in events]
+        later = await hub.publish("a", {"n": 6})  # paused: queued in the subscriber
+        sink.write(b"REPLY\n")  # as a transport's reply: after the batch, before what waits
+        assert len(sink.writes) == 7
         nonlocal paused
         paused = False
         sub.resume()
@@ -314,4 +315,5 @@ def test_a_batch_stops_at_the_transports_pause_and_writes_the_rest_when_it_drain
 
     sub, paused = None, True
     events, sink = asyncio.run(run())
-    assert [line.split(" ")[:2] for line in sink.lines()] == [["E", str(event.seq)] for event in events]
+    lines = [line.split(" ")[:2] for line in sink.lines()]
+    assert lines == [["E", str(event.seq)] for event in events[:6]] + [["REPLY"]] + [["E", str(events[6].seq)]]

@@ -265,9 +265,11 @@ class Subscriber:
         control allows. The hub calls it when the window ends; the transport before anything
         else it writes (a reply, a close); ``flush`` when the transport drains.
 
-        At most ``FLUSH_BYTES`` are joined into one write. If the transport pauses, the rest stays
-        held: the frames are shared with every other subscriber of the batch, so a client that
-        stopped reading holds references, not a private copy of the whole batch."""
+        At most ``FLUSH_BYTES`` are joined into one write. Once the transport pauses, the rest is
+        written a frame at a time, as it is: the frames are shared with every other subscriber of
+        the batch, and the transport keeps references to what it cannot send, so a client that
+        stopped reading holds no private copy of the batch. Nothing stays held, so whatever the
+        transport writes next (a reply, a close) comes after these events."""
         held = self.held
         if held is None:  # a closed subscriber holds nothing: the hub's detach let it go
             return
@@ -284,8 +286,9 @@ class Subscriber:
             else:
                 self.write(held[start])
             start = end
-            if self.paused and start < count:
-                self.held = held[start:]  # written when the transport drains (``flush``)
+            if self.paused:
+                for frame in held[start:]:
+                    self.write(frame)
                 return
 
     # -- flow control -----------------------------------------------------------------------
