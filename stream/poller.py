@@ -90,7 +90,7 @@ class Poller:
         self.last_modified: str | None = None
         self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
         self.primed = False
-        self.restored: int | None = None  # the fence of the lease whose saved state this poller took over
+        self.restored: str | None = None  # the fence of the lease whose saved state this poller took over
         self.unsure = False  # a publish got no answer: it may have been stored, so look in history first
         self.fence: Fence | None = None  # the lease this poll runs under: its writes carry it
         self.dirty = False  # dedup memory or validators changed since they were last saved
@@ -123,7 +123,7 @@ class Poller:
             # the lease meanwhile, Redis refuses them (LeaseLost), and the poll is discarded.
             self.fence = fence = self.leases.fence(name)
             try:
-                token = fence.token if fence is not None else 0
+                token = fence.token if fence is not None else ""
                 if self.restored != token:
                     # A new taking of the lease (first, or regained after another node held it):
                     # whoever held it meanwhile changed the state, so take it from Redis again.
@@ -148,7 +148,7 @@ class Poller:
 
     # -- state shared with the next lease holder ------------------------------------------
 
-    async def _restore(self, token: int) -> None:
+    async def _restore(self, token: str) -> None:
         """Take over what the previous holder of the lease saved, and every headline of this
         provider the hub already holds (it may have published some and died before saving)."""
         state = await self.leases.load(self.provider.name)

@@ -52,7 +52,7 @@ class RedisLeases(Leases):
         self._save = redis.register_script(SAVE)
         self._names: list[str] = []
         self._held_until: dict[str, float] = {}  # monotonic deadline of each lease held here
-        self._fences: dict[str, int] = {}  # the fence this node got when it last took each lease
+        self._fences: dict[str, str] = {}  # the fence this node got when it last took each lease
         self._holders: dict[str, str | None] = {}  # as of the last renewal (None: unknown)
         self._statuses: dict[str, dict[str, Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,7 +81,7 @@ class RedisLeases(Leases):
         return time.monotonic() < self._held_until.get(name, 0.0)
 
     def fence(self, name: str) -> Fence:
-        return Fence(self._key("fence", name), self._fences.get(name, 0))
+        return Fence(self._key("fence", name), self._fences.get(name, ""))
 
     def holder(self, name: str) -> str | None:
         return self.node if self.holds(name) else self._holders.get(name)
@@ -140,11 +140,11 @@ class RedisLeases(Leases):
         had = self.holds(name)
         if holder == self.node:
             self._held_until[name] = asked + self.ttl * 2 / 3
-            self._fences[name] = int(extra)
+            self._fences[name] = fence = extra.decode()
             self._statuses.pop(name, None)  # another node's, from before this node held it
             if not had:
                 self.changes += 1
-                log.info("leases: this node (%s) now polls provider %s (fence %s)", self.node, name, int(extra))
+                log.info("leases: this node (%s) now polls provider %s (fence %s)", self.node, name, fence.split()[0])
         else:
             self._held_until.pop(name, None)
             if had:

@@ -16,8 +16,10 @@ import pytest
 from httpx_sse import aconnect_sse
 from starlette.responses import Response
 
+from stream.errors import LeaseLost
 from stream.poller import Poller
 from stream.provider_settings import ProviderSettings
+from stream.redis_leases import RedisLeases
 
 from .faults import Link, RawSSE, Received, delivery_problems, stopped
 from .support import AUTH, Server, metric_now, publish, wait_for
@@ -424,3 +426,36 @@ async def test_a_publish_whose_answer_was_lost_on_a_slow_link_is_not_published_a
     assert lost == 1, "b's publish was answered (the link was not slow enough to lose its answer)"
     assert "b" in poller.seen
     assert stored.count("b") == 1, f"b is in the stream {stored.count('b')} times"
+
+
+async def test_a_fence_is_never_shared_by_two_takings_of_a_lease_even_after_redis_lost_its_data(redis_server):
+    """Node A takes a lease; Redis then loses its data (FLUSHALL) and node B takes the lease: B's
+    fence is not A's, though both are the first taking since, so a publish carrying A's old fence
+    is refused. A holder whose fence key is deleted gets a new fence at its next renewal instead
+    of having every publish refused."""
+    async with node(redis_server.url) as hub:
+        a = RedisLeases(hub.broker.link.client(2), "node-a", ttl=1.5, timeout=1.0)
+        a.start(["p"])
+        try:
+            await wait_for(lambda: a.holds("p"), 5)
+            with redis_server.client() as redis:
+                redis.delete("stream:fence:p")
+                await wait_for(lambda: redis.exists("stream:fence:p"), 5)  # A's next renewal
+            await hub.publish_many([hub.draft("fenced.x", {"n": 1})], fence=a.fence("p"))
+            taken_by_a = a.fence("p")
+        finally:
+            await a.stop()
+        before = hub.epoch
+        with redis_server.client() as redis:
+            redis.flushall()
+        await wait_for(lambda: hub.epoch != before and hub.broker.problem() is None, 5)  # the new epoch
+        b = RedisLeases(hub.broker.link.client(2), "node-b", ttl=1.5, timeout=1.0)
+        b.start(["p"])
+        try:
+            await wait_for(lambda: b.holds("p"), 5)
+            assert b.fence("p").key == taken_by_a.key
+            with pytest.raises(LeaseLost):
+                await hub.publish_many([hub.draft("fenced.x", {"n": 2})], fence=taken_by_a)
+            await hub.publish_many([hub.draft("fenced.x", {"n": 3})], fence=b.fence("p"))
+        finally:
+            await b.stop()

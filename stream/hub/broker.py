@@ -47,7 +47,7 @@ class Fence:
     node got when it took a provider's lease, which the next holder's taking moves on."""
 
     key: str
-    token: int
+    token: str
 
 
 @dataclass(frozen=True, slots=True)

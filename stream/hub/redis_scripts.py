@@ -13,8 +13,9 @@ Keys (all under ``stream:``):
     stream:rate:<who>       a publisher's token bucket (hash tokens, stamp): its publish rate
                             holds for the whole hub, whichever node it publishes on
     stream:lease:<provider> the node polling it, with a TTL
-    stream:fence:<provider> incremented each time a node takes the lease: the holder's publishes
-                            and saves carry the value it got and are refused once it moved on
+    stream:fence:<provider> "<n> <node>", n incremented each time a node takes the lease: the
+                            holder's publishes and saves carry the value it got and are refused
+                            once it moved on
     stream:poller:<provider> hash: state (dedup memory, validators), status (the holder's last)
 """
 
@@ -84,17 +85,26 @@ return ids
 # KEYS: lease, fence, poller hash. ARGV: node, ttl ms.
 # Renews the lease if this node holds it, takes it (with a new fence) if nobody does. Returns
 # {holder, fence} when this node holds it, else {holder, the holder's last saved status or false}.
+# A fence is "<n> <node>", n one more than the last: after Redis lost its data (n from 1 again),
+# a node that took a lease before cannot hold the same fence as the node that took it since.
+# A holder whose fence is gone (deleted, evicted) gets a new one: its publishes would all be refused.
 HOLD = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {holder, redis.call('GET', KEYS[2]) or '0'}
-end
-if not holder then
+  local fence = redis.call('GET', KEYS[2])
+  if fence then
+    return {holder, fence}
+  end
+elseif holder then
+  return {holder, redis.call('HGET', KEYS[3], 'status')}
+else
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {ARGV[1], tostring(redis.call('INCR', KEYS[2]))}
 end
-return {holder, redis.call('HGET', KEYS[3], 'status')}
+local last = redis.call('GET', KEYS[2])
+local fence = tostring((last and tonumber(string.match(last, '^%d+')) or 0) + 1) .. ' ' .. ARGV[1]
+redis.call('SET', KEYS[2], fence)
+return {ARGV[1], fence}
 """
 
 # KEYS: lease. ARGV: node. Gives the lease up only if this node still holds it.
