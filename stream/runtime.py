@@ -238,6 +238,7 @@ class Runtime:
         rate = principal.publish_rate or server.publish_rate
         burst = principal.publish_burst or server.publish_burst
         if count > burst:
+            self.hub.stats.rate_limited += 1
             raise RateLimited(f"body: {count} events exceed this key's burst of {burst}; split the batch", retry_after=count / rate)
         return Charge(f"{principal.kind} {principal.name!r}", f"{principal.kind}:{principal.name}", rate, burst, count)
 

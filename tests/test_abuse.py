@@ -11,7 +11,7 @@ import socket
 import httpx
 import pytest
 
-from .hostile_attacks import ATTACKERS, AttackWebSocket, allow_open_files, exchange
+from .hostile_attacks import ATTACKERS, AttackWebSocket, allow_open_files, exchange, open_stream, read_response
 from .support import AUTH, KEYS, Server, metric_now, rss_mb, wait_for
 from .test_hostile import eventually
 
@@ -59,6 +59,23 @@ async def test_a_head_over_the_limit_gets_431_however_its_bytes_arrive(server):
     assert all(answer.error_code() == "head_too_large" for answer in answers if answer)
 
 
+async def test_a_url_that_arrives_in_many_pieces_is_counted_once_against_the_head_bound(server):
+    """A 60,000-byte URL (under max_head_bytes, 64 KiB) sent in 600 pieces, each read on its own:
+    the request line is counted once, not 16 bytes more per piece, so it is answered, not 431."""
+    url = b"/healthz?pad=" + b"u" * (60_000 - 13)
+    reader, writer = await open_stream(server.port, ATTACKERS[2])
+    try:
+        request = b"GET " + url + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        for start in range(0, len(request), 100):
+            writer.write(request[start : start + 100])
+            await writer.drain()
+            await asyncio.sleep(0.001)  # pacing: each piece is its own read on the server
+        answer = await read_response(reader, 10)
+    finally:
+        writer.transport.abort()
+    assert answer is not None and answer.status == 200, answer and answer.status
+
+
 async def test_a_long_poll_ends_when_its_socket_does(server):
     """500 long-polls of 100 patterns each (wait=60) that connect, send and close at once: the
     server lets go of their 50,000 subscriptions within seconds, not after 60."""
@@ -100,6 +117,27 @@ async def test_empty_continuation_frames_cost_ops_and_a_flood_of_them_is_closed(
     finally:
         ws.close()
     assert code == 1008, f"closed with {code}"
+
+
+async def test_a_fragmented_message_refused_at_its_first_fragment_is_reported_not_dropped_silently(server):
+    """100 PINGs spend the connection's op burst; then a message in two fragments, its first
+    one over the rate: the client is told (rate_limited) that its message was dropped, and is
+    not left waiting for an answer that never comes."""
+    ws = AttackWebSocket(server.port, source=ATTACKERS[1])
+    try:
+        ws.messages_until(lambda message: message.get("type") == "welcome", 10)
+        mask = b"\x00\x00\x00\x00"
+        first, last = b'{"op":"ping",', b'"ref":7}'
+        ws.sock.sendall(
+            (b"\x89\x80" + mask) * 100  # PING, empty: each costs an op
+            + bytes([0x01, 0x80 | len(first)]) + mask + first  # TEXT, not final
+            + bytes([0x80, 0x80 | len(last)]) + mask + last  # CONTINUATION, final
+        )
+        messages = ws.messages_until(lambda message: message.get("type") in ("error", "pong"), 10)
+    finally:
+        ws.close()
+    assert messages and messages[-1]["type"] == "error", messages
+    assert messages[-1]["code"] == "rate_limited" and "fragmented message" in messages[-1]["message"]
 
 
 async def test_a_refused_subscribe_costs_its_address_one_op_not_its_pattern_count(server):

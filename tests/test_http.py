@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from .support import AUTH, KEYS, Server, publish
+from .support import AUTH, KEYS, Server, metric_now, publish
 
 
 async def test_health_and_readiness(server, client):
@@ -177,7 +177,9 @@ async def test_publish_rate_per_key_answers_429_with_retry_after():
             ok = await http.post(url, json=[{"topic": "r.a", "data": n} for n in range(20)], headers=AUTH)
             limited_response = await http.post(url, json={"topic": "r.a", "data": 0}, headers=AUTH)
             too_big = await http.post(url, json=[{"topic": "r.a", "data": n} for n in range(21)], headers=AUTH)
+            refused = metric_now(limited, 'stream_publish_refused_total{reason="rate_limited"}')
     assert ok.status_code == 202
+    assert refused == 2, "both refusals are counted, the batch over the burst too"
     assert limited_response.status_code == 429 and limited_response.json()["error"]["code"] == "rate_limited"
     assert int(limited_response.headers["Retry-After"]) >= 1
     assert too_big.status_code == 429 and "burst" in too_big.json()["error"]["message"]

@@ -303,6 +303,7 @@ class RedisBroker(Broker):
         trimmed past the last entry read) the store is reloaded from Redis and every subscriber is
         told; otherwise reading goes on from the last entry read."""
         self._resync.clear()
+        reconnect = self._unjoined is not None and self._ever_joined  # not a resync on a live link
         await self.redis.set(EPOCH, new_epoch(), nx=True)
         epoch = (await self.redis.get(EPOCH)).decode()
         if epoch != self.epoch:
@@ -317,10 +318,10 @@ class RedisBroker(Broker):
             await self._load(epoch)
             self._announce_gap("history", read)
         self._behind = False
-        if self._ever_joined:
+        if reconnect:
             self.reconnects += 1
             log.info("broker: connected to Redis again; reading on from entry %s", self._last_id)
-        else:
+        elif not self._ever_joined:
             log.info("broker: connected to Redis, epoch %s, node %s", self.epoch, self.node)
         self._ever_joined = True
         self._unjoined = None

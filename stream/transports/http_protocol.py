@@ -132,7 +132,7 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {"stream.http": self}  # type: ignore[dict-item]
-        self.head_size = 0
+        self.head_size = 16  # the request line's method, version and spaces
         if self.runtime is not None:
             self.head_bytes = 0
             if self.head_timer is None:  # a keep-alive socket's next request
@@ -143,7 +143,7 @@ class HttpProtocol(HttpToolsProtocol):
     # and a head that ends in the read that crosses the limit would pass.
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
-        self.head_size += len(url) + 16  # the method, the version and the line's spaces
+        self.head_size += len(url)  # called once per piece of the URL that arrived
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)

@@ -205,16 +205,11 @@ class WebSocketProtocol(asyncio.Protocol):
             self.fragments_binary = opcode is Opcode.BINARY
             if frame.fin:
                 self._message(bytes(frame.data))
-            elif self._fragment_allowed():
-                self.fragments = [bytes(frame.data)]
+            else:
+                self.fragments = []
+                self._fragment(frame)
         elif opcode is Opcode.CONT:
-            # Every frame is work, an empty continuation too: each fragment costs an op, and the
-            # message its op when it is complete.
-            if self._fragment_allowed() and self.fragments is not None:
-                self.fragments.append(bytes(frame.data))
-                if frame.fin:
-                    data, self.fragments = b"".join(self.fragments), None
-                    self._message(data)
+            self._fragment(frame)
         elif opcode is Opcode.PONG:
             if self._control_allowed():
                 self._pong(bytes(frame.data))
@@ -463,14 +458,20 @@ class WebSocketProtocol(asyncio.Protocol):
         self.send_error(RateLimited(f"op: over {self.bucket.rate:g} ops/s; retry in {wait:.2f} s", retry_after=wait), ref)
         return False
 
-    def _fragment_allowed(self) -> bool:
-        """A fragment of a message costs an op; past the rate the message is dropped, and said so."""
-        if self._control_allowed():
-            return True
-        if self.fragments is not None:
+    def _fragment(self, frame: Frame) -> None:
+        """One frame of a fragmented message. Every frame is work, an empty continuation too: each
+        costs an op, and the message its op when it is complete. Past the rate the message is
+        dropped (said once) and its later fragments are only charged."""
+        allowed = self._control_allowed()
+        if self.fragments is not None and not allowed:
             self.fragments = None
             self.send_error(RateLimited("frame: a fragmented message past the op rate was dropped; send it again", retry_after=1), None)
-        return False
+        if self.fragments is None:
+            return
+        self.fragments.append(bytes(frame.data))
+        if frame.fin:
+            data, self.fragments = b"".join(self.fragments), None
+            self._message(data)
 
     def _control_allowed(self) -> bool:
         """Control frames cost an op too (a PING flood is a flood); refused ones get no answer
