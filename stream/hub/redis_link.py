@@ -3,9 +3,10 @@
 A Redis that hangs (a stopped process, a partition that drops packets rather than refusing
 them) answers nothing and refuses nothing, so every command is bounded: each connection has a
 socket timeout of ``timeout`` (``redis_timeout``, 1 s), a pool hands out a connection within
-that time or refuses, and a health check PINGs Redis on a connection of its own every
-``HEALTH_EVERY`` seconds. The node counts Redis as unreachable from the first PING that fails
-(at most ``HEALTH_EVERY + timeout`` after Redis stops answering) until one succeeds again.
+that time or refuses, and a health check asks Redis its TIME (a PING that also tells Redis's
+clock) on a connection of its own every ``HEALTH_EVERY`` seconds. The node counts Redis as
+unreachable from the first check that fails (at most ``HEALTH_EVERY + timeout`` after Redis
+stops answering) until one succeeds again.
 A single slow or failed command never decides that: it fails alone.
 
 Commands are never retried by redis-py: a publish whose answer was lost must not be added twice.
@@ -13,7 +14,8 @@ A command that timed out may still run when Redis wakes up (it was sent), so a p
 deadline in Redis's own clock (``deadline``): the health check reads Redis's TIME and keeps the
 offset to this node's clock, and the publish script refuses to run past the deadline, which
 falls ``DEADLINE_MARGIN`` before this node gives up waiting. A publish answered 503 is then not
-in Redis, and retrying it adds it once.
+in Redis, and retrying it adds it once, unless the answer itself was lost or late (a link cut
+or slowed after Redis ran it): then the outcome is unknown (``Broker.settle`` tells a poller).
 """
 
 from __future__ import annotations
