@@ -78,6 +78,8 @@ class StreamServer(Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            if self.serving is not None:
+                self.serving()  # first: whoever reads the line below may rely on it
             # Said only now that the socket listens: a busy port fails before this line.
             server = self.runtime.settings.server
             print(
@@ -87,8 +89,6 @@ class StreamServer(Server):
             )
             self.runtime.start_pollers(self.base_url())
             settle_heap()
-            if self.serving is not None:
-                self.serving()
 
     def base_url(self) -> str:
         """How this process reaches itself (demo providers poll /demo/… over HTTP)."""
