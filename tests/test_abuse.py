@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
+import time
 
 import httpx
 import pytest
@@ -117,6 +119,72 @@ async def test_empty_continuation_frames_cost_ops_and_a_flood_of_them_is_closed(
     finally:
         ws.close()
     assert code == 1008, f"closed with {code}"
+
+
+def flood_continuations(sockets: list[AttackWebSocket], seconds: float) -> dict[AttackWebSocket, int]:
+    """Each socket: a fragmented message begun, then bursts of 5,000 empty continuation frames
+    while the server takes them, for at most ``seconds``; the close codes the server sent."""
+    mask = b"\x00\x00\x00\x00"
+    burst = (b"\x00\x80" + mask) * 5000  # CONT, not final, empty
+    for ws in sockets:
+        ws.sock.sendall(b"\x01\x80" + mask)  # TEXT, not final, empty
+    codes: dict[AttackWebSocket, int] = {}
+    deadline = time.monotonic() + seconds
+    while len(codes) < len(sockets) and time.monotonic() < deadline:
+        for ws in sockets:
+            if ws in codes:
+                continue
+            ws.sock.settimeout(0.02)
+            try:
+                ws.sock.send(burst)
+            except (TimeoutError, BlockingIOError):
+                pass  # the server reads it slower
+            except OSError:
+                codes[ws] = 0
+                continue
+            code = ws.close_code(timeout=0.02)
+            if code is not None:
+                codes[ws] = code
+    return codes
+
+
+async def test_flooders_read_slower_by_their_address_share_are_still_closed_and_dropped_when_gone(server):
+    """Four sockets of one address flood empty continuation frames. The address's op share reads
+    them slower, so now and then an op of theirs gets through: each is still closed with 1008 as
+    a flood, since refusals count until they leak away at the op rate, not only in a row (before,
+    none was ever closed). Four more flood for a second and vanish (reset) with ~100 KB of frames
+    queued in the server's kernel each: they are dropped at their next turn, not held while that
+    is read at the address's rate (over three minutes before)."""
+    allow_open_files(1000)
+    before = metric_now(server, "stream_sockets ")
+    spenders = [AttackWebSocket(server.port, source="127.0.0.6") for _ in range(22)]
+    flooders = [AttackWebSocket(server.port, source="127.0.0.6") for _ in range(4)]
+    try:
+        for ws in spenders + flooders:
+            ws.messages_until(lambda message: message.get("type") == "welcome", 10)
+        for ws in spenders:  # 99 PINGs each, within each connection's burst: the address's share is spent
+            ws.sock.sendall((b"\x89\x80\x00\x00\x00\x00") * 99)
+        codes = flood_continuations(flooders, 30)
+    finally:
+        for ws in spenders + flooders:
+            ws.close()
+    assert sorted(codes.values()) == [1008] * 4, codes
+    await wait_for(lambda: metric_now(server, "stream_sockets ") <= before, 10)
+    spenders = [AttackWebSocket(server.port, source="127.0.0.7") for _ in range(22)]
+    vanishing = [AttackWebSocket(server.port, source="127.0.0.7") for _ in range(4)]
+    try:
+        for ws in spenders + vanishing:
+            ws.messages_until(lambda message: message.get("type") == "welcome", 10)
+        for ws in spenders:
+            ws.sock.sendall((b"\x89\x80\x00\x00\x00\x00") * 99)
+        flood_continuations(vanishing, 1)
+    finally:
+        for ws in vanishing:
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.sock.close()  # a reset
+        for ws in spenders:
+            ws.close()
+    await wait_for(lambda: metric_now(server, "stream_sockets ") <= before, 15)
 
 
 async def test_a_fragmented_message_refused_at_its_first_fragment_is_reported_not_dropped_silently(server):

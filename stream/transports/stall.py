@@ -15,7 +15,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["StallWatch", "drop", "drop_stalled", "limit_unsent_time"]
+__all__ = ["StallWatch", "drop", "drop_stalled", "limit_unsent_time", "peer_gone"]
 
 log = logging.getLogger("stream")
 
@@ -33,6 +33,22 @@ def drop(transport: asyncio.Transport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (linux/tcp_states.h)
+
+
+def peer_gone(transport: asyncio.BaseTransport) -> bool:
+    """Whether the peer reset or closed the connection, seen without reading it: a connection
+    whose reading is paused learns of that only after it has read everything queued before."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
 
 
 def limit_unsent_time(transport: asyncio.BaseTransport, timeout: float | None) -> None:

@@ -42,7 +42,7 @@ from ..limits import Admission, TokenBucket
 from ..runtime import Runtime
 from . import ws_ops
 from .params import check_origin
-from .stall import StallWatch, drop, drop_stalled
+from .stall import StallWatch, drop, drop_stalled, peer_gone
 
 __all__ = ["WebSocketProtocol"]
 
@@ -97,7 +97,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.ping_payload = b""
         self.bucket: TokenBucket | None = None
-        self.strikes = 0  # ops refused in a row by the rate limit
+        self.refusals = 0.0  # ops refused by the rate limit, leaking away at the rate
+        self.refused_at = 0.0
         self.stall: StallWatch | None = None
         self.flooded = False  # closed for flooding: nothing more it sends is read
         self.broken = False  # closed because a frame could not be parsed (too big, malformed)
@@ -162,6 +163,9 @@ class WebSocketProtocol(asyncio.Protocol):
     def _unthrottle(self) -> None:
         self.throttle = None
         if self.transport.is_closing() or self.runtime is None:
+            return
+        if peer_gone(self.transport):
+            self._vanished()
             return
         wait = self.runtime.ops_debt(self.client_group, self.loop.time())
         if wait > 0:  # others of its address spent the share meanwhile
@@ -483,13 +487,17 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.runtime is not None:
             self.runtime.charge_ops(self.client_group)
             self.op_debt_checked = False
-        if self.bucket.take(self.loop.time()):
-            self.strikes = 0
+        now = self.loop.time()
+        if self.bucket.take(now):
             return True
-        self.strikes += 1
+        # Refusals leak away at the op rate: a client at most twice the rate is only refused, one
+        # further over it is flooding once they pass the burst, even if an op gets through now and
+        # then (its address's share reads it slower, so some always do).
+        self.refusals = max(0.0, self.refusals - (now - self.refused_at) * self.bucket.rate) + 1
+        self.refused_at = now
         if self.runtime is not None:
             self.runtime.ops_refused += 1
-        if self.strikes > self.bucket.burst and not self.flooded:
+        if self.refusals > self.bucket.burst and not self.flooded:
             log.info("closing WebSocket %s: sustained flooding past the op rate limit", self.client_host)
             self.flooded = True
             if self.runtime is not None:
@@ -552,6 +560,9 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _keepalive_timeout(self) -> None:
         self.pong_timer = None
+        if self.throttle is not None and peer_gone(self.transport):
+            self._vanished()
+            return
         if self.throttle is not None:
             # Its pong may be waiting unread behind its address's op share: not its fault.
             timeout = self.runtime.settings.server.ws_ping_timeout if self.runtime else None
@@ -583,6 +594,12 @@ class WebSocketProtocol(asyncio.Protocol):
     def _arm_abort(self, timeout: float) -> None:
         if self.close_timer is None:
             self.close_timer = self.loop.call_later(timeout, self._abort)
+
+    def _vanished(self) -> None:
+        """The peer reset or closed while this connection was read slower: what it queued
+        before it left is not worth reading."""
+        self.held, self.unread = [], []
+        drop(self.transport)
 
     def _abort(self) -> None:
         self.close_timer = None
