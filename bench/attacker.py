@@ -1,9 +1,13 @@
-"""The hostile clients of the benchmark's ``hostile`` scenario, all at once, in one process.
+"""The hostile clients of the benchmark's ``hostile``, ``attack`` and ``fdchurn`` scenarios, all at
+once, in one process.
 
 bench/run.py starts it next to a normal fan-out run to see whether stream's defences keep the
 measured subscribers' latency and delivery intact. Every socket comes from a 127.0.0.x source
-address of its own (default 127.0.0.10 and up; the measured subscribers use 127.0.0.1-8), so
-the server's per-address limits apply to the attacker and never to the subscribers.
+address of its own (the measured subscribers use 127.0.0.1-8), so the server's per-address
+limits apply to the attacker and never to the subscribers. Each group is sized by an option;
+0 leaves it out.
+
+The ``hostile`` scenario's groups, from ``--first-source`` (127.0.0.10) and the next three:
 
     (a) slowloris: ``--trickle`` sockets that send a request head one byte per second and
         never finish it, and ``--idle`` sockets that send nothing; each is reopened when the
@@ -16,6 +20,20 @@ the server's per-address limits apply to the attacker and never to the subscribe
     (c) subscription churn: ``--churn`` WebSocket clients, each subscribing and
         unsubscribing a new unique pattern ``--churn-rate`` times a second, reading answers.
 
+The ``attack`` scenario's groups (bench/attacks.py says what each socket does; their addresses
+are ``attacks.SOURCES``): ``--batch`` stalled subscribers while ``--batch-events`` events of
+``--batch-bytes`` are published every ``--batch-every`` seconds (5), ``--unread`` sockets that
+leave a big answer unread while the server closes them (6), ``--gone-rate`` long-polls a second
+whose sockets leave at once (7), ``--continuation`` floods of empty continuation frames (8),
+``--anonymous-publish`` bodies without credentials (9), ``--big-head`` 100 KiB heads (10),
+``--forwarded`` and ``--forwarded-v6`` long-polls through a trusted proxy for one client (11),
+``--fd-flood`` idle sockets from 12 addresses, each reopened when the server closes it, enough
+to take the server to its descriptor cap (11; they start ``--fd-flood-after`` seconds
+after ready, once the measured run has opened its own connections), ``--giant`` refused
+subscribes of ``--giant-patterns`` patterns (16) and ``--fill`` WebSockets from 12 addresses
+up to the connection limit (17). The ``fdchurn`` scenario's: ``--fd-churn`` idle sockets from
+12 addresses, reopened likewise, against a server under ``ulimit -n 1024`` (18).
+
 Protocol with the harness, over stdin/stdout (like bench/client.py):
 
     harness starts:  python bench/attacker.py --url http://127.0.0.1:PORT --key KEY [sizes]
@@ -24,145 +42,57 @@ Protocol with the harness, over stdin/stdout (like bench/client.py):
     attacker prints: one JSON object with what it did, then exits
 
 Everything is bounded: the setup by --setup-timeout, the ramp by --ramp-timeout, the attack by
---duration (it stops by itself), every reconnect loop by a count; SIGALRM ends the process if
-all of that somehow fails.
+--duration (it stops by itself), every reconnect loop by a count and a pause; SIGALRM ends the
+process if all of that somehow fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
+import inspect
 import os
-import random
+import resource
 import signal
-import socket
-import struct
 import sys
-import termios
 import time
 from collections import Counter
 from urllib.parse import urlsplit
 
 import httpx
 import orjson
+from attacks import (  # bench/ is this script's directory, so it is on sys.path
+    PING,
+    SOURCES,
+    AnonymousPublish,
+    Attack,
+    BigHead,
+    EmptyContinuation,
+    ForwardedLongPoll,
+    GiantSubscribe,
+    Group,
+    StalledSubscriber,
+    UnreadAnswer,
+    WebSocketAttack,
+    client_socket,
+    hit_and_run,
+    ws_frame,
+    ws_request,
+)
 
 try:
     import uvloop
 except ImportError:  # pragma: no cover
     uvloop = None
 
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # the port is picked at connect
-TCP_ESTABLISHED = 1
-MAX_ATTEMPTS = 500  # connects per slot at most, however fast the server closes them
-PING = b"\x89\x80\x00\x00\x00\x00"  # a masked, empty WebSocket ping (mask key 0: XOR changes nothing)
-
-
-def ws_frame(payload: bytes) -> bytes:
-    """A masked client text frame; the mask key is zero, so the payload goes as it is."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, 0x80 | length)) + b"\x00\x00\x00\x00" + payload
-    return bytes((0x81, 0x80 | 126)) + struct.pack("!H", length) + b"\x00\x00\x00\x00" + payload
-
-
-def ws_request(host: str, path: str) -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {os.urandom(16).hex()[:22]}==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-class Group:
-    """The sockets of one kind of attack, from one source address, and what happened to them."""
-
-    def __init__(self, name: str, target: int, source: str) -> None:
-        self.name = name
-        self.target = target
-        self.source = source
-        self.open: set[Attack] = set()  # connected (WebSocket groups: upgraded) and not closed
-        self.peak = 0
-        self.at_stop = 0
-        self.samples: list[int] = []  # len(open) every 0.5 s while attacking
-        self.attempts = 0
-        self.connected = 0
-        self.connect_failed = 0
-        self.closed_by_server = 0
-        self.statuses: Counter[str] = Counter()  # HTTP status lines the server answered with
-        self.close_codes: Counter[str] = Counter()  # WebSocket close codes it sent
-        self.counts: Counter[str] = Counter()  # group-specific: ops, answers, errors, …
-
-    def held(self, conn: Attack) -> None:
-        self.open.add(conn)
-        self.peak = max(self.peak, len(self.open))
-
-    def summary(self) -> dict:
-        during = self.samples or [0]
-        return {
-            "source": self.source,
-            "target": self.target,
-            "held_peak": self.peak,
-            "held_mean": round(sum(during) / len(during), 1),
-            "held_min": min(during),
-            "held_at_stop": self.at_stop,
-            "connects": self.connected,
-            "connect_failed": self.connect_failed,
-            "closed_by_server": self.closed_by_server,
-            "statuses": dict(self.statuses),
-            "close_codes": dict(self.close_codes),
-            **dict(self.counts),
-        }
-
-
-class Attack(asyncio.Protocol):
-    """One hostile socket. ``closed`` resolves when it is gone; ``by_us`` tells who ended it."""
-
-    def __init__(self, group: Group) -> None:
-        self.group = group
-        self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
-        self.by_us = False
-        self.buffer = bytearray()
-        self.answered = False
-        self.last_status = ""
-        self.bucket = random.randrange(1 << 30)
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.group.connected += 1
-
-    def connection_lost(self, exc) -> None:
-        self.group.open.discard(self)
-        if not self.by_us:
-            self.group.closed_by_server += 1
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def abort(self) -> None:
-        self.by_us = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def status(self, data: bytes) -> bytes | None:
-        """The server's HTTP answer: counts its status once; returns the bytes after the head."""
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > 65536:
-                del self.buffer[:-4]
-            return None
-        line = bytes(self.buffer[: self.buffer.find(b"\r\n")])
-        parts = line.split()
-        self.last_status = parts[1].decode(errors="replace") if len(parts) > 1 else "?"
-        self.group.statuses[self.last_status] += 1
-        self.answered = True
-        rest = bytes(self.buffer[end + 4 :])
-        self.buffer.clear()
-        return rest
+MAX_ATTEMPTS = 5000  # connects per slot at most; each is followed by a pause, so time bounds them too
+GONE_TICK = 0.01  # seconds between (7)'s ticks: at 100 a second, one long-poll each
+IPV6_CLIENTS = tuple(f"2001:db8:aa:bb::{n:x}" for n in range(1, 256))  # one /64: one client
 
 
 class Slowloris(Attack):
-    """Holds a socket open with a request head that never ends (or with nothing at all)."""
+    """Holds a socket open with a request head that never ends (ticks: a byte a second), or
+    with nothing at all (a group without ticks)."""
 
     HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 
@@ -174,11 +104,12 @@ class Slowloris(Attack):
         super().connection_made(transport)
         self.group.held(self)
 
-    def trickle(self) -> None:
-        byte = self.HEAD[self.sent : self.sent + 1] or b"a"
-        self.sent += 1
-        self.group.counts["bytes_sent"] += 1
-        self.transport.write(byte)
+    def tick(self, tick: int) -> None:  # every 0.1 s, a tenth of the sockets
+        if self.bucket % 10 == tick % 10:
+            byte = self.HEAD[self.sent : self.sent + 1] or b"a"
+            self.sent += 1
+            self.group.counts["bytes_sent"] += 1
+            self.transport.write(byte)
 
     def data_received(self, data: bytes) -> None:
         if not self.answered:
@@ -203,90 +134,34 @@ class Snapshot(Attack):
         self.group.counts["bytes_read"] += len(data)
         self.transport.pause_reading()
 
-    def check(self, ping: bool) -> None:
-        """Notice a server that has let go of the socket, which reading cannot tell us."""
-        sock = self.transport.get_extra_info("socket")
-        try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-            unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-        except OSError:
-            state, unread = 0, 0
-        self.group.counts["unread_bytes_max"] = max(self.group.counts["unread_bytes_max"], unread)
-        if state != TCP_ESTABLISHED:
-            self.transport.abort()  # connection_lost counts it as closed by the server
-        elif ping:
-            self.transport.write(PING)
+    def tick(self, tick: int) -> None:
+        unread = self.check(PING if tick % 2 == 0 else b"")
+        if unread is not None:
+            self.group.counts["unread_bytes_max"] = max(self.group.counts["unread_bytes_max"], unread)
 
 
-class Churn(Attack):
+class Churn(WebSocketAttack):
     """A reading WebSocket client that subscribes and unsubscribes unique patterns."""
 
     number = 0  # unique per connection, across reconnects
 
     def __init__(self, group: Group, request: bytes) -> None:
-        super().__init__(group)
-        self.request = request
+        super().__init__(group, request)
         Churn.number += 1
         self.id = Churn.number
-        self.upgraded = False
         self.ops = 0
 
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        transport.write(self.request)
+    def message(self, payload: bytes) -> None:
+        if b'"subscribed"' in payload[:30]:
+            self.group.counts["subscribed"] += 1
+        elif b'"unsubscribed"' in payload[:30]:
+            self.group.counts["unsubscribed"] += 1
+        else:
+            super().message(payload)
 
-    def data_received(self, data: bytes) -> None:
-        if not self.upgraded:
-            rest = self.status(data)
-            if rest is None:
-                return
-            if self.last_status != "101":  # refused (503 over capacity, 4xx): the server closes it
-                self.transport.close()
-                return
-            self.upgraded = True
-            self.group.held(self)
-            data = rest
-        self.buffer += data
-        self.frames()
-
-    def frames(self) -> None:
-        buffer = self.buffer
-        position = 0
-        counts = self.group.counts
-        while len(buffer) - position >= 2:
-            first, length = buffer[position], buffer[position + 1] & 0x7F
-            header = 2
-            if length == 126:
-                if len(buffer) - position < 4:
-                    break
-                (length,) = struct.unpack_from("!H", buffer, position + 2)
-                header = 4
-            elif length == 127:
-                if len(buffer) - position < 10:
-                    break
-                (length,) = struct.unpack_from("!Q", buffer, position + 2)
-                header = 10
-            if len(buffer) - position < header + length:
-                break
-            payload = bytes(buffer[position + header : position + header + length])
-            position += header + length
-            opcode = first & 0x0F
-            if opcode == 0x1:
-                if b'"subscribed"' in payload[:30]:
-                    counts["subscribed"] += 1
-                elif b'"unsubscribed"' in payload[:30]:
-                    counts["unsubscribed"] += 1
-                elif b'"error"' in payload[:20]:
-                    code = payload.split(b'"code":"', 1)[-1].split(b'"', 1)[0].decode(errors="replace")
-                    counts[f"error_{code}"] += 1
-            elif opcode == 0x8:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-                self.group.close_codes[str(code)] += 1
-                self.transport.close()
-                break
-            elif opcode == 0x9:
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload)
-        del buffer[:position]
+    def tick(self, tick: int) -> None:  # five buckets: each connection every fifth tick
+        if self.bucket % 5 == tick % 5:
+            self.op()
 
     def op(self) -> None:
         """The next op: subscribe a new pattern, then unsubscribe it."""
@@ -298,35 +173,72 @@ class Churn(Attack):
         self.transport.write(ws_frame(orjson.dumps({"op": kind, "topics": [pattern]})))
 
 
+def build_groups(args: argparse.Namespace, host: str) -> list[Group]:
+    """Every group the options ask for (size 0: left out)."""
+    first = [int(x) for x in args.first_source.split(".")]
+    hostile = [".".join(map(str, [*first[:3], first[3] + i])) for i in range(4)]
+    for source in hostile:
+        if not source.startswith("127."):
+            raise SystemExit(f"source addresses must be 127.0.0.x, got {source}")
+    snapshot = ws_request(host, "/ws?topics=flood.>&snapshot=1")
+    plain = ws_request(host, "/ws")
+    stalled = ws_request(host, "/ws?topics=batch.>")
+    giant = ws_frame(orjson.dumps({"op": "subscribe", "topics": [f"g.{n}" for n in range(args.giant_patterns)]}))
+    groups = [
+        Group("slowloris_trickle", args.trickle, (hostile[0],), Slowloris, every=0.1),
+        Group("slowloris_idle", args.idle, (hostile[1],), Slowloris),
+        Group("snapshot_flood", args.snapshot, (hostile[2],), lambda g: Snapshot(g, snapshot), every=1.0, rcvbuf=4096),
+        Group("churn", args.churn, (hostile[3],), lambda g: Churn(g, plain), every=1 / (5 * args.churn_rate)),
+        Group("batch_stalled", args.batch, SOURCES["batch_stalled"], lambda g: StalledSubscriber(g, stalled), every=1.0, rcvbuf=4096),
+        Group("unread_close", args.unread, SOURCES["unread_close"], UnreadAnswer, every=0.5, rcvbuf=4096),
+        Group("gone_long_polls", 0, SOURCES["gone_long_polls"], Attack),  # rate-driven: Attacker.gone
+        Group("empty_continuation", args.continuation, SOURCES["empty_continuation"], lambda g: EmptyContinuation(g, plain),
+              every=0.05, ramp=0),
+        Group("anonymous_publish", args.anonymous_publish, SOURCES["anonymous_publish"], AnonymousPublish, every=1.0, ramp=0),
+        Group("big_head", args.big_head, SOURCES["big_head"], BigHead, ramp=0),
+        Group("forwarded_v4", args.forwarded, SOURCES["forwarded_v4"], lambda g: ForwardedLongPoll(g, ("198.51.100.7",)),
+              ramp=0, backoff=1.0, max_life=40),
+        Group("forwarded_v6", args.forwarded_v6, SOURCES["forwarded_v6"], lambda g: ForwardedLongPoll(g, IPV6_CLIENTS),
+              ramp=0, backoff=1.0, max_life=40),
+        Group("giant_subscribe", args.giant, SOURCES["giant_subscribe"], lambda g: GiantSubscribe(g, plain, giant),
+              every=1 / max(args.giant_rate, 0.1), ramp=0),
+        Group("fill", args.fill, SOURCES["fill"], lambda g: WebSocketAttack(g, plain), ramp=0, backoff=5.0),
+        Group("fd_flood", args.fd_flood, SOURCES["fd_flood"], Slowloris, ramp=0, after=args.fd_flood_after),
+        Group("fd_churn", args.fd_churn, SOURCES["fd_churn"], Slowloris, ramp=0, reopen=0.02),
+    ]
+    return [g for g in groups if g.target or (g.name == "gone_long_polls" and args.gone_rate)]
+
+
 class Attacker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         parts = urlsplit(args.url)
         self.address = (parts.hostname, parts.port)
         self.host = parts.netloc
-        first = [int(x) for x in args.first_source.split(".")]
-        sources = [".".join(map(str, [*first[:3], first[3] + i])) for i in range(4)]
-        for source in sources:
-            if not source.startswith("127."):
-                raise SystemExit(f"source addresses must be 127.0.0.x, got {source}")
-        self.trickle = Group("slowloris_trickle", args.trickle, sources[0])
-        self.idle = Group("slowloris_idle", args.idle, sources[1])
-        self.snapshot = Group("snapshot_flood", args.snapshot, sources[2])
-        self.churn = Group("churn", args.churn, sources[3])
-        self.groups = [self.trickle, self.idle, self.snapshot, self.churn]
+        self.groups = build_groups(args, self.host)
+        self.setup_source = self._hostile_address(2)
         self.live: set[Attack] = set()
         self.stopping = False
         self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()  # set once "ready" is printed: the late groups' cue
         self.started = time.monotonic()
         self.attack_started: float | None = None
         self.hard_deadline = self.started + args.setup_timeout + args.ramp_timeout + args.duration + 5
         self.setup_result: dict = {}
         self.totals: list[int] = []  # sockets held, all groups, every 0.5 s while attacking
+        self.in_flight: set[asyncio.Task] = set()  # (7)'s connections under way
+
+    def _hostile_address(self, offset: int) -> str:
+        first = self.args.first_source.rsplit(".", 1)
+        return f"{first[0]}.{int(first[1]) + offset}"
 
     def going(self) -> bool:
         return not self.stopping and time.monotonic() < self.hard_deadline
 
-    # -- (b) setup: the retained topics the snapshot clients will ask for ---------------------
+    def group(self, name: str) -> Group | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    # -- setup: the retained topics the snapshot clients (and (6)'s answers) are made of -----
 
     async def setup(self) -> None:
         args = self.args
@@ -335,7 +247,7 @@ class Attacker:
         pad = "y" * max(0, args.topic_bytes - 20)
         batches = [range(i, min(i + 100, args.topics)) for i in range(0, args.topics, 100)]
         batches.reverse()
-        transport = httpx.AsyncHTTPTransport(local_address=self.snapshot.source)
+        transport = httpx.AsyncHTTPTransport(local_address=self.setup_source)
         headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
         async with httpx.AsyncClient(transport=transport, base_url=args.url, headers=headers, timeout=30) as client:
 
@@ -355,39 +267,46 @@ class Attacker:
 
     # -- the sockets ------------------------------------------------------------------------
 
-    async def slot(self, group: Group, factory, index: int, rcvbuf: int = 0) -> None:
+    async def slot(self, group: Group, index: int) -> None:
         """Keep one socket of ``group`` open: connect, wait until it is closed, reconnect."""
         loop = asyncio.get_running_loop()
+        if group.after:
+            await self.ready.wait()
+            await asyncio.sleep(group.after)
         await asyncio.sleep(index / self.args.connect_rate)  # a ramp, not a thundering herd
+        source = group.sources[index % len(group.sources)]
         for _ in range(MAX_ATTEMPTS):
             if not self.going():
                 return
             group.attempts += 1
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                if rcvbuf:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-                sock.bind((group.source, 0))
-                sock.setblocking(False)
+                sock = client_socket(source, group.rcvbuf)
+            except OSError:
+                group.connect_failed += 1
+                await asyncio.sleep(1.0)
+                continue
+            try:
                 await asyncio.wait_for(loop.sock_connect(sock, self.address), 5)
-                _, conn = await loop.create_connection(lambda: factory(group), sock=sock)
+                _, conn = await loop.create_connection(lambda: group.factory(group), sock=sock)
             except (TimeoutError, OSError):
                 sock.close()
                 group.connect_failed += 1
                 await asyncio.sleep(1.0)
                 continue
             self.live.add(conn)
-            if isinstance(conn, Snapshot) and not conn.transport.is_closing():
-                conn.transport.pause_reading()
             if self.stopping:
                 conn.abort()
-            await conn.closed
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.closed), group.max_life)
+            except TimeoutError:
+                conn.abort()
+                await conn.closed
             self.live.discard(conn)
-            await asyncio.sleep(0.2 + random.random() * 0.3)
+            await asyncio.sleep(group.pause(conn))
 
     async def every(self, period: float, action) -> None:
-        """Call ``action(tick)`` every ``period`` seconds while attacking (no catching up)."""
+        """Call ``action(tick)`` every ``period`` seconds while attacking (no catching up); an
+        action that returns an awaitable is awaited before the next."""
         tick = 0
         next_at = time.monotonic()
         while self.going():
@@ -397,22 +316,44 @@ class Attacker:
                 next_at = time.monotonic()
             await asyncio.sleep(max(0.0, delay))
             tick += 1
-            action(tick)
+            result = action(tick)
+            if inspect.isawaitable(result):
+                await result
 
-    def trickle_tick(self, tick: int) -> None:  # every 0.1 s a tenth of the sockets: a byte a second each
-        for conn in list(self.trickle.open):
-            if conn.bucket % 10 == tick % 10 and not conn.transport.is_closing():
-                conn.trickle()
+    def gone(self, group: Group, request: bytes):
+        """(7)'s ticker, every ``GONE_TICK`` s: that share of --gone-rate hit-and-run long-polls
+        (500 under way at most), spread over the second rather than sent in bursts."""
+        share = self.args.gone_rate * GONE_TICK
 
-    def churn_tick(self, tick: int) -> None:  # five buckets: each connection every fifth tick
-        for conn in list(self.churn.open):
-            if conn.bucket % 5 == tick % 5 and not conn.transport.is_closing():
-                conn.op()
+        def tick(number: int) -> None:
+            due = int(number * share) - int((number - 1) * share)
+            for _ in range(due):
+                if len(self.in_flight) >= 500:
+                    group.counts["skipped_in_flight"] += 1
+                    continue
+                task = asyncio.ensure_future(hit_and_run(group, self.address, request))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
 
-    def snapshot_tick(self, tick: int) -> None:
-        for conn in list(self.snapshot.open):
-            if not conn.transport.is_closing():
-                conn.check(ping=tick % 2 == 0)
+        return tick
+
+    async def publish_batches(self, group: Group) -> None:
+        """(5)'s publisher: --batch-events events of --batch-bytes each on batch.x, in one request
+        with the key, every --batch-every seconds."""
+        args = self.args
+        body = orjson.dumps([{"topic": "batch.x", "data": {"n": n, "pad": "b" * args.batch_bytes}} for n in range(args.batch_events)])
+        transport = httpx.AsyncHTTPTransport(local_address=SOURCES["batch_publisher"][0])
+        headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+        async with httpx.AsyncClient(transport=transport, base_url=args.url, headers=headers, timeout=10) as client:
+
+            async def post(_: int) -> None:
+                try:
+                    answer = await client.post("/api/publish", content=body)
+                    group.counts[f"batches_{answer.status_code}"] += 1
+                except httpx.HTTPError as exc:
+                    group.counts[f"batches_{type(exc).__name__}"] += 1
+
+            await self.every(args.batch_every, post)
 
     def sample(self, tick: int) -> None:
         if self.attack_started is not None:
@@ -439,8 +380,25 @@ class Attacker:
         return False
 
     async def ramped(self) -> None:
-        while not all(len(g.open) >= 0.9 * g.target for g in self.groups):
+        while not all(g.ramped() for g in self.groups):
             await asyncio.sleep(0.1)
+
+    def start(self) -> tuple[list[asyncio.Future], list[asyncio.Future]]:
+        """The slots of every group, and the tickers (ticks, sampling, (7)'s hits, (5)'s batches)."""
+        args = self.args
+        tasks = [asyncio.ensure_future(self.slot(group, index)) for group in self.groups for index in range(group.target)]
+        tickers = [asyncio.ensure_future(self.every(g.every, g.tick)) for g in self.groups if g.every]
+        tickers.append(asyncio.ensure_future(self.every(0.5, self.sample)))
+        gone = self.group("gone_long_polls")
+        if gone is not None:
+            patterns = ",".join(f"gone.p{n}" for n in range(args.gone_patterns))
+            request = f"GET /api/events?topics={patterns}&wait=60 HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+            gone.counts["per_second"] = round(args.gone_rate)
+            tickers.append(asyncio.ensure_future(self.every(GONE_TICK, self.gone(gone, request))))
+        batch = self.group("batch_stalled")
+        if batch is not None:
+            tickers.append(asyncio.ensure_future(self.publish_batches(batch)))
+        return tasks, tickers
 
     async def run(self) -> dict:
         args = self.args
@@ -449,30 +407,16 @@ class Attacker:
             loop.add_reader(sys.stdin.fileno(), self.on_stdin)
         except (OSError, ValueError, PermissionError):
             pass  # stdin is not a pipe: --duration alone ends the attack
-        stopped_by = "duration"
         if args.topics and not await self.until_stopped(self.setup(), args.setup_timeout):
             self.setup_result.setdefault("timed_out", not self.stop_event.is_set())
-        snapshot_request = ws_request(self.host, "/ws?topics=flood.>&snapshot=1")
-        churn_request = ws_request(self.host, "/ws")
-        tasks = [asyncio.ensure_future(self.slot(self.trickle, Slowloris, i)) for i in range(args.trickle)]
-        tasks += [asyncio.ensure_future(self.slot(self.idle, Slowloris, i)) for i in range(args.idle)]
-        tasks += [asyncio.ensure_future(self.slot(self.snapshot, lambda g: Snapshot(g, snapshot_request), i, 4096)) for i in range(args.snapshot)]
-        tasks += [asyncio.ensure_future(self.slot(self.churn, lambda g: Churn(g, churn_request), i)) for i in range(args.churn)]
-        tickers = [
-            asyncio.ensure_future(self.every(0.1, self.trickle_tick)),
-            asyncio.ensure_future(self.every(1 / (5 * args.churn_rate), self.churn_tick)),
-            asyncio.ensure_future(self.every(1.0, self.snapshot_tick)),
-            asyncio.ensure_future(self.every(0.5, self.sample)),
-        ]
+        tasks, tickers = self.start()
         if not self.stop_event.is_set():
             ramped = await self.until_stopped(self.ramped(), args.ramp_timeout)
             held = {g.name: len(g.open) for g in self.groups}
             print("ready " + orjson.dumps({"held": held, "ramped": ramped, "setup": self.setup_result}).decode(), flush=True)
+            self.ready.set()
             self.attack_started = time.monotonic()
-            if await self.until_stopped(asyncio.sleep(args.duration), args.duration + 1):
-                stopped_by = "duration"
-            else:
-                stopped_by = "harness"
+            stopped_by = "duration" if await self.until_stopped(asyncio.sleep(args.duration), args.duration + 1) else "harness"
         else:
             stopped_by = "harness"
         attacked = time.monotonic() - (self.attack_started or time.monotonic())
@@ -482,11 +426,9 @@ class Attacker:
         self.stopping = True
         for conn in list(self.live):
             conn.abort()
-        for task in tickers:
+        for task in [*tasks, *tickers, *self.in_flight]:  # slots may sleep for seconds before they would look
             task.cancel()
         await asyncio.wait(tasks + tickers, timeout=5)
-        for task in tasks:
-            task.cancel()
         usage = os.times()
         totals = self.totals or [0]
         return {
@@ -514,8 +456,8 @@ class Attacker:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="the server, http://127.0.0.1:PORT")
-    parser.add_argument("--key", required=True, help="a key that may publish flood.* (for the setup)")
-    parser.add_argument("--first-source", default="127.0.0.10", help="the four groups use this address and the next three")
+    parser.add_argument("--key", required=True, help="a key that may publish flood.* and batch.* (setup, (5))")
+    parser.add_argument("--first-source", default="127.0.0.10", help="the hostile scenario's four groups use this address and the next three")
     parser.add_argument("--trickle", type=int, default=500, help="slowloris sockets trickling a head, a byte a second")
     parser.add_argument("--idle", type=int, default=500, help="slowloris sockets that send nothing")
     parser.add_argument("--topics", type=int, default=20_000, help="retained topics the setup publishes")
@@ -523,6 +465,26 @@ def main() -> None:
     parser.add_argument("--snapshot", type=int, default=20, help="WebSocket clients asking for all of them, never reading")
     parser.add_argument("--churn", type=int, default=300, help="WebSocket clients subscribing and unsubscribing")
     parser.add_argument("--churn-rate", type=float, default=20, help="ops per second per churn client")
+    parser.add_argument("--batch", type=int, default=0, help="(5) WebSocket subscribers to batch.> that stop reading")
+    parser.add_argument("--batch-every", type=float, default=1.0, help="(5) seconds between batches")
+    parser.add_argument("--batch-events", type=int, default=16, help="(5) events per batch")
+    parser.add_argument("--batch-bytes", type=int, default=60_000, help="(5) bytes of padding per event")
+    parser.add_argument("--unread", type=int, default=0, help="(6) sockets leaving a ~1 MB answer unread while the server closes them")
+    parser.add_argument("--gone-rate", type=float, default=0, help="(7) long-polls a second whose sockets close at once")
+    parser.add_argument("--gone-patterns", type=int, default=100, help="(7) patterns per long-poll")
+    parser.add_argument("--continuation", type=int, default=0, help="(8) WebSockets sending empty continuation frames")
+    parser.add_argument("--anonymous-publish", type=int, default=0, help="(9) publish bodies sent without credentials")
+    parser.add_argument("--big-head", type=int, default=0, help="(10) sockets sending 100 KiB heads")
+    parser.add_argument("--forwarded", type=int, default=0, help="(11) long-polls through the proxy for 198.51.100.7")
+    parser.add_argument("--forwarded-v6", type=int, default=0, help="(11) long-polls through the proxy for one IPv6 /64")
+    parser.add_argument("--giant", type=int, default=0, help="(16) WebSockets sending refused giant subscribes")
+    parser.add_argument("--giant-patterns", type=int, default=5000, help="(16) patterns per subscribe")
+    parser.add_argument("--giant-rate", type=float, default=10, help="(16) subscribes a second per socket, each once the last was answered")
+    parser.add_argument("--fill", type=int, default=0, help="(17) WebSockets from 12 addresses, opened until refused")
+    parser.add_argument("--fd-flood", type=int, default=0, help="(11) idle sockets from 12 addresses, reopened at once: the descriptor cap")
+    parser.add_argument("--fd-flood-after", type=float, default=3.0,
+                        help="(11) seconds after ready the flood begins: the measured run's own connections are open by then")
+    parser.add_argument("--fd-churn", type=int, default=0, help="(18) idle sockets from 12 addresses, reopened at once")
     parser.add_argument("--connect-rate", type=float, default=500, help="new sockets per second per group while ramping up")
     parser.add_argument("--setup-timeout", type=float, default=120)
     parser.add_argument("--ramp-timeout", type=float, default=20)
@@ -530,6 +492,8 @@ def main() -> None:
     args = parser.parse_args()
     # The last resort: whatever happens, the process is gone a little after its bounds.
     signal.alarm(int(args.setup_timeout + args.ramp_timeout + args.duration + 30))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the fill group alone holds thousands
     if uvloop is not None:
         uvloop.install()
 

@@ -4,8 +4,10 @@ publisher. bench/run.py composes them into scenarios."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import queue
+import resource
 import signal
 import socket
 import subprocess
@@ -14,6 +16,8 @@ import tempfile
 import threading
 import time
 from array import array
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +35,14 @@ __all__ = [
     "STREAM",
     "Attacker",
     "Clients",
+    "Probe",
     "RunningServer",
     "ServerSpec",
+    "Upstream",
+    "http_status",
     "kill_children",
     "publish",
+    "websocket_greeting",
 ]
 
 BENCH = Path(__file__).resolve().parent
@@ -62,11 +70,12 @@ class ServerSpec:
     ws_path: str | None
     sse_path: str | None
     workers: int = 1  # stream only: `stream serve --workers N` (needs STREAM_BROKER=redis://…)
+    config: Path = BENCH / "stream.toml"  # stream only
 
     def command(self, port: int) -> list[str]:
         if self.name.startswith("stream"):
             workers = ["--workers", str(self.workers)] if self.workers > 1 else []
-            return [PYTHON, "-m", "stream", "serve", "--config", str(BENCH / "stream.toml"), "--port", str(port), *workers]
+            return [PYTHON, "-m", "stream", "serve", "--config", str(self.config), "--port", str(port), *workers]
         if self.name == "fastapi-connection-manager":
             return [PYTHON, str(BENCH / "baselines" / "connection_manager.py"), "--port", str(port)]
         if self.name == "sse-starlette-queues":
@@ -100,14 +109,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Linux TCP states (include/net/tcp_states.h), as /proc/net/tcp writes them.
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT",
+              "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+def _address(hexed: str) -> str:
+    """An address of /proc/net/tcp (host-order 32-bit words in hex): IPv4, an IPv4-mapped IPv6
+    address as IPv4, or the IPv6 address."""
+    raw = b"".join(int(hexed[i : i + 8], 16).to_bytes(4, "little") for i in range(0, len(hexed), 8))
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        raw = raw[12:]
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
 class RunningServer:
-    def __init__(self, spec: ServerSpec, env: dict[str, str] | None = None) -> None:
+    """``spec`` started on a free port (with ``env`` over the environment, and ``ulimit -n
+    nofile`` if given), ready once /healthz answers."""
+
+    def __init__(self, spec: ServerSpec, env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
+        limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen(spec.command(self.port), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **env} if env else None)
+                                     env={**os.environ, **env} if env else None, preexec_fn=limit)
         CHILDREN.append(self.proc)
         deadline = time.monotonic() + 30
         while True:
@@ -165,6 +192,50 @@ class RunningServer:
             total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
         return total
 
+    def connections(self) -> dict[str, tuple[str, str]]:
+        """(peer address, TCP state) by socket inode, of each connection on the server's port
+        that its processes hold a descriptor for: what it has not let go of, whatever its own
+        counts say. A TCP socket reset by its peer is in no table of /proc/net any more, its
+        addresses forgotten, while its descriptor is still held: ("?", "CLOSE")."""
+        inodes = set()
+        for pid in self.pids():
+            try:
+                fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            except FileNotFoundError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        held: dict[str, tuple[str, str]] = {}
+        listed = set()
+        for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "unix", "netlink", "packet"):
+            try:
+                rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+            except FileNotFoundError:
+                continue
+            column = {"unix": 6, "packet": 8}.get(table, 9)
+            for line in rows:
+                fields = line.split()
+                if len(fields) <= column or fields[column] not in inodes:
+                    continue
+                inode = fields[column]
+                listed.add(inode)
+                if table in ("tcp", "tcp6") and fields[3] != "0A" and int(fields[1].rsplit(":", 1)[1], 16) == self.port:
+                    held[inode] = (_address(fields[2].rsplit(":", 1)[0]), TCP_STATES.get(fields[3], fields[3]))
+        for inode in inodes - listed:
+            held[inode] = ("?", "CLOSE")
+        return held
+
+    def output(self) -> str:
+        """What the server has printed so far (stdout and stderr). Read with pread: the file
+        offset is shared with the server's own descriptor, and moving it would move its writes."""
+        fd = self.log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -173,6 +244,40 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Upstream:
+    """An upstream for a provider to poll, on 127.0.0.1 in a thread: ``GET /`` answers
+    ``{"value": n}``, n counting the requests, over HTTP/1.0, so every poll needs a socket (a
+    descriptor) of its own. ``provider(name)`` is the TOML of a snapshot provider polling it
+    every second."""
+
+    def __init__(self) -> None:
+        counter = self.requests = Counter()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # http.server calls it by this name
+                counter["GET"] += 1
+                body = orjson.dumps({"value": counter["GET"]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def provider(self, name: str) -> str:
+        return f'\n[[providers]]\nname = "{name}"\nkind = "snapshot"\nurl = "{self.url}"\ninterval = 1\njitter = 0\ntimeout = 2\n'
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # -- subscribers --------------------------------------------------------------------------
@@ -280,6 +385,89 @@ class Attacker:
         if not line.startswith("{"):
             raise RuntimeError(f"the attacker ended without its report: {line!r}")
         return orjson.loads(line)
+
+
+# -- probes -------------------------------------------------------------------------------
+
+
+class Probe:
+    """``check()`` every ``every`` seconds in a thread until ``stop()`` (``limit`` seconds at most),
+    counting what it returns. No catching up: a slow answer takes the place of the probes it
+    overlaps."""
+
+    def __init__(self, check: Callable[[], str], every: float, limit: float) -> None:
+        self.check = check
+        self.every = every
+        self.deadline = time.monotonic() + limit
+        self.answers: Counter[str] = Counter()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self.done.is_set() and time.monotonic() < self.deadline:
+            self.answers[self.check()] += 1
+            next_at = max(next_at + self.every, time.monotonic())
+            self.done.wait(next_at - time.monotonic())
+
+    def stop(self) -> Counter[str]:
+        self.done.set()
+        self.thread.join()
+        return self.answers
+
+
+def _exchange(url: str, source: str, request: bytes, timeout: float, enough: Callable[[bytes], str | None]) -> str:
+    """Send ``request`` on a fresh connection from ``source`` and read until ``enough`` finds an
+    answer in what arrived, within ``timeout`` seconds from the connect; else why not."""
+    host, port = url.split("//")[1].split(":")
+    deadline = time.monotonic() + timeout
+    received = b""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout, source_address=(source, 0)) as sock:
+            sock.sendall(request)
+            while (answer := enough(received)) is None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return "closed"
+                received += chunk
+            return answer
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def http_status(url: str, path: str, source: str, timeout: float) -> str:
+    """The status a fresh connection's GET of ``path`` is answered with within ``timeout``."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {url.split('//')[1]}\r\nConnection: close\r\n\r\n".encode()
+    return _exchange(url, source, request, timeout, lambda data: data.split(b" ", 2)[1].decode() if b"\r\n" in data else None)
+
+
+def websocket_greeting(url: str, path: str, source: str, timeout: float) -> str:
+    """A fresh WebSocket's first message type (``welcome``, or ``error <code>``), the status if
+    it was not upgraded, or why nothing came within ``timeout``."""
+    host = url.split("//")[1]
+    request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {os.urandom(16).hex()[:22]}==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+
+    def greeting(data: bytes) -> str | None:
+        head, found, rest = data.partition(b"\r\n\r\n")
+        if not found:
+            return None
+        status = head.split(b" ", 2)[1].decode()
+        if status != "101":
+            return f"HTTP {status}"
+        kind = rest.partition(b'"type":"')[2].partition(b'"')
+        if not kind[1]:
+            return None
+        if kind[0] != b"error":
+            return kind[0].decode()
+        code = rest.partition(b'"code":"')[2].partition(b'"')
+        return f"error {code[0].decode()}" if code[1] else None
+
+    return _exchange(url, source, request, timeout, greeting)
 
 
 # -- publishing ---------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     .venv/bin/python bench/run.py --quick         # half a minute: correctness smoke test (no Node)
     .venv/bin/python bench/run.py --only ws,idle  # some scenarios
     .venv/bin/python bench/run.py --only hostile  # stream's defences: a clean run, then one under attack
+    .venv/bin/python bench/run.py --only attack   # every defence at once (issue 18, items 5-11, 16, 17), ~4 minutes
+    .venv/bin/python bench/run.py --only fdchurn  # idle sockets churning at ulimit -n 1024 (issue 18, item 18), ~1 minute
     .venv/bin/python bench/run.py --only redis    # two nodes on one Redis: cross-node vs same-node delivery
     .venv/bin/python bench/run.py --only sweep    # capacity: rising rates for every server, docs/capacity.png
     .venv/bin/python bench/run.py --only many     # 50,000 WebSocket subscribers on stream --workers 3, one event
@@ -18,7 +20,9 @@ The ``hostile`` scenario (stream alone) runs the same WebSocket fan-out twice: c
 bench/attacker.py holds slowloris sockets, floods never-read snapshot=1 subscriptions and churns
 subscriptions from 127.0.0.10-13. It passes when the subscribers' p99 under attack is under
 twice the clean one and nothing is lost; the verdict and the attacker's report are printed and
-written to the JSON (``hostile``).
+written to the JSON (``hostile``). The ``attack`` and ``fdchurn`` scenarios are bench/defences.py's
+(its docstring has their verdicts); they print theirs and write them to the JSON (``attack``,
+``fdchurn``). Like the hostile verdict, they are reported, not turned into the exit status.
 """
 
 from __future__ import annotations
@@ -32,16 +36,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import httpx
 import orjson
-from capacity import PLOT, RATES, capacity_table, many, plot, sweep, variants
-from harness import (  # bench/ is this script's directory, so it is on sys.path
+from capacity import PLOT, RATES, capacity_table, many, plot, sweep, variants  # bench/ is this script's directory: on sys.path
+from defences import DEFENCES, QUICK_DEFENCES, FdChurn, attack_summary, defended, fd_churn
+from harness import (
     BENCH,
     CONNECTION_MANAGER,
     FLOOR,
@@ -55,61 +58,10 @@ from harness import (  # bench/ is this script's directory, so it is on sys.path
     kill_children,
     publish,
 )
+from results import Result, RssWatch, group_line, record, socket_metrics
 from scaleout import scaleout
 
 # -- one measured run ---------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    scenario: str
-    server: str
-    transport: str
-    subscribers: int
-    rate: float
-    seconds: float
-    published: int = 0
-    expected: int = 0
-    delivered: int = 0
-    lost: int = 0
-    duplicates: int = 0
-    out_of_order: int = 0
-    behind_schedule_s: float = 0.0
-    kept_up: bool = False
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    max_ms: float = 0.0
-    user_us: float = 0.0
-    system_us: float = 0.0
-    kb_per_idle_connection: float = 0.0
-    connect_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)  # the hostile scenario: server RSS and metrics, the attacker's report
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
-    return values[index]
-
-
-def record(result: Result, published: int, expected: int, merged: dict, latencies: array,
-           before: tuple[float, float], after: tuple[float, float]) -> None:
-    """Counts, latency percentiles and CPU per delivery of one run, into ``result``."""
-    result.published = published
-    result.expected = expected
-    result.delivered = merged["received"]
-    result.lost = max(0, expected - (merged["received"] - merged["duplicates"]))
-    result.duplicates = merged["duplicates"]
-    result.out_of_order = merged["out_of_order"]
-    ordered = sorted(latencies)
-    result.p50_ms = round(percentile(ordered, 50) * 1000, 2)
-    result.p99_ms = round(percentile(ordered, 99) * 1000, 2)
-    result.max_ms = round((ordered[-1] if ordered else 0) * 1000, 2)
-    delivered = max(1, result.delivered)
-    result.user_us = round((after[0] - before[0]) * 1e6 / delivered, 2)
-    result.system_us = round((after[1] - before[1]) * 1e6 / delivered, 2)
 
 
 def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seconds: float, *, scenario: str,
@@ -161,49 +113,6 @@ def fanout(spec: ServerSpec, transport: str, subscribers: int, rate: float, seco
             attacker.proc.kill()
         server.stop()
     return result
-
-
-class RssWatch:
-    """The server's RSS now, at its peak (sampled every 0.2 s) and when ``stop()`` is called."""
-
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.before = self.peak = server.rss_kb()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        while not self.done.wait(0.2):
-            try:
-                self.peak = max(self.peak, self.server.rss_kb())
-            except OSError:
-                return
-
-    def stop(self) -> dict:
-        self.done.set()
-        self.thread.join()
-        after = self.server.rss_kb()
-        return {"rss_before_kb": self.before, "rss_peak_kb": max(self.peak, after), "rss_after_kb": after}
-
-
-SOCKET_METRICS = ("python_gc_collections_total", "stream_sockets", "stream_connections", "stream_slow_consumer_disconnects", "stream_ws_ops_refused",
-                  "stream_publish_refused", "stream_history_bytes", "stream_retained_bytes", "stream_retained_topics",
-                  "stream_history_events", "stream_subscriptions")
-
-
-def socket_metrics(text: str) -> dict[str, float]:
-    """The samples of stream's /metrics that tell how it dealt with hostile clients (those it has)."""
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(SOCKET_METRICS) or "_created" in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            found[name] = float(value)
-        except ValueError:
-            continue
-    return found
 
 
 def fanout_p99_ms(text: str) -> float | None:
@@ -364,11 +273,7 @@ def hostile_summary(clean: Result, hostile: Result) -> tuple[dict, list[str]]:
                 extra = f", ops sent {group.get('ops_sent', 0):,}, answered {group.get('subscribed', 0) + group.get('unsubscribed', 0):,}" + (f", errors {errors}" if errors else "")
             elif key == "snapshot_flood":
                 extra = f", unread bytes per socket up to {group.get('unread_bytes_max', 0):,}"
-            answers = {**{f"HTTP {k}": v for k, v in group["statuses"].items() if k != "101"}, **{f"close {k}": v for k, v in group["close_codes"].items()}}
-            lines.append(f"    {names.get(key, key)} ({group['source']}): held {group['held_peak']}/{group['target']} at peak, "
-                         f"mean {group['held_mean']:g}, min {group['held_min']}; {group['connects']} connects, "
-                         f"{group['closed_by_server']} closed by the server" + (f" (answers {answers})" if answers else "")
-                         + (f", {group['connect_failed']} connects failed" if group["connect_failed"] else "") + extra)
+            lines.append(group_line(names.get(key, key), group) + extra)
     metrics = {k: v for k, v in hostile.extra.get("server_metrics", {}).items() if v}
     if metrics:
         lines.append("  server metrics after the attack: " + ", ".join(f"{k} {v:g}" for k, v in metrics.items()))
@@ -409,8 +314,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
-    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,redis,sweep,many",
-                        help="scenarios: ws,sse,burst,idle,slow,hostile,redis,sweep,many")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many",
+                        help="scenarios: ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many")
     parser.add_argument(
         "--hostile-rate",
         type=float,
@@ -427,6 +332,9 @@ def main() -> int:
     parser.add_argument("--attack-scale", type=float, default=None,
                         help="size of the hostile scenario's attack, 1 = full size (500+500 slowloris, 20,000 topics "
                              "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
+    parser.add_argument("--attack-seconds", type=float, default=None,
+                        help="the attack scenario's measurement, quiet and attacked (default 60 s; --quick: 4 s)")
+    parser.add_argument("--fdchurn-seconds", type=float, default=None, help="the fdchurn scenario's probing (default 30 s; --quick: 5 s)")
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="the sweep's publish rates, msg/s")
     parser.add_argument("--sweep-seconds", type=float, default=6, help="seconds of publishing per sweep point")
     parser.add_argument("--write-delay", default=None, help="stream's write_delay in the sweep's coalescing runs (default: its default)")
@@ -443,9 +351,13 @@ def main() -> int:
         if args.attack_scale is None:
             args.attack_scale = 0.1
         if args.only == parser.get_default("only"):
-            args.only = "ws,sse,hostile"
+            args.only = "ws,sse,hostile,attack,fdchurn"
     if args.attack_scale is None:
         args.attack_scale = 1.0
+    defences = QUICK_DEFENCES if args.quick else DEFENCES
+    if args.attack_seconds is not None:
+        defences = replace(defences, seconds=args.attack_seconds)
+    churning = FdChurn(seconds=args.fdchurn_seconds or (5 if args.quick else 30))
     only = set(args.only.split(","))
     results: list[Result] = []
     report: list[str] = []
@@ -564,6 +476,33 @@ def main() -> int:
                 for note in r.notes:
                     say(f"  note ({r.scenario}): {note}")
 
+    attack: dict = {}
+    if "attack" in only:
+        try:
+            print(f"… every defence at once: the canary alone, then under attack {defences.attack()}", flush=True)
+            quiet = defended(defences, attacked=False)
+            under = defended(defences, attacked=True)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nEvery defence at once: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            results += [quiet, under]
+            attack, lines = attack_summary(quiet, under, defences)
+            for line in lines:
+                say(line)
+
+    churned: dict = {}
+    if "fdchurn" in only:
+        print(f"… fd churn: {churning.sockets:,} idle sockets against ulimit -n {churning.nofile}", flush=True)
+        try:
+            churned, lines = fd_churn(churning)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nfd churn: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            for line in lines:
+                say(line)
+
     scaled: dict = {}
     if "redis" in only and not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
         say("\nRedis scale-out: skipped, redis-server is not installed (apt-get install redis-server)")
@@ -618,11 +557,12 @@ def main() -> int:
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                              "results": [asdict(r) for r in results], "hostile": hostile, "scaleout": scaled,
+                                              "results": [asdict(r) for r in results], "hostile": hostile, "attack": attack,
+                                              "fdchurn": churned, "scaleout": scaled,
                                               "capacity": capacity, "many": crowd, "report": report}, option=orjson.OPT_INDENT_2))
     print(f"\nJSON: {args.json}")
     bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
-    return 1 if bad or failed else 0  # the hostile verdict's latency ratio is reported, not enforced here
+    return 1 if bad or failed else 0  # the hostile, attack and fdchurn verdicts are reported, not enforced here
 
 
 if __name__ == "__main__":
