@@ -246,6 +246,19 @@ class WebSocketProtocol(asyncio.Protocol):
             if self.admitted:
                 self.runtime.release(self)
                 self.admitted = False
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the reference cycles of a closed connection (websockets' parser and the error
+        that ended it, the subscriber and its sink, the stall watch): its memory is freed now, by
+        reference counting, not by a full garbage collection that under attack would free
+        thousands of them at once and stall the loop for 100 ms and more."""
+        error = self.conn.parser_exc
+        if error is not None:
+            error.__traceback__ = None
+        self.conn.parser = None  # type: ignore[assignment]
+        self.sub = None
+        self.stall = None
 
     def pause_writing(self) -> None:
         # A client that does not read gets no more of our attention either: stop reading its
