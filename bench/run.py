@@ -334,7 +334,7 @@ def main() -> int:
                              "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
     parser.add_argument("--attack-seconds", type=float, default=None,
                         help="the attack scenario's measurement, quiet and attacked (default 60 s; --quick: 4 s)")
-    parser.add_argument("--fdchurn-seconds", type=float, default=None, help="the fdchurn scenario's probing (default 30 s; --quick: 5 s)")
+    parser.add_argument("--fdchurn-seconds", type=float, default=None, help="the fdchurn scenario's probing (default 30 s; --quick: 3 s)")
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="the sweep's publish rates, msg/s")
     parser.add_argument("--sweep-seconds", type=float, default=6, help="seconds of publishing per sweep point")
     parser.add_argument("--write-delay", default=None, help="stream's write_delay in the sweep's coalescing runs (default: its default)")
@@ -344,7 +344,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"))
     args = parser.parse_args()
     if args.quick:
-        args.subscribers, args.seconds, args.idle = 200, 2, 500  # the Python baselines run too, not Node
+        args.subscribers, args.seconds, args.idle = 200, 1, 500  # the Python baselines run too, not Node
         args.sweep_seconds, args.many = 2, 2000
         if args.rates == parser.get_default("rates"):
             args.rates = "50,100"
@@ -357,7 +357,7 @@ def main() -> int:
     defences = QUICK_DEFENCES if args.quick else DEFENCES
     if args.attack_seconds is not None:
         defences = replace(defences, seconds=args.attack_seconds)
-    churning = FdChurn(seconds=args.fdchurn_seconds or (5 if args.quick else 30))
+    churning = FdChurn(seconds=args.fdchurn_seconds or (3 if args.quick else 30))
     only = set(args.only.split(","))
     results: list[Result] = []
     report: list[str] = []
