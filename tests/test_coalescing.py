@@ -269,10 +269,12 @@ def test_a_failing_observer_neither_stops_the_fan_out_nor_leaves_frames_held():
 @pytest.mark.slow
 def test_resume_and_overflow_suites_pass_with_a_window_after_every_fan_out():
     """The resume and slow-consumer suites again, with every server they start holding events
-    in a 50 ms window after every fan-out (write_load 0): order, resume, overflow and gaps hold."""
+    in a 50 ms window after every fan-out (write_load 0): order, resume, overflow and gaps hold.
+    (Not the 15-second latency comparison with 50 readers: a window there measures the window.)"""
     env = {**os.environ, "STREAM_WRITE_DELAY": "0.05", "STREAM_WRITE_LOAD": "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_resume.py", "tests/test_slow_consumer.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_resume.py", "tests/test_slow_consumer.py",
+         "-k", "not does_not_delay_50_others"],
         cwd=Path(__file__).parent.parent,
         env=env,
         capture_output=True,
