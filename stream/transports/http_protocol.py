@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any, Protocol
 
 import orjson
@@ -102,9 +103,12 @@ class HttpProtocol(HttpToolsProtocol):
         self._cancel_timers()
         if self.stall is not None:
             self.stall.cancel()
+            self.stall = None  # it calls back into this protocol: a reference cycle
         if self.runtime is not None:
             self.runtime.sockets.closed(self.transport)
         super().connection_lost(exc)
+        if self.cycle is not None and self.cycle.response_complete:
+            self.cycle = None  # type: ignore[assignment]  # it too calls back (on_response)
 
     def data_received(self, data: bytes) -> None:
         if self.admission is Admission.REFUSE:
@@ -131,7 +135,10 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {"stream.http": self}  # type: ignore[dict-item]
+        # A weak reference: the scope outlives nothing of ours, and a strong one would make every
+        # connection a reference cycle, freed only by a full garbage collection. The request's
+        # ASGI cycle holds this protocol for as long as the app runs.
+        self.scope["extensions"] = {"stream.http": weakref.proxy(self)}
         self.head_size = 16  # the request line's method, version and spaces
         if self.runtime is not None:
             self.head_bytes = 0
@@ -216,7 +223,22 @@ class HttpProtocol(HttpToolsProtocol):
         streaming = StreamingProtocol(self.transport, sink, self.runtime, self.connections, paused=self.flow.write_paused)
         self.transport.set_protocol(streaming)
         self.transport.resume_reading()  # paused by uvicorn if a request was pipelined behind this one
+        self._let_go()
         return streaming
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        self._cancel_timers()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The socket has another protocol: break this object's reference cycles (the parser's
+        callbacks, the stall watch's), so it is freed now rather than by a full garbage
+        collection, which under attack would free thousands at once and stall the loop."""
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        self.parser = None  # type: ignore[assignment]
 
     # -- limits ---------------------------------------------------------------------------
 
