@@ -322,7 +322,7 @@ async def test_lease_renewals_do_not_wait_for_each_other_or_for_publishes(redis_
     feed.upstream.start()
     providers = "".join(provider_block(feed.url, f"p{n}", interval=60) for n in range(8))
     try:
-        with Link(redis_server.port) as link, Cluster([Server(cluster_config(link.url, lease_ttl=6) + providers)]) as (node,):
+        with Link(redis_server.port) as link, Cluster([Server(cluster_config(link.url, lease_ttl=9) + providers)]) as (node,):
             await wait_for(lambda: metric_now(node, "stream_lease_changes_total") >= 8, 20)
             link.delay(0.15)
             stop = asyncio.Event()
@@ -334,7 +334,7 @@ async def test_lease_renewals_do_not_wait_for_each_other_or_for_publishes(redis_
 
                 load = [asyncio.create_task(keep_publishing()) for _ in range(64)]
                 started = time.monotonic()
-                while time.monotonic() - started < 9:  # three renewal periods (lease_ttl / 3 = 2 s) and more
+                while time.monotonic() - started < 9:  # three renewal periods (lease_ttl / 3 = 3 s)
                     assert metric_now(node, "stream_lease_changes_total") == 8, "a lease lapsed"
                     await asyncio.sleep(0.25)
                 stop.set()
