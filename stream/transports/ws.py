@@ -97,8 +97,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.ping_payload = b""
         self.bucket: TokenBucket | None = None
-        self.refusals = 0.0  # ops refused by the rate limit, leaking away at the rate
-        self.refused_at = 0.0
+        # Refusals the connection may earn before it counts as flooding: one token each, back at the op rate.
+        self.tolerance: TokenBucket | None = None
         self.stall: StallWatch | None = None
         self.flooded = False  # closed for flooding: nothing more it sends is read
         self.broken = False  # closed because a frame could not be parsed (too big, malformed)
@@ -370,6 +370,7 @@ class WebSocketProtocol(asyncio.Protocol):
         runtime.limit_send_buffer(self.transport)
         server = runtime.settings.server
         self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
+        self.tolerance = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self.sub = runtime.hub.new_subscriber(self, transport=self.transport_name)
         if self.write_paused:
             self.sub.pause()
@@ -506,11 +507,10 @@ class WebSocketProtocol(asyncio.Protocol):
         # Refusals leak away at the op rate: a client at most twice the rate is only refused, one
         # further over it is flooding once they pass the burst, even if an op gets through now and
         # then (its address's share reads it slower, so some always do).
-        self.refusals = max(0.0, self.refusals - (now - self.refused_at) * self.bucket.rate) + 1
-        self.refused_at = now
         if self.runtime is not None:
             self.runtime.ops_refused += 1
-        if self.refusals > self.bucket.burst and not self.flooded:
+        assert self.tolerance is not None
+        if not self.tolerance.take(now) and not self.flooded:
             log.info("closing WebSocket %s: sustained flooding past the op rate limit", self.client_host)
             self.flooded = True
             if self.runtime is not None:
