@@ -4,7 +4,7 @@
 ``lease_ttl / 3`` (a failed attempt again after 0.25 s) it takes or renews that provider's lease (``SET NX PX``, renewed only by its
 holder), or reads the holder's last saved status. Keepers are independent of each other and
 of publishing (a connection pool of their own), and each renewal is bounded by
-``redis_timeout``, so one slow command delays no other lease. A node counts a lease as held for
+``redis_timeout`` (or half the hold left, if longer), so one slow command delays no other lease. A node counts a lease as held for
 two thirds of the TTL after the renewal was asked, so a node that cannot reach Redis stops
 polling before the lease can pass to another node.
 
@@ -119,7 +119,7 @@ class RedisLeases(Leases):
     async def _keep(self, name: str) -> None:
         while True:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(self._patience(name)):
                     await self._renew(name)
                 pause = self.ttl / 3
             except asyncio.CancelledError:
@@ -131,6 +131,13 @@ class RedisLeases(Leases):
                 log.debug("leases: renewing %s failed: %s", name, redis_failure(exc))
                 pause = min(self.ttl / 3, RETRY_AFTER)
             await asyncio.sleep(pause)
+
+    def _patience(self, name: str) -> float:
+        """How long one renewal may take: ``redis_timeout``, or half of what is left of the hold
+        if that is longer. The hold lapses on time whatever the renewal does, so a slow answer
+        costs no safety; cutting it short would, through a slow link, cost a reconnect (more
+        round trips) on every retry, and the lease would lapse for want of patience."""
+        return max(self.timeout, (self._held_until.get(name, 0.0) - time.monotonic()) / 2)
 
     async def _renew(self, name: str) -> None:
         asked = time.monotonic()
