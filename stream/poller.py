@@ -23,19 +23,18 @@ import enum
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import httpx
-import orjson
 
-from .errors import BrokerUnavailable, LeaseLost, StreamError, UpstreamError
+from .errors import BrokerUnavailable, LeaseLost, UpstreamError
 from .fetch import fetch
-from .hub import Draft, Fence, Hub
+from .hub import Hub
+from .intake import Intake, iso_time
 from .leases import Leases
 from .provider_settings import ProviderSettings
-from .providers import Item, Parsed, parse
+from .providers import Parsed, parse
 
 __all__ = ["Poller", "ProviderState", "backoff_delay", "iso_time"]
 
@@ -60,8 +59,8 @@ def backoff_delay(interval: float, failures: int, rng: random.Random) -> float:
     return rng.uniform(interval, ceiling)
 
 
-class Poller:
-    """Polls one provider; owns its validators, dedup memory, counters and state."""
+class Poller(Intake):
+    """Polls one provider; owns its validators, schedule, outcomes and state."""
 
     def __init__(
         self,
@@ -74,40 +73,25 @@ class Poller:
         rng: random.Random | None = None,
         on_change: Callable[[Poller], None] | None = None,
         on_poll: Callable[[str, str, float], None] | None = None,
+        on_lag: Callable[[str, float], None] | None = None,
         leases: Leases | None = None,
     ) -> None:
-        self.provider = provider
-        self.leases = leases or Leases()
+        super().__init__(provider, hub, clock=clock, leases=leases, on_lag=on_lag)
         self.client = client
-        self.hub = hub
         self.url = base_url.rstrip("/") + provider.url if provider.url.startswith("/") else provider.url
-        self.clock = clock
         self.rng = rng or random.Random()
         self.on_change = on_change
         self.on_poll = on_poll
         self.state = ProviderState.OK if provider.enabled else ProviderState.DISABLED
         self.etag: str | None = None
         self.last_modified: str | None = None
-        self.seen: OrderedDict[str, bytes | None] = OrderedDict()  # item ids, or key -> last value
-        self.primed = False
-        self.restored: str | None = None  # the fence of the lease whose saved state this poller took over
-        self.unsure = False  # a publish got no answer: it may have been stored, so look in history first
-        self.fence: Fence | None = None  # the lease this poll runs under: its writes carry it
-        self.dirty = False  # dedup memory or validators changed since they were last saved
         self.polls = 0
         self.not_modified = 0
-        self.items_published = 0
-        self.items_skipped = 0
         self.consecutive_failures = 0
         self.outcomes: dict[str, int] = {}
         self.last_ok: float | None = None
         self.last_error: str | None = None
         self.next_poll: float | None = None
-        self.newest_published: float | None = None
-        self._last_skip_report: tuple[str, ...] = ()
-        self._secrets = [value for _, value in provider.params + provider.headers if len(value) >= 6]
-        self._values = provider.kind == "snapshot" or provider.url == "/demo/quotes"
-        self._topic_head = provider.topic.split("{", 1)[0]  # every topic it publishes starts so
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -148,49 +132,12 @@ class Poller:
 
     # -- state shared with the next lease holder ------------------------------------------
 
-    async def _restore(self, token: str) -> None:
-        """Take over what the previous holder of the lease saved, and every headline of this
-        provider the hub already holds (it may have published some and died before saving)."""
-        state = await self.leases.load(self.provider.name)
-        if state is not None:
-            self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
-            self.primed = bool(state.get("primed"))
-            self.seen = OrderedDict((key, None if value is None else value.encode()) for key, value in state.get("seen", []))
-        await self._recall()
-        self.restored = token
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
 
-    async def _recall(self) -> None:
-        """Remember every headline of this provider the hub holds, once this node has read all
-        that was written so far: a publish whose answer was lost may have been stored."""
-        if self.provider.headlines:
-            await self.hub.settle()
-            for event in self.hub.store.history:
-                data = event.data if event.topic.startswith(self._topic_head) else None
-                if isinstance(data, dict) and data.get("provider") == self.provider.name and isinstance(data.get("id"), str):
-                    self.seen[data["id"]] = None
-                    self.primed = True
-        self.unsure = False
-
-    async def _persist(self) -> None:
-        """Save the dedup memory and validators (if they changed) and the status for the other
-        nodes. Redis not answering costs nothing but the save: the state stays dirty and is
-        saved after the next poll."""
-        try:
-            if self.dirty:
-                await self._save()
-            await self.leases.save_status(self.provider.name, self.status(), self.fence)
-        except BrokerUnavailable as exc:
-            log.warning("provider %s: %s", self.provider.name, exc.message)
-
-    async def _save(self) -> None:
-        state = {
-            "etag": self.etag,
-            "last_modified": self.last_modified,
-            "primed": self.primed,
-            "seen": [[key, None if value is None else value.decode()] for key, value in self.seen.items()],
-        }
-        await self.leases.save(self.provider.name, state, self.fence)
-        self.dirty = False  # only once saved: a failed save is tried again after the next poll
+    def _state(self) -> dict[str, Any]:
+        return {"etag": self.etag, "last_modified": self.last_modified, **super()._state()}
 
     async def poll_once(self) -> float:
         """One poll, start to finish; returns the delay in seconds until the next one."""
@@ -228,56 +175,14 @@ class Poller:
             log.info("provider %s: document used despite a parse warning: %s", self.provider.name, parsed.warning)
         return parsed
 
-    # -- HTTP -----------------------------------------------------------------------------
-
-    def _clean(self, text: str) -> str:
-        """Remove configured secrets (API keys in params or headers) from a message."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text[:300]
-
     # -- dedup and publishing -------------------------------------------------------------
-
-    def _fresh(self, items: list[Item]) -> tuple[list[Item], dict[str, bytes | None]]:
-        """The items not published before (new ids, or changed values), and what to remember
-        about them once they are published."""
-        seen, fresh = self.seen, []
-        remember: dict[str, bytes | None] = {}
-        missing = object()
-        for item in items:
-            if item.key in seen:
-                seen.move_to_end(item.key)  # still upstream: forget it last
-            value = orjson.dumps(item.data) if self._values else None
-            before = remember.get(item.key, seen.get(item.key, missing))
-            if before is not missing and (not self._values or before == value):
-                continue  # published before (or twice in this document)
-            remember[item.key] = value
-            fresh.append(item)
-        if not self._values:
-            if all(item.published is not None for item in fresh):
-                fresh.sort(key=lambda item: item.published)  # type: ignore[arg-type, return-value]
-            else:
-                fresh.reverse()  # feeds list newest first
-        return fresh, remember
-
-    def _remember(self, remember: dict[str, bytes | None], current: int) -> None:
-        seen = self.seen
-        self.dirty = self.dirty or bool(remember)
-        for key, value in remember.items():
-            seen[key] = value
-            seen.move_to_end(key)
-        # Never forget what the current document still lists, whatever dedup_size says.
-        while len(seen) > max(self.provider.dedup_size, current):
-            seen.popitem(last=False)
 
     async def _publish(self, parsed: Parsed) -> bool:
         """Publish what is new in ``parsed``; False when some of it could not be (it is tried
         again at the next poll)."""
         provider = self.provider
         self._report_skips(parsed)
-        stamps = [item.published for item in parsed.items if item.published is not None]
-        if stamps:
-            self.newest_published = min(max(stamps), self.clock())  # a future date is not fresher than now
+        self._note_times(parsed.items)
         fresh, remember = self._fresh(parsed.items)
         if not self.primed:
             if not parsed.items:
@@ -285,12 +190,8 @@ class Poller:
             if not provider.backfill:
                 # What upstream holds now becomes the retained values, so snapshots and
                 # /api/topics have them at once; no event is published for them.
-                try:
-                    primed = await self.hub.prime(self._drafts(fresh), fence=self.fence)
-                except LeaseLost:
-                    raise
-                except StreamError as exc:  # the broker is away: prime at the next poll, publish nothing
-                    log.warning("provider %s: could not prime: %s", provider.name, exc.message)
+                primed = await self._prime(fresh)
+                if primed is None:
                     return False
                 self.primed = self.dirty = True
                 self._remember(remember, len(parsed.items))
@@ -302,44 +203,11 @@ class Poller:
                 )
                 return True
             self.primed = self.dirty = True
-        drafts = self._drafts(fresh)
-        if drafts:
-            try:
-                events = await self.hub.publish_many(drafts, fence=self.fence)
-            except LeaseLost:
-                raise
-            except StreamError as exc:  # the broker is away, or a hub limit (max_topics): tried again at the next poll
-                self.items_skipped += len(drafts)
-                self.unsure = isinstance(exc, BrokerUnavailable)  # stored maybe, its answer lost
-                log.warning("provider %s: %d items not published: %s", provider.name, len(drafts), exc.message)
-                return False
-            self.items_published += len(events)
-            log.debug("provider %s: published %d new items", provider.name, len(events))
+        if not await self._publish_items(fresh):
+            return False
         # Only now: an item whose publish failed is tried again at the next poll.
         self._remember(remember, len(parsed.items))
         return True
-
-    def _drafts(self, items: list[Item]) -> list[Draft]:
-        drafts = []
-        for item in items:
-            try:
-                drafts.append(self.hub.draft(item.topic, item.data, field="topic"))
-            except StreamError as exc:
-                self.items_skipped += 1
-                log.info("provider %s: item %r not published: %s", self.provider.name, item.key[:80], exc.message)
-        return drafts
-
-    def _report_skips(self, parsed: Parsed) -> None:
-        self.items_skipped += parsed.skipped
-        report = tuple(parsed.problems)
-        if parsed.skipped and report != self._last_skip_report:
-            log.info(
-                "provider %s: skipped %d malformed item(s): %s",
-                self.provider.name,
-                parsed.skipped,
-                "; ".join(parsed.problems),
-            )
-        self._last_skip_report = report
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -403,11 +271,7 @@ class Poller:
             "items_published": self.items_published,
             "items_skipped": self.items_skipped,
             "consecutive_failures": self.consecutive_failures,
+            "last_lag": self.last_lag,
             "node": self.leases.holder(provider.name),
         }
 
-
-def iso_time(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z"

@@ -213,5 +213,6 @@ def _idle_status(provider: ProviderSettings, node: str | None) -> dict[str, Any]
         "items_published": 0,
         "items_skipped": 0,
         "consecutive_failures": 0,
+        "last_lag": None,
         "node": node,
     }

@@ -161,7 +161,7 @@ def _config_file(file: Path | Traversable, env: Mapping[str, str]) -> dict[str, 
     if isinstance(keys := document.get("keys"), list):
         document["keys"] = fill_secrets([_named_key(index, table) for index, table in enumerate(keys)], ("key",), env)
     if "providers" in document:
-        document["providers"] = fill_secrets(document["providers"], ("headers", "params"), env)
+        document["providers"] = fill_secrets(document["providers"], ("headers", "params", "subscribe"), env)
     return document
 
 

@@ -231,7 +231,7 @@ def test_state_changes_are_published_on_system_providers():
     assert [s["state"] for s in statuses] == ["backoff", "ok"]
     assert set(statuses[0]) == {
         "name", "kind", "state", "last_ok", "last_error", "next_poll", "polls", "not_modified",
-        "items_published", "items_skipped", "consecutive_failures", "node",
+        "items_published", "items_skipped", "consecutive_failures", "last_lag", "node",
     }
     assert statuses[0]["last_error"] == "status: HTTP 500 Internal Server Error"
 

@@ -14,17 +14,23 @@ from ..provider_settings import ProviderSettings
 from .base import Item, Parsed, bad_body, dig, render_topic
 from .json import load_json
 
-__all__ = ["parse_snapshot"]
+__all__ = ["parse_snapshot", "snapshot_items"]
 
 
 def parse_snapshot(body: bytes, provider: ProviderSettings) -> Parsed:
-    value = dig(load_json(body), provider.path)
+    parsed = Parsed()
+    snapshot_items(load_json(body), provider, parsed)
+    return parsed
+
+
+def snapshot_items(document: Any, provider: ProviderSettings, parsed: Parsed) -> None:
+    """The values of ``document`` (at ``path``, split by ``split``) into ``parsed.items``."""
+    value = dig(document, provider.path)
     if value is None:
         raise bad_body(f"path: nothing at {provider.path!r}" if provider.path else "the document is null")
-    parsed = Parsed()
     if provider.split is None:
         _add(parsed, provider, "", value)
-        return parsed
+        return
     container = dig(value, provider.split)
     if isinstance(container, dict):
         pairs = list(container.items())
@@ -43,7 +49,6 @@ def parse_snapshot(body: bytes, provider: ProviderSettings) -> Parsed:
         raise bad_body(f"split: expected a mapping or a list at {provider.split!r}, found {found}")
     for key, entry in pairs:
         _add(parsed, provider, str(key), entry)
-    return parsed
 
 
 def _add(parsed: Parsed, provider: ProviderSettings, key: str, value: Any) -> None:
