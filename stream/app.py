@@ -134,7 +134,7 @@ def build(settings: Settings, seat: Seat | None = None) -> Service:
     hub = Hub(_hub_config(settings), broker)
     hub.observe(metrics.fanned_out)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    pollers = Pollers(settings.providers, hub, on_poll=metrics.polled, leases=leases)
+    pollers = Pollers(settings.providers, hub, on_poll=metrics.polled, on_lag=metrics.lagged, leases=leases)
     runtime = Runtime(
         settings,
         hub=hub,

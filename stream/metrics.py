@@ -16,11 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .events import Event
+from .push import Pusher
 from .runtime import Runtime
 from .siblings import HostMetrics
 
 __all__ = ["Metrics"]
 
+# 1 ms to 1 h: a push upstream's items arrive in milliseconds, a polled one's in up to an
+# interval; an upstream sending months-old items lands in +Inf (Prometheus' defaults stop at 10 s).
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -40,6 +44,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.lag = Histogram(
+            "stream_provider_lag_seconds",
+            "Hub accept minus the upstream's own published time, per item that has one",
+            ["provider"],
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
         self.poll_seconds = Histogram(
             "stream_provider_poll_seconds",
             "Duration of one poll, by provider and outcome",
@@ -54,6 +65,9 @@ class Metrics:
 
     def fanned_out(self, event: Event) -> None:
         self.latency.observe(max(0.0, time.time() - event.ts / 1000))
+
+    def lagged(self, provider: str, seconds: float) -> None:
+        self.lag.labels(provider).observe(seconds)
 
     def polled(self, provider: str, outcome: str, seconds: float) -> None:
         self.poll_seconds.labels(provider, outcome).observe(seconds)
@@ -205,6 +219,13 @@ class _ProviderCollector(Collector):
         fresh = GaugeMetricFamily(
             "stream_provider_freshness_seconds", "Now minus the newest upstream item's published time", labels=["provider"]
         )
+        messages = CounterMetricFamily("stream_provider_messages", "Messages a push provider received", labels=["provider"])
+        reconnects = CounterMetricFamily("stream_provider_reconnects", "Push connections that ended and were replaced", labels=["provider"])
+        oversized = CounterMetricFamily(
+            "stream_provider_oversized_messages", "Push messages over max_message_bytes (each dropped its connection)", labels=["provider"]
+        )
+        dropped = CounterMetricFamily("stream_provider_items_dropped", "Pushed items over max_items_per_second, dropped", labels=["provider"])
+        connected = GaugeMetricFamily("stream_provider_connected_seconds", "How long the push connection has been up (0: down)", labels=["provider"])
         now = time.time()
         for poller in pollers:
             name = poller.provider.name
@@ -213,8 +234,14 @@ class _ProviderCollector(Collector):
             published.add_metric([name], poller.items_published)
             skipped.add_metric([name], poller.items_skipped)
             failures.add_metric([name], poller.consecutive_failures)
-            for value in ("ok", "backoff", "failing", "disabled"):
-                state.add_metric([name, value], 1 if poller.state.value == value else 0)
+            for value in type(poller.state):
+                state.add_metric([name, value.value], 1 if poller.state is value else 0)
             if poller.newest_published is not None:
                 fresh.add_metric([name], max(0.0, now - poller.newest_published))
-        yield from (polls, published, skipped, failures, state, fresh)
+            if isinstance(poller, Pusher):
+                messages.add_metric([name], poller.messages)
+                reconnects.add_metric([name], poller.reconnects)
+                oversized.add_metric([name], poller.oversized)
+                dropped.add_metric([name], poller.items_dropped)
+                connected.add_metric([name], max(0.0, now - poller.connected_since) if poller.connected_since else 0.0)
+        yield from (polls, published, skipped, failures, state, fresh, messages, reconnects, oversized, dropped, connected)

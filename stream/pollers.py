@@ -19,10 +19,12 @@ from . import __version__
 from .errors import StreamError
 from .events import Event
 from .hub import Draft, Hub
+from .intake import Intake
 from .leases import Leases
 from .poller import Poller
 from .provider_settings import ProviderSettings
 from .providers.base import parse_time
+from .push import Pusher
 from .topics import PatternIndex
 
 __all__ = ["Pollers"]
@@ -43,18 +45,20 @@ class Pollers:
         *,
         clock: Callable[[], float] = time.time,
         on_poll: Callable[[str, str, float], None] | None = None,
+        on_lag: Callable[[str, float], None] | None = None,
         leases: Leases | None = None,
     ):
         self.providers = providers
         self.hub = hub
         self.clock = clock
-        self.pollers: list[Poller] = []
+        self.pollers: list[Poller | Pusher] = []  # every provider's, polled or pushed, in config order
         self.tasks: list[asyncio.Task[None]] = []
         self.client: httpx.AsyncClient | None = None
         self.started = False
         # Per provider, so a chatty source cannot push the others out of /api/news.
         self.headlines: dict[str, deque[tuple[float, Event]]] = {}
         self.on_poll = on_poll  # (provider, outcome, seconds) after every poll: the poll histogram
+        self.on_lag = on_lag  # (provider, seconds) per published item with a time: the lag histogram
         self.leases = leases or Leases()
         by_pattern: dict[str, tuple[str, ...]] = {}
         for provider in providers:
@@ -69,8 +73,9 @@ class Pollers:
 
     @property
     def connections(self) -> int:
-        """Upstream connections the shared client may open: each poller has one request in
-        flight at a time (redirects are followed one by one). The server keeps descriptors for them."""
+        """Upstream connections the process may open: each poller has one request in flight at
+        a time (redirects are followed one by one), each push provider one connection. The
+        server keeps descriptors for them."""
         return sum(1 for provider in self.providers if provider.enabled) + 4
 
     def start(self, base_url: str) -> None:
@@ -85,19 +90,26 @@ class Pollers:
             headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
         )
         for provider in self.providers:
-            poller = Poller(
-                provider,
-                self.client,
-                self.hub,
-                base_url=base_url,
-                clock=self.clock,
-                on_change=self._announce,
-                on_poll=self.on_poll,
-                leases=self.leases,
-            )
+            poller: Poller | Pusher
+            if provider.push:
+                poller = Pusher(
+                    provider, self.client, self.hub, base_url=base_url, clock=self.clock, on_change=self._announce, on_lag=self.on_lag, leases=self.leases
+                )
+            else:
+                poller = Poller(
+                    provider,
+                    self.client,
+                    self.hub,
+                    base_url=base_url,
+                    clock=self.clock,
+                    on_change=self._announce,
+                    on_poll=self.on_poll,
+                    on_lag=self.on_lag,
+                    leases=self.leases,
+                )
             self.pollers.append(poller)
             if provider.enabled:
-                self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"poll {provider.name}"))
+                self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"{'push' if provider.push else 'poll'} {provider.name}"))
         if self.pollers:
             log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
         self.leases.start([p.name for p in self.providers if p.enabled])
@@ -121,7 +133,7 @@ class Pollers:
         if client is not None:
             await client.aclose()
 
-    def _announce(self, poller: Poller) -> None:
+    def _announce(self, poller: Intake) -> None:
         """Publish a provider's status on _system.providers when its state changes."""
         try:
             draft = self.hub.draft(STATUS_TOPIC, poller.status(), internal=True)
@@ -201,10 +213,10 @@ class Pollers:
 
 def _idle_status(provider: ProviderSettings, node: str | None) -> dict[str, Any]:
     """The status of a provider nobody here has polled yet: its configuration."""
-    return {
+    status = {
         "name": provider.name,
         "kind": provider.kind,
-        "state": "ok" if provider.enabled else "disabled",
+        "state": "disabled" if not provider.enabled else "connecting" if provider.push else "ok",
         "last_ok": None,
         "last_error": None,
         "next_poll": None,
@@ -216,3 +228,6 @@ def _idle_status(provider: ProviderSettings, node: str | None) -> dict[str, Any]
         "last_lag": None,
         "node": node,
     }
+    if provider.push:
+        status.update(connected_since=None, messages=0, last_message=None, reconnects=0)
+    return status

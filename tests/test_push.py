@@ -1,0 +1,245 @@
+"""Push providers (SPEC §7a) against real upstreams on loopback: an SSE server and a WebSocket
+server (tests/push_upstream.py), a real ``stream serve``, real subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import httpx
+import orjson
+from websockets.asyncio.client import connect
+
+from .push_upstream import Close, PushUpstream, sse_frame
+from .support import AUTH, KEYS, Server, metric_now, wait_for
+
+
+def push_block(kind: str, url: str, name: str = "wire", **settings: Any) -> str:
+    lines = [f'\n[[providers]]\nname = "{name}"\nkind = "{kind}"\nurl = "{url}"']
+    for key, value in settings.items():
+        lines.append(f"{key} = {value if isinstance(value, str) and value.startswith(('{', '[')) else orjson.dumps(value).decode()}")
+    return "\n".join(lines) + "\n"
+
+
+def headline(n: int, published: float | None = None) -> dict[str, Any]:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(published or time.time())) + "Z"
+    return {"id": f"h{n}", "title": f"Headline {n}", "published": stamp, "symbols": ["AAPL"]}
+
+
+def get(url: str, **options: Any) -> httpx.Response:
+    """A quick synchronous GET to a server under test (its answers are immediate)."""
+    return httpx.get(url, timeout=5, **options)
+
+
+def status_of(server: Server, name: str = "wire") -> dict[str, Any]:
+    return next(s for s in httpx.get(f"{server.url}/api/providers", timeout=5).json() if s["name"] == name)
+
+
+async def receive(socket: Any, until: int, got: list[tuple[float, dict[str, Any]]]) -> None:
+    async for raw in socket:
+        frame = orjson.loads(raw)
+        if frame.get("type") == "event":
+            got.append((time.time(), frame))
+            if len(got) >= until:
+                return
+
+
+async def test_sse_items_reach_a_websocket_subscriber_once_each_within_milliseconds():
+    """30 items pushed 100 ms apart over SSE reach a WebSocket subscriber, each once; from the
+    upstream's send to the subscriber's receive, p50 ≤ 50 ms and p99 ≤ 150 ms."""
+    with PushUpstream() as upstream, Server(KEYS + push_block("sse", upstream.sse_url, reconnect_min=0.1)) as server:
+        await wait_for(lambda: upstream.open_sse == 1, 10)
+        async with connect(f"{server.ws_url}?topics=news.wire") as socket:
+            got: list[tuple[float, dict[str, Any]]] = []
+            reading = asyncio.create_task(receive(socket, 30, got))
+            await wait_for(lambda: metric_now(server, "stream_subscriptions") >= 1, 5)
+            for n in range(30):
+                upstream.push(sse_frame(orjson.dumps(headline(n)).decode(), ident=str(n)), marker=f"h{n}")
+                await asyncio.sleep(0.1)
+            await asyncio.wait_for(reading, 10)
+    ids = [frame["data"]["id"] for _, frame in got]
+    assert ids == [f"h{n}" for n in range(30)]
+    delays = sorted(at - upstream.sent_at[frame["data"]["id"]] for at, frame in got)
+    p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99)]
+    assert p50 <= 0.05 and p99 <= 0.15, (p50, p99)
+
+
+async def test_an_sse_reconnect_sends_last_event_id_and_a_replayed_item_is_not_published_again():
+    """The upstream drops the stream; the reconnect carries Last-Event-ID; the upstream replays
+    one old item and one new one, and only the new one is published."""
+    old, new = orjson.dumps(headline(1)).decode(), orjson.dumps(headline(2)).decode()
+    with PushUpstream() as upstream:
+        upstream.on_sse = lambda headers: [sse_frame(old, ident="1"), sse_frame(new, ident="2")] if "last-event-id" in headers else []
+        with Server(KEYS + push_block("sse", upstream.sse_url, reconnect_min=0.1, reconnect_max=0.2)) as server:
+            await wait_for(lambda: upstream.open_sse == 1, 10)
+            upstream.push(sse_frame(old, ident="1"))
+            await wait_for(lambda: status_of(server)["items_published"] == 1, 5)
+            upstream.drop()
+            await wait_for(lambda: status_of(server)["items_published"] == 2, 10)
+            history = get(f"{server.url}/api/events", params={"topics": "news.wire"}, headers=AUTH).json()
+            status = status_of(server)
+    assert upstream.sse_requests[1]["last-event-id"] == "1"
+    assert [event["data"]["id"] for event in history["events"]] == ["h1", "h2"]
+    assert status["reconnects"] == 1 and status["state"] == "connected"
+
+
+def kraken_like(upstream: PushUpstream) -> None:
+    """Kraken v2's documented shapes: a subscribe acked, a snapshot, then updates; heartbeats."""
+
+    def reply(text: str) -> list[str] | Close:
+        message = orjson.loads(text)
+        if message.get("method") != "subscribe":
+            return []
+        symbols = message["params"]["symbol"]
+        ack = {"method": "subscribe", "result": {"channel": "ticker", "symbol": symbols[0]}, "success": True}
+        data = [{"symbol": symbol, "bid": 100.0, "ask": 100.5, "last": 100.2} for symbol in symbols]
+        return [orjson.dumps(ack).decode(), orjson.dumps({"channel": "ticker", "type": "snapshot", "data": data}).decode()]
+
+    upstream.on_ws_message = reply
+
+
+def ticker(symbol: str, last: float) -> str:
+    return orjson.dumps({"channel": "ticker", "type": "update", "data": [{"symbol": symbol, "bid": last - 0.1, "ask": last + 0.1, "last": last}]}).decode()
+
+
+async def test_a_websocket_sends_auth_then_subscribe_with_the_environment_filled_in_and_where_keeps_control_out():
+    """The auth and subscribe messages reach the upstream in order, the environment value
+    substituted; control messages and heartbeats that `where` rejects publish nothing."""
+    block = push_block(
+        "websocket",
+        "UPSTREAM",
+        subscribe='[{ action = "auth", key = "${PUSH_TEST_KEY}", secret = "${PUSH_TEST_SECRET}" }, { action = "subscribe", news = ["*"] }]',
+        where='{ T = "n" }',
+        fields='{ title = "headline" }',
+    )
+    with PushUpstream() as upstream:
+        upstream.on_ws_connect = lambda path: [orjson.dumps([{"T": "success", "msg": "connected"}]).decode()]
+        env = {"PUSH_TEST_KEY": "key-4b1d9e", "PUSH_TEST_SECRET": "secret-77a0c3f9"}
+        with Server(KEYS + block.replace("UPSTREAM", upstream.ws_url), env=env) as server:
+            await wait_for(lambda: len(upstream.received) == 2, 10)
+            for _ in range(3):
+                upstream.push(orjson.dumps([{"T": "subscription", "news": ["*"]}]).decode())
+                upstream.push('{"T":"heartbeat"}')
+            news = {"T": "n", "id": 7, "headline": "Apple files an 8-K", "created_at": "2026-12-07T10:00:00Z", "symbols": ["AAPL"]}
+            upstream.push(orjson.dumps([news]).decode())
+            await wait_for(lambda: status_of(server)["items_published"] == 1, 5)
+            status = status_of(server)
+            providers_text = get(f"{server.url}/api/providers").text
+            log = server.output()
+    assert [orjson.loads(text) for text in upstream.received] == [
+        {"action": "auth", "key": "key-4b1d9e", "secret": "secret-77a0c3f9"},
+        {"action": "subscribe", "news": ["*"]},
+    ]
+    assert status["messages"] == 8 and status["items_skipped"] == 0, status
+    for secret in env.values():
+        assert secret not in log and secret not in providers_text
+
+
+async def test_a_websocket_that_answers_pings_but_sends_nothing_is_replaced_after_idle_timeout():
+    """The upstream answers pings and sends nothing: the provider reconnects within idle_timeout
+    plus its backoff, and `reconnects` counts it."""
+    block = push_block("websocket", "UPSTREAM", idle_timeout=0.5, reconnect_min=0.1, reconnect_max=0.2)
+    with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+        await wait_for(lambda: len(upstream.ws_requests) == 1, 10)
+        first = time.monotonic()
+        await wait_for(lambda: len(upstream.ws_requests) == 2, 5)
+        took = time.monotonic() - first
+        status = status_of(server)
+    assert 0.4 <= took <= 0.5 + 0.2 + 0.5, took  # idle_timeout + backoff ceiling + the supervisor's look (0.25 s) and slack
+    assert status["reconnects"] >= 1 and "idle" in status["last_error"], status
+    assert upstream.most_open_ws == 1
+
+
+async def test_oversized_non_json_and_id_less_messages_are_handled_and_the_server_stays_healthy():
+    """A message over max_message_bytes drops the connection (counted); a non-JSON message and an
+    item without an id are skipped and counted; the server stays healthy."""
+    block = push_block("websocket", "UPSTREAM", max_message_bytes=4096, reconnect_min=0.1, reconnect_max=0.2)
+    with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+        await wait_for(lambda: upstream.open_ws == 1, 10)
+        upstream.push("this is not JSON")
+        upstream.push(orjson.dumps({"title": "no id and no url"}).decode())
+        upstream.push(orjson.dumps(headline(1)).decode())
+        await wait_for(lambda: status_of(server)["items_published"] == 1, 5)
+        upstream.push(orjson.dumps({**headline(2), "summary": "x" * 8000}).decode())
+        await wait_for(lambda: len(upstream.ws_requests) == 2, 5)
+        await wait_for(lambda: upstream.open_ws == 1, 5)
+        upstream.push(orjson.dumps(headline(3)).decode())
+        await wait_for(lambda: status_of(server)["items_published"] == 2, 5)
+        status = status_of(server)
+        assert metric_now(server, 'stream_provider_oversized_messages_total{provider="wire"}') == 1
+        assert get(f"{server.url}/healthz").status_code == 200
+    assert status["items_skipped"] == 2 and "max_message_bytes" in status["last_error"], status
+    assert "Traceback" not in server.output()
+
+
+async def test_an_upstream_that_refuses_the_auth_is_failing_after_five_attempts_with_its_reason():
+    """An upstream refusing the auth, with an error message that `error` matches or with a close
+    code, makes the provider `failing` after 5 attempts with the upstream's reason in
+    last_error; it keeps probing at the backoff cadence."""
+    refusals = {
+        "message": lambda text: [orjson.dumps([{"T": "error", "code": 402, "msg": "auth failed"}]).decode()],
+        "close": lambda text: Close(4001, "invalid api key"),
+    }
+    for how, refuse in refusals.items():
+        block = push_block(
+            "websocket", "UPSTREAM", subscribe='[{ action = "auth", key = "wrong" }]', error='{ T = "error" }', reconnect_min=0.1, reconnect_max=0.2
+        )
+        with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+            upstream.on_ws_message = refuse
+            await wait_for(lambda: status_of(server)["state"] == "failing", 15)
+            failing = status_of(server)
+            probes = len(upstream.ws_requests) + 2
+            await wait_for(lambda: len(upstream.ws_requests) >= probes, 5)  # still probing  # noqa: B023
+        assert failing["consecutive_failures"] >= 5, (how, failing)
+        reason = "auth failed (code 402)" if how == "message" else "code 4001: invalid api key"
+        assert reason in failing["last_error"], (how, failing)
+
+
+async def test_a_ticker_over_websocket_retains_values_per_key_and_publishes_only_changes():
+    """format = "snapshot" over WebSocket (Kraken v2's ticker shapes): the snapshot on subscribe
+    primes the retained values, only changed values are published, unchanged ones are not."""
+    block = push_block(
+        "websocket",
+        "UPSTREAM",
+        name="kraken",
+        format="snapshot",
+        subscribe='[{ method = "subscribe", params = { channel = "ticker", symbol = ["BTC/USD", "ETH/USD"] } }]',
+        where='{ channel = "ticker" }',
+        split="data",
+        key="symbol",
+        topic="ticker.{key}",
+    )
+    with PushUpstream() as upstream:
+        kraken_like(upstream)
+        with Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+            await wait_for(lambda: status_of(server, "kraken")["messages"] >= 2, 10)
+            topics = get(f"{server.url}/api/topics").json()
+            upstream.push(ticker("BTC/USD", 101.0))
+            upstream.push('{"channel":"heartbeat"}')
+            upstream.push(ticker("BTC/USD", 101.0))  # unchanged
+            upstream.push(ticker("ETH/USD", 99.0))
+            await wait_for(lambda: status_of(server, "kraken")["items_published"] == 2, 5)
+            async with connect(server.ws_url) as socket:
+                await socket.send(orjson.dumps({"op": "subscribe", "topics": ["ticker.*"], "snapshot": True}).decode())
+                frames = [orjson.loads(await asyncio.wait_for(socket.recv(), 5)) for _ in range(4)]
+    retained = {entry["topic"] for entry in (topics["topics"] if isinstance(topics, dict) else topics)}
+    assert {"ticker.BTC_USD", "ticker.ETH_USD"} <= retained, topics
+    snapshot = {frame["topic"]: frame["data"]["last"] for frame in frames if frame.get("type") == "event"}
+    assert snapshot == {"ticker.BTC_USD": 101.0, "ticker.ETH_USD": 99.0}, frames
+
+
+async def test_the_lag_histogram_counts_every_pushed_item_with_a_published_time():
+    """stream_provider_lag_seconds counts every pushed item that has a `published` time (not the
+    one without), and an item months old lands in +Inf only."""
+    with PushUpstream() as upstream, Server(KEYS + push_block("sse", upstream.sse_url)) as server:
+        await wait_for(lambda: upstream.open_sse == 1, 10)
+        for n in range(5):
+            upstream.push(sse_frame(orjson.dumps(headline(n)).decode()))
+        upstream.push(sse_frame(orjson.dumps({"id": "undated", "title": "No time"}).decode()))
+        upstream.push(sse_frame(orjson.dumps(headline(9, published=time.time() - 90 * 86400)).decode()))
+        await wait_for(lambda: status_of(server)["items_published"] == 7, 5)
+        count = metric_now(server, 'stream_provider_lag_seconds_count{provider="wire"}')
+        within_an_hour = metric_now(server, 'stream_provider_lag_seconds_bucket{le="3600.0",provider="wire"}')
+    assert count == 6 and within_an_hour == 5
