@@ -37,7 +37,11 @@ async def test_stream_serve_with_no_config_shows_quotes_and_headlines():
     assert headline["title"] and headline["symbols"] and headline["provider"].startswith("demo-")
     assert wanted <= set(topics)
     assert all(orjson.loads(event.data)["topic"] for event in live)
-    assert {p["name"]: p["state"] for p in providers} == {"demo-quotes": "ok", "demo-newswire": "ok", "demo-markets": "ok"}
+    assert {p["name"]: (p["kind"], p["state"]) for p in providers} == {
+        "demo-quotes": ("websocket", "connected"),
+        "demo-newswire": ("sse", "connected"),
+        "demo-markets": ("websocket", "connected"),
+    }
     assert all({"AAPL", "MSFT", "NVDA", "TSLA"} & set(h["data"]["symbols"]) for h in filtered)
     assert quote["data"]["symbol"] == "AAPL" and quote["data"]["price"] > 0
     assert article.status_code == 200 and headline["title"].split(" ")[0] in article.text

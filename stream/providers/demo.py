@@ -81,9 +81,7 @@ class DemoMarket:
         self.run = f"{self.rng.getrandbits(24):06x}"
         # The market opened a minute ago, so a first look already has a minute of headlines.
         self.quotes_at = math.floor(now) - 60
-        self.book = {
-            symbol: _Quote(symbol, name, price, price, vol) for symbol, (name, price, vol) in COMPANIES.items()
-        }
+        self.book = {symbol: _Quote(symbol, name, price, price, vol) for symbol, (name, price, vol) in COMPANIES.items()}
         self.headlines: dict[str, list[dict[str, Any]]] = {wire: [] for wire in WIRES}
         self.counters = {wire: 0 for wire in WIRES}
         self.next_at = {wire: self.quotes_at + self.rng.uniform(0, 4) for wire in WIRES}
@@ -167,21 +165,52 @@ class DemoMarket:
     # -- documents ------------------------------------------------------------------------
 
     def quotes(self, now: float) -> bytes:
+        return orjson.dumps(self.quote_values(now))
+
+    def quote_values(self, now: float) -> dict[str, dict[str, Any]]:
         self.advance(now)
-        return orjson.dumps(
-            {
-                q.symbol: {
-                    "symbol": q.symbol,
-                    "name": q.name,
-                    "price": round(q.price, 2),
-                    "open": round(q.open, 2),
-                    "change": round(q.price - q.open, 2),
-                    "change_pct": round((q.price / q.open - 1) * 100, 3),
-                    "symbols": [q.symbol],
-                }
-                for q in self.book.values()
+        return {
+            q.symbol: {
+                "symbol": q.symbol,
+                "name": q.name,
+                "price": round(q.price, 2),
+                "open": round(q.open, 2),
+                "change": round(q.price - q.open, 2),
+                "change_pct": round((q.price / q.open - 1) * 100, 3),
+                "symbols": [q.symbol],
             }
-        )
+            for q in self.book.values()
+        }
+
+    # -- pushed (/demo/stream, /demo/ws) ----------------------------------------------------
+
+    def numbers(self) -> dict[str, int]:
+        """Per wire, the number of its latest headline: where a push stream stands."""
+        return dict(self.counters)
+
+    def pushed_since(self, after: dict[str, int], now: float, base_url: str) -> list[dict[str, Any]]:
+        """The headlines written after ``after`` (per wire, a headline number), oldest first, as
+        push messages: ``{"type": "headline", "wire": …, "id", "title", "url", "published", …}``."""
+        self.advance(now)
+        messages = []
+        for wire, history in self.headlines.items():
+            for item in reversed(history):
+                if int(item["id"].rsplit("-", 1)[1]) > after.get(wire, 0):
+                    messages.append(
+                        {
+                            "type": "headline",
+                            "wire": wire,
+                            "id": item["id"],
+                            "title": item["title"],
+                            "url": base_url + item["path"],
+                            "published": item["published"].isoformat().replace("+00:00", "Z"),
+                            "summary": item["summary"],
+                            "symbols": item["symbols"],
+                            "source": WIRES[wire],
+                        }
+                    )
+        messages.sort(key=lambda message: message["published"])
+        return messages
 
     def latest_id(self, wire: str, now: float) -> str:
         self.advance(now)
@@ -194,7 +223,7 @@ class DemoMarket:
         for item in self.headlines["newswire"]:
             categories = "".join(f"<category>{escape(s)}</category>" for s in item["symbols"])
             items.append(
-                f"<item><guid isPermaLink=\"false\">{escape(item['id'])}</guid>"
+                f'<item><guid isPermaLink="false">{escape(item["id"])}</guid>'
                 f"<title>{escape(item['title'])}</title><link>{escape(base_url + item['path'])}</link>"
                 f"<pubDate>{format_datetime(item['published'], usegmt=True)}</pubDate>"
                 f"<description>{escape(item['summary'])}</description>{categories}</item>"
@@ -240,4 +269,6 @@ def parse_demo(body: bytes, provider: ProviderSettings, *, content_type: str | N
         return parse_snapshot(body, provider.model_copy(update={"split": provider.split or ""}))
     if provider.url == "/demo/news.rss":
         return parse_feed(body, provider, content_type=content_type, location=location, symbols_from_tags=True)
-    return parse_json(body, provider.model_copy(update={"items": provider.items or "items", "source": provider.source or WIRES["markets"]}))
+    return parse_json(
+        body, provider.model_copy(update={"items": provider.items or "items", "source": provider.source or WIRES["markets"]})
+    )

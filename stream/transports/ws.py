@@ -39,8 +39,10 @@ from ..auth import Principal, bearer_token
 from ..errors import BadRequest, RateLimited, StreamError, Unauthorized, Unavailable
 from ..hub import Subscriber
 from ..limits import Admission, TokenBucket
+from ..providers import DemoMarket
 from ..runtime import Runtime
 from . import ws_ops
+from .demo import demo_feed
 from .params import check_origin
 from .stall import StallWatch, drop, drop_stalled, peer_gone
 
@@ -53,6 +55,7 @@ _protocol_log = logging.getLogger("stream.ws.protocol")
 _protocol_log.setLevel(logging.WARNING)
 
 PATH = "/ws"
+DEMO_PATH = "/demo/ws"
 VERSION = 1
 # Replies and snapshots bypass the subscriber's event buffer; past this much unread output the
 # client is treated as a slow consumer.
@@ -80,6 +83,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.loop = _loop or asyncio.get_event_loop()
         self.runtime: Runtime | None = app_state.get("stream")
+        self.market: DemoMarket | None = app_state.get("demo")
         max_size = self.runtime.settings.server.max_frame_bytes if self.runtime else 64 * 1024
         self.conn = ServerProtocol(max_size=max_size, logger=_protocol_log)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -335,6 +339,9 @@ class WebSocketProtocol(asyncio.Protocol):
         if runtime is None:
             self._reject(Unavailable("the server is starting; retry in a moment"), request.path)
             return
+        if path == DEMO_PATH and self.market is not None:
+            self._serve_demo(response, request)
+            return
         if path != PATH:
             self._reject(StreamError(f"no WebSocket endpoint at {path!r}; use {PATH}", code="not_found"), request.path, 404)
             return
@@ -394,6 +401,35 @@ class WebSocketProtocol(asyncio.Protocol):
             # after the handshake returns, and until then flow control (pause_writing) would go
             # to the HTTP protocol, unheard by this connection's subscriber.
             self.loop.call_soon(self._subscribe_from_query, params)
+
+    def _serve_demo(self, response: Response, request: Request) -> None:
+        """``/demo/ws``: the demo market pushed (transports/demo.py). What it is sent is ignored;
+        its pings count against the op rate like any socket's."""
+        assert self.runtime is not None and self.market is not None
+        self.conn.send_response(response)
+        self._flush()
+        self._log_access(request.path, 101)
+        self.write = self.transport.write
+        if self.runtime.sockets.admission(self.transport) is Admission.OVER:
+            self.close(TRY_AGAIN, "over_capacity")
+            return
+        server = self.runtime.settings.server
+        self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
+        self.tolerance = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
+        self._schedule_ping()
+        task = self.loop.create_task(self._push_demo(self.market, f"http://{request.headers.get('Host', '127.0.0.1')}"))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _push_demo(self, market: DemoMarket, base_url: str) -> None:
+        async for _, message, _ in demo_feed(market, base_url):
+            if self.conn.state is not OPEN:
+                return
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
+                self.overflowed()
+                return
+            self.conn.send_text(orjson.dumps(message or {"type": "heartbeat"}))
+            self._flush()
 
     def _subscribe_from_query(self, params: dict[str, str]) -> None:
         if self.conn.state is OPEN and self.sub is not None:
