@@ -52,7 +52,7 @@ log = logging.getLogger("stream.push")
 
 FAILING_AFTER = 5  # failed connection attempts in a row
 WATCH_EVERY = 0.25  # seconds between the supervisor's looks at the lease and the idle clock
-SAVE_EVERY = 1.0  # seconds: dedup memory and resume point are saved at most this often while connected
+SAVE_EVERY = 1.0  # seconds: dedup memory, resume point and status are saved this often while connected (if changed)
 PING_INTERVAL = PING_TIMEOUT = 20.0  # websocket protocol pings (SPEC §7a)
 YIELD_EVERY = 16  # messages read in a row before the reader lets other tasks run
 _SECRET_NAME = re.compile(r"key|secret|token|pass|auth|sig|cred", re.IGNORECASE)
@@ -119,6 +119,7 @@ class Pusher(Intake):
         self._last_byte = time.monotonic()
         self._had_data = False  # this connection delivered a data message
         self._saved_at = 0.0
+        self._saved_messages = 0  # messages counted at the last save
         self._secrets.extend(_secrets_in(provider.subscribe))
 
     # -- the loop -------------------------------------------------------------------------
@@ -190,6 +191,10 @@ class Pusher(Intake):
             if time.monotonic() - self._last_byte > idle:
                 reader.cancel()
                 raise UpstreamError("idle", f"no message for {idle:g} s (idle_timeout); reconnecting")
+            if time.monotonic() - self._saved_at >= SAVE_EVERY and (self.dirty or self.messages != self._saved_messages):
+                # Dedup memory, resume point and status for the next holder and the other nodes.
+                self._saved_at, self._saved_messages = time.monotonic(), self.messages
+                await self._persist()
 
     # -- SSE ------------------------------------------------------------------------------
 
@@ -329,9 +334,6 @@ class Pusher(Intake):
         if message.error is not None:
             self._had_data = False  # an upstream error is a failed attempt, whatever came before
             raise UpstreamError("upstream_error", f"the upstream said: {self._clean(message.error)}")
-        if self.dirty and time.monotonic() - self._saved_at >= SAVE_EVERY:
-            self._saved_at = time.monotonic()
-            await self._persist()
 
     async def _accept(self, items: list[Any]) -> None:
         self._note_times(items)

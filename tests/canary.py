@@ -55,6 +55,7 @@ class _State:
         self.subscribed = asyncio.Event()
         self.publishing_stopped: float | None = None
         self.published: list[int] = []
+        self.sent_at: dict[int, float] = {}  # n -> when its publish was sent (monotonic)
         self.publish_failures = 0
         self.max_loop_lag_s = 0.0
         self.max_publish_s = 0.0
@@ -73,6 +74,7 @@ class _State:
         if times and self.publishing_stopped is not None and self.publishing_stopped > times[-1]:
             gaps.append(self.publishing_stopped - times[-1])  # a stall at the very end counts too
         missing = sorted(set(self.published) - set(numbers))
+        delays = sorted(at - self.sent_at[n] for n, at in self.received if n in self.sent_at)
         return {
             "published": len(self.published),
             "received": len(numbers),
@@ -80,6 +82,8 @@ class _State:
             "missing_count": len(missing),
             "duplicates": len(numbers) - len(set(numbers)),
             "max_gap_s": round(max(gaps, default=0.0), 3),
+            # Publish sent -> event received, 90th percentile: what a subscriber waits.
+            "p90_delay_s": round(delays[int(len(delays) * 0.9)], 3) if delays else None,
             "max_healthz_s": round(self.max_health_s, 3),
             "healthz_checks": self.health_checks,
             "healthz_failures": self.health_failures,
@@ -122,6 +126,7 @@ async def _publish(url: str, key: str, state: _State, stop: asyncio.Event) -> No
         n = 0
         while not stop.is_set():
             begin = time.monotonic()
+            state.sent_at[n] = begin
             try:
                 response = await http.post(f"{url}/api/publish", json={"topic": TOPIC, "data": {"n": n}}, headers=headers)
                 if response.status_code == 202:

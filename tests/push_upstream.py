@@ -19,6 +19,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,32 @@ class PushUpstream:
                 await asyncio.gather(*(socket.send(payload) for socket in list(self._sockets)), return_exceptions=True)
 
         self._call(send)
+
+    def flood(self, make: Callable[[int], bytes | str], seconds: float) -> Future[int]:
+        """Send ``make(n)`` for n = 0, 1, … as fast as the links take it, for ``seconds``, to every
+        open SSE stream (bytes) or WebSocket (str); returns at once, with the future of the count sent."""
+
+        async def flood() -> int:
+            deadline = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < deadline:
+                payload = make(n)
+                if not (self._streams if isinstance(payload, bytes) else self._sockets):
+                    await asyncio.sleep(0.01)  # none open now: wait for the client to come back
+                    continue
+                if isinstance(payload, bytes):
+                    for writer in list(self._streams):
+                        writer.write(payload)
+                        try:
+                            await writer.drain()
+                        except ConnectionError:
+                            self._streams.discard(writer)  # the client dropped it: flood the next one
+                else:
+                    await asyncio.gather(*(socket.send(payload) for socket in list(self._sockets)), return_exceptions=True)
+                n += 1
+            return n
+
+        return asyncio.run_coroutine_threadsafe(flood(), self.loop)
 
     def drop(self) -> None:
         """End every SSE stream (a clean close of the connection)."""

@@ -12,8 +12,10 @@ import httpx
 import orjson
 from websockets.asyncio.client import connect
 
+from .canary import Canary
 from .push_upstream import Close, PushUpstream, sse_frame
 from .support import AUTH, KEYS, Server, metric_now, wait_for
+from .test_scaleout import Cluster, cluster_config
 
 
 def push_block(kind: str, url: str, name: str = "wire", **settings: Any) -> str:
@@ -243,3 +245,62 @@ async def test_the_lag_histogram_counts_every_pushed_item_with_a_published_time(
         count = metric_now(server, 'stream_provider_lag_seconds_count{provider="wire"}')
         within_an_hour = metric_now(server, 'stream_provider_lag_seconds_bucket{le="3600.0",provider="wire"}')
     assert count == 6 and within_an_hour == 5
+
+
+async def test_two_nodes_hold_one_upstream_connection_and_a_takeover_republishes_nothing(redis_server):
+    """Two nodes on a real Redis: the upstream sees one connection at a time; SIGKILL the holder
+    and the other node connects within 2 × lease_ttl; the new connection's replay of what the
+    upstream sent before publishes nothing twice."""
+    sent: list[str] = []
+    with PushUpstream() as upstream:
+        upstream.on_ws_connect = lambda path: list(sent)  # like many upstreams: the latest items first
+        config = cluster_config(redis_server.url, push_block("websocket", upstream.ws_url, reconnect_min=0.1, reconnect_max=0.2))
+        with Cluster([Server(config), Server(config)]) as servers:
+            await wait_for(lambda: upstream.open_ws == 1 and all(status_of(s)["node"] for s in servers), 15)
+            for n in range(5):
+                sent.append(orjson.dumps(headline(n)).decode())
+                upstream.push(sent[-1])
+            await wait_for(lambda: all(status_of(s)["items_published"] == 5 for s in servers), 10)
+            holder_pid = int(status_of(servers[0])["node"].split(":")[1])
+            holder = next(s for s in servers if s.proc.pid == holder_pid)
+            other = next(s for s in servers if s is not holder)
+            holder.proc.kill()
+            killed = time.monotonic()
+            await wait_for(lambda: len(upstream.ws_requests) == 2 and upstream.open_ws == 1, 10)
+            took = time.monotonic() - killed
+            for n in range(5, 8):
+                sent.append(orjson.dumps(headline(n)).decode())
+                upstream.push(sent[-1])
+            await wait_for(lambda: status_of(other)["items_published"] >= 3, 10)
+            events = get(f"{other.url}/api/events", params={"topics": "news.wire", "limit": 100}, headers=AUTH).json()["events"]
+    assert upstream.most_open_ws == 1
+    assert took <= 2 * 2.0, took  # lease_ttl is 2 s in cluster_config
+    assert [event["data"]["id"] for event in events] == [f"h{n}" for n in range(8)]
+
+
+async def test_a_hostile_upstream_neither_stalls_the_loop_nor_grows_memory():
+    """An upstream sending as fast as it can (a WebSocket of unique headlines), and one sending one
+    endless SSE message, hold neither the loop nor memory: a canary subscriber's publish →
+    receive p90 stays ≤ 250 ms, items past max_items_per_second are dropped and counted, the
+    endless message drops its connection (max_message_bytes), and RSS stays bounded."""
+    flood_block = push_block("websocket", "UPSTREAM", name="flood", max_items_per_second=200)
+    endless_block = push_block("sse", "SSE_UPSTREAM", name="endless", max_message_bytes=65536, reconnect_min=0.1, reconnect_max=0.2)
+    with PushUpstream() as upstream:
+        config = KEYS + flood_block.replace("UPSTREAM", upstream.ws_url) + endless_block.replace("SSE_UPSTREAM", upstream.sse_url)
+        with Server(config) as server:
+            await wait_for(lambda: upstream.open_ws == 1 and upstream.open_sse == 1, 10)
+            with Canary(server) as canary:
+                floods = [
+                    upstream.flood(lambda n: orjson.dumps({**headline(n), "summary": "x" * 500}).decode(), 5),
+                    upstream.flood(lambda n: b"data: " + b"y" * 16384, 5),  # one line, never ended
+                ]
+                sent = await asyncio.gather(*(asyncio.wrap_future(flood) for flood in floods))
+            oversized = metric_now(server, 'stream_provider_oversized_messages_total{provider="endless"}')
+            dropped = metric_now(server, 'stream_provider_items_dropped_total{provider="flood"}')
+            flood, endless = status_of(server, "flood"), status_of(server, "endless")
+    report = canary.report
+    assert report["p90_delay_s"] is not None and report["p90_delay_s"] <= 0.25, report
+    canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
+    assert flood["messages"] > 2000 and dropped > 0, (sent, flood)
+    assert flood["items_published"] <= 200 * (1 + 10), flood  # the burst plus 200/s for ≤ 10 s
+    assert oversized >= 2 and "max_message_bytes" in endless["last_error"], endless
