@@ -252,3 +252,60 @@ def test_demo_stories_fit_their_price_moves_and_differ_between_the_wires():
         assert reason in ((CRYPTO_UP_REASONS if crypto else UP_REASONS) if up else (CRYPTO_DOWN_REASONS if crypto else DOWN_REASONS)), title
     assert not any("$" in title or "Bitcoin" in title for title in newswire)
     assert not set(markets) & set(newswire)
+
+
+def push_provider(**settings) -> ProviderSettings:
+    return ProviderSettings(name="p", kind=settings.pop("kind", "websocket"), url="wss://upstream/x", **settings)
+
+
+def test_a_push_message_is_data_control_or_error_and_an_array_is_a_batch():
+    """`where` picks the data elements of a batch, `error` the upstream's errors (with its text and
+    code), everything else is control; a message that is not JSON is skipped and counted."""
+    from stream.providers.push import read_message
+
+    provider = push_provider(where={"T": "n"}, error={"T": "error"}, fields={"title": "headline"})
+    batch = [
+        {"T": "success", "msg": "connected"},
+        {"T": "n", "id": 1, "headline": "Apple files an 8-K", "created_at": "2026-12-07T10:00:00Z", "symbols": ["AAPL"]},
+        {"T": "n", "headline": "no id"},
+        {"T": "error", "code": 402, "msg": "auth failed"},
+    ]
+    message = read_message(orjson.dumps(batch), provider)
+    assert (message.data, message.control, message.error) == (2, 1, "auth failed (code 402)")
+    [item] = message.parsed.items
+    assert item.key == "1" and item.data["title"] == "Apple files an 8-K" and item.published == 1796637600.0
+    assert message.parsed.skipped == 1
+    garbage = read_message(b"<html>", provider)
+    assert garbage.parsed.skipped == 1 and garbage.data == garbage.control == 0
+
+
+def test_a_pushed_snapshot_is_split_by_key_and_the_resume_field_is_kept():
+    """format = "snapshot": each entry of `split` is a value on its own topic; the last value of
+    the resume field in a data message is what the next connection resumes from."""
+    from stream.providers.push import read_message
+
+    provider = push_provider(
+        format="snapshot", where={"channel": "ticker"}, split="data", key="symbol", topic="ticker.{key}", resume={"param": "cursor", "field": "seq"}
+    )
+    frame = {"channel": "ticker", "seq": 42, "data": [{"symbol": "BTC/USD", "last": 1.0}, {"symbol": "ETH/USD", "last": 2.0}]}
+    message = read_message(orjson.dumps(frame), provider)
+    assert [(item.key, item.topic, item.data["last"]) for item in message.parsed.items] == [
+        ("BTC/USD", "ticker.BTC_USD", 1.0),
+        ("ETH/USD", "ticker.ETH_USD", 2.0),
+    ]
+    assert message.resume == 42
+    heartbeat = read_message(b'{"channel":"heartbeat"}', provider)
+    assert heartbeat.control == 1 and heartbeat.resume is None and not heartbeat.parsed.items
+
+
+def test_reconnect_delays_are_full_jitter_up_to_the_ceiling():
+    """From 0 to reconnect_min doubled per step, never past reconnect_max."""
+    import random
+
+    from stream.push import reconnect_delay
+
+    rng = random.Random(1)
+    for step in range(12):
+        delays = [reconnect_delay(1.0, 300.0, step, rng) for _ in range(200)]
+        ceiling = min(300.0, 2.0**step)
+        assert 0 <= min(delays) and max(delays) <= ceiling and max(delays) > ceiling * 0.8

@@ -304,3 +304,34 @@ async def test_a_hostile_upstream_neither_stalls_the_loop_nor_grows_memory():
     assert flood["messages"] > 2000 and dropped > 0, (sent, flood)
     assert flood["items_published"] <= 200 * (1 + 10), flood  # the burst plus 200/s for ≤ 10 s
     assert oversized >= 2 and "max_message_bytes" in endless["last_error"], endless
+
+
+async def test_secrets_substituted_into_subscribe_appear_in_no_log_error_or_status():
+    """An upstream that echoes the key it was sent, in an error message and in a close reason:
+    the key and secret filled into `subscribe` from the environment appear in no log line, no
+    last_error, and nowhere in /api/providers or /metrics."""
+    env = {"PUSH_TEST_KEY": "key-4b1d9e", "PUSH_TEST_SECRET": "secret-77a0c3f9"}
+    block = push_block(
+        "websocket",
+        "UPSTREAM",
+        subscribe='[{ action = "auth", key = "${PUSH_TEST_KEY}", secret = "${PUSH_TEST_SECRET}" }]',
+        error='{ T = "error" }',
+        reconnect_min=0.1,
+        reconnect_max=0.2,
+    )
+    echoes = [
+        lambda text: [orjson.dumps([{"T": "error", "msg": f"auth failed for {text}"}]).decode()],
+        lambda text: Close(4001, f"bad key {orjson.loads(text)['key']} / {orjson.loads(text)['secret']}"),
+    ]
+    with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url), env=env) as server:
+        errors = []
+        for echo in echoes:
+            upstream.on_ws_message = echo
+            seen = len(upstream.received)
+            await wait_for(lambda: len(upstream.received) >= seen + 2, 10)  # noqa: B023
+            errors.append(status_of(server)["last_error"])
+        exposed = get(f"{server.url}/api/providers").text + get(f"{server.url}/metrics").text
+        log = server.output()
+    assert "auth failed for" in errors[0] and "bad key" in errors[1], errors
+    for secret in env.values():
+        assert not any(secret in text for text in [*errors, exposed, log]), secret

@@ -98,3 +98,32 @@ def test_unreadable_and_invalid_files_are_one_clear_problem(tmp_path):
         load_settings(tmp_path / "missing.toml", env={})
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[server\n"), env={})
+
+
+def test_push_providers_fill_the_environment_into_subscribe_and_refuse_settings_of_other_kinds(tmp_path):
+    """`${VAR}` inside subscribe's string values (nested too) comes from the environment; an unset
+    one, a poll-only setting on a push kind, a push-only setting on a polled kind and a URL of the
+    wrong scheme are each one problem naming the key."""
+    good = write(
+        tmp_path,
+        '[[providers]]\nname = "a"\nkind = "websocket"\nurl = "wss://h/x"\n'
+        'subscribe = [{ action = "auth", creds = { key = "${K}" } }, "raw ${K}"]\nidle_timeout = 0.5\n',
+    )
+    [provider] = load_settings(good, env={"K": "k-123456"}).providers
+    assert provider.subscribe == ({"action": "auth", "creds": {"key": "k-123456"}}, "raw k-123456")
+    assert provider.idle_timeout == 0.5 and provider.push and provider.headlines
+    bad = write(
+        tmp_path,
+        '[[providers]]\nname = "a"\nkind = "websocket"\nurl = "wss://h/x"\nsubscribe = [{ key = "${UNSET}" }]\n'
+        '[[providers]]\nname = "b"\nkind = "sse"\nurl = "https://h/s"\ninterval = 5\n'
+        '[[providers]]\nname = "c"\nkind = "json"\nurl = "https://h/j"\nidle_timeout = 5\n'
+        '[[providers]]\nname = "d"\nkind = "websocket"\nurl = "https://h/w"\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad, env={})
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("providers[0].subscribe") and "UNSET" in problems[0]
+    assert problems[1].startswith("providers[1]") and "interval: not a setting of a sse provider" in problems[1]
+    assert problems[2].startswith("providers[2]") and "idle_timeout: only push providers" in problems[2]
+    assert problems[3].startswith("providers[3].url") and "ws://" in problems[3]
