@@ -85,7 +85,7 @@ async def _get(
 ) -> Fetched:
     """GET with conditional headers, following redirects by hand: configured headers (API
     keys) go to the configured origin only, and https is never downgraded to http."""
-    url = httpx.URL(url_text, params=dict(provider.params))
+    url = httpx.URL(url_text).copy_merge_params(dict(provider.params))  # the query in `url` stays; params add to it
     origin = (url.scheme, url.host, url.port)
     for _ in range(MAX_REDIRECTS + 1):
         headers = {"Accept-Encoding": "gzip, deflate"}

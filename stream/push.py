@@ -211,6 +211,7 @@ class Pusher(Intake):
                         self.client.stream("GET", self.url, params=dict(provider.params), headers=headers, timeout=timeout)
                     )
                 self._check_answer(response)
+                self._opened()
                 response.stream = _Watched(response.stream, self)  # raw bytes: liveness and size, before parsing
                 source = EventSource(response)
                 async for event in source.aiter_sse():
@@ -272,6 +273,7 @@ class Pusher(Intake):
             raise UpstreamError("connect", f"handshake failed ({self._clean(str(exc))})") from None
         except OSError as exc:
             raise UpstreamError("connect", f"cannot connect ({exc.strerror or type(exc).__name__})") from None
+        self._opened()
         try:
             await self._subscribe(socket)
             count = 0
@@ -296,7 +298,7 @@ class Pusher(Intake):
             await socket.send(message if isinstance(message, str) else orjson.dumps(message).decode())
 
     def _websocket_url(self) -> str:
-        url = httpx.URL(self.url, params=dict(self.provider.params))
+        url = httpx.URL(self.url).copy_merge_params(dict(self.provider.params))  # the query in `url` stays
         resume = self.provider.resume
         if resume is not None and self.cursor is not None:
             url = url.copy_merge_params({resume.param: str(self.cursor)})
@@ -304,13 +306,15 @@ class Pusher(Intake):
 
     # -- messages -------------------------------------------------------------------------
 
+    def _opened(self) -> None:
+        """The upstream accepted the connection (its 2xx head, or the WebSocket handshake)."""
+        self.connected_since = self.clock()
+        self._set(PushState.CONNECTED)
+
     async def _take(self, raw: str | bytes | None) -> None:
         """One message (None: an event type that carries no data, still a sign of life)."""
         self.messages += 1
         self.last_message = self.clock()
-        if self.state is PushState.CONNECTING:
-            self.connected_since = self.clock()
-            self._set(PushState.CONNECTED)
         if raw is None:
             return
         message = read_message(raw, self.provider)
@@ -365,7 +369,9 @@ class Pusher(Intake):
 
     def _dropped(self, exc: UpstreamError, lasted: float) -> float:
         """The link ended with ``exc``: a failed attempt unless it had delivered data."""
-        self.reconnects += 1
+        if self.connected_since is not None:
+            self.reconnects += 1  # an open connection ended (a refused attempt is no reconnect)
+            self.connected_since = None
         self.outcomes[exc.kind] = self.outcomes.get(exc.kind, 0) + 1
         if lasted >= self.provider.idle_timeout and self._had_data:
             self._step = 0  # it stayed up: start the backoff again from the bottom

@@ -188,12 +188,13 @@ async def test_an_upstream_that_refuses_the_auth_is_failing_after_five_attempts_
         block = push_block(
             "websocket", "UPSTREAM", subscribe='[{ action = "auth", key = "wrong" }]', error='{ T = "error" }', reconnect_min=0.1, reconnect_max=0.2
         )
-        with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+        with PushUpstream() as upstream:
             upstream.on_ws_message = refuse
-            await wait_for(lambda: status_of(server)["state"] == "failing", 15)
-            failing = status_of(server)
-            probes = len(upstream.ws_requests) + 2
-            await wait_for(lambda: len(upstream.ws_requests) >= probes, 5)  # still probing  # noqa: B023
+            with Server(KEYS + block.replace("UPSTREAM", upstream.ws_url)) as server:
+                await wait_for(lambda: status_of(server)["state"] == "failing", 15)
+                failing = status_of(server)
+                probes = len(upstream.ws_requests) + 2
+                await wait_for(lambda: len(upstream.ws_requests) >= probes, 5)  # still probing  # noqa: B023
         assert failing["consecutive_failures"] >= 5, (how, failing)
         reason = "auth failed (code 402)" if how == "message" else "code 4001: invalid api key"
         assert reason in failing["last_error"], (how, failing)
@@ -323,14 +324,16 @@ async def test_secrets_substituted_into_subscribe_appear_in_no_log_error_or_stat
         lambda text: [orjson.dumps([{"T": "error", "msg": f"auth failed for {text}"}]).decode()],
         lambda text: Close(4001, f"bad key {orjson.loads(text)['key']} / {orjson.loads(text)['secret']}"),
     ]
-    with PushUpstream() as upstream, Server(KEYS + block.replace("UPSTREAM", upstream.ws_url), env=env) as server:
-        errors = []
-        for echo in echoes:
-            upstream.on_ws_message = echo
-            seen = len(upstream.received)
-            await wait_for(lambda: len(upstream.received) >= seen + 2, 10)  # noqa: B023
-            errors.append(status_of(server)["last_error"])
-        exposed = get(f"{server.url}/api/providers").text + get(f"{server.url}/metrics").text
+    with PushUpstream() as upstream:
+        upstream.on_ws_message = echoes[0]  # before the server starts: its first auth gets an answer
+        with Server(KEYS + block.replace("UPSTREAM", upstream.ws_url), env=env) as server:
+            errors = []
+            for echo in echoes:
+                upstream.on_ws_message = echo
+                seen = len(upstream.received)
+                await wait_for(lambda: len(upstream.received) >= seen + 2, 10)  # noqa: B023
+                errors.append(status_of(server)["last_error"])
+            exposed = get(f"{server.url}/api/providers").text + get(f"{server.url}/metrics").text
         log = server.output()
     assert "auth failed for" in errors[0] and "bad key" in errors[1], errors
     for secret in env.values():

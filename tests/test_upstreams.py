@@ -279,3 +279,20 @@ async def test_first_poll_of_a_snapshot_provider_primes_retained_values_without_
         await poller.poll_once()
     assert [(event.topic, event.data) for event in hub.store.history] == [("quotes.MSFT", {"price": 411.0})]
     assert hub.store.retained["quotes.AAPL"].data == {"price": 228.0}
+
+
+async def test_the_query_written_in_the_url_is_kept_and_params_add_to_it(upstream):
+    """A provider's url may carry its own query (EDGAR's ?action=getcurrent&type=8-K): it reaches
+    the upstream whole, with `params` added to it, not replaced by them."""
+    queries: list[str] = []
+
+    def answer(request, hit):
+        queries.append(request.url.query)
+        return Response(HEALTHY, media_type="application/json")
+
+    url = upstream.route("/search", answer) + "?action=getcurrent&type=8-K"
+    hub = Hub()
+    async with httpx.AsyncClient() as client:
+        poller = make(upstream, hub, client, url, params={"key": "k-123"})
+        await poller.poll_once()
+    assert queries == ["action=getcurrent&type=8-K&key=k-123"]
