@@ -86,10 +86,18 @@ def test_the_example_providers_are_valid_config(tmp_path):
     switched_on = "\n".join(line[2:] if (line.startswith("# ") and "=" in line) or line.startswith("# [[") else line for line in example.read_text().splitlines())
     path = tmp_path / "all.toml"
     path.write_text(switched_on)
-    env = {"PATH": "/usr/bin:/bin", "NEWSAPI_KEY": "k" * 32, "EODHD_API_KEY": "e" * 16, "FINNHUB_API_KEY": "f" * 20}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NEWSAPI_KEY": "k" * 32,
+        "EODHD_API_KEY": "e" * 16,
+        "FINNHUB_API_KEY": "f" * 20,
+        "ALPACA_KEY_ID": "a" * 20,
+        "ALPACA_SECRET_KEY": "s" * 40,
+        "MASTODON_TOKEN": "m" * 43,
+    }
     result = run("check", "--config", str(path), env=env)
     assert result.returncode == 0, result.stdout
-    assert "7 provider(s)" in result.stdout
+    assert "16 provider(s)" in result.stdout
 
 
 def test_pretty_lines_for_headlines_quotes_and_anything_else():
