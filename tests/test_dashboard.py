@@ -1,20 +1,22 @@
 """The dashboard (static/) in a real headless Chromium, driven by Playwright, against a real
-server polling the demo market: live data, the filter, the connection badge across a server
-restart, no lost events, no console errors, usable at phone width. Saves a screenshot."""
+server taking in the demo market: live data, the filter, the connection badge across a server
+restart, no lost events, no console errors, usable at phone width, push providers' state and
+freshness. Saves a screenshot."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import async_playwright, expect
 
-from .support import KEYS, Server, publish
+from .support import KEYS, Server, free_port, publish
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +79,7 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
             assert symbol in await page.inner_text("#headline-count")
             await page.click("#clear-filter")
 
-            # Provider status follows the data: the 1 s demo-quotes poller never looks seconds old.
+            # Provider status follows the data: demo-quotes, pushed every second, never looks seconds old.
             started = time.monotonic()
             while time.monotonic() - started < 6:
                 age = await page.evaluate(
@@ -85,7 +87,11 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
                 )
                 assert age < 4, f"demo-quotes shown as last polled {age:.1f} s ago"
                 await asyncio.sleep(0.5)
-            assert "last poll ok just now" in await page.inner_text("#providers li[data-name='demo-quotes']")
+            # A push provider is shown as a connection, never in a poller's words.
+            pushed = page.locator("#providers li[data-name='demo-quotes']")
+            await expect(pushed.locator(".state")).to_have_text("connected")
+            assert "poll" not in (await pushed.inner_text()).lower()
+            await expect(page.locator("#providers li[data-name='demo-newswire'] .provider-lag")).to_contain_text("after publication")
             assert await page.input_value("#filter") == ""
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
 
@@ -110,6 +116,8 @@ async def test_dashboard_live_filter_reconnect_and_resume(chromium):
             await wait_until(lambda: _text_is(page, "#connection", "live"), 20, "badge back to live")
             for title in titles:
                 await wait_until(lambda title=title: _has(page, f"#headlines li:has-text('{title}')"), 10, title)
+            # Published without a `published` time: no arrival delay to show.
+            await expect(page.locator(f"#headlines li:has-text('{titles[0]}') .delay")).to_have_count(0)
             assert "stale" not in (await page.get_attribute("section.quotes", "class") or "")
             assert await page.is_hidden("#quotes-asof")
 
@@ -172,6 +180,105 @@ async def test_dashboard_with_a_token_when_topics_are_not_public(chromium):
             assert await anonymous.locator("#quotes tbody tr").count() == 0
             await browser.close()
         assert PUBLISH_KEY not in server.output()
+
+
+LAG = r"\d+(?:\.\d)? (?:ms|s|min|h|days)"
+UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "days": 86400.0}
+
+
+def _seconds(text: str) -> float:
+    """ "+35 ms" -> 0.035, "2.1 s" -> 2.1: a shown duration, back in seconds."""
+    number, unit = re.fullmatch(r"\+?(\d+(?:\.\d)?) (ms|s|min|h|days)", text.strip()).groups()
+    return float(number) * UNIT_SECONDS[unit]
+
+
+def _time_of(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+async def test_dashboard_shows_a_push_provider_that_cannot_connect_as_failing(chromium):
+    """A push provider whose upstream refuses is shown reconnecting, then failing, with its last
+    error and next attempt, and never as ok or in a poller's words."""
+    refused = f"""
+[[providers]]
+name = "dead-push"
+kind = "websocket"
+url = "ws://127.0.0.1:{free_port()}/"
+topic = "news.dead"
+reconnect_min = 0.2
+reconnect_max = 0.5
+"""
+    errors: list[str] = []
+    with Server(refused + KEYS) as server:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(server.url + "/")
+            item = page.locator("#providers li[data-name='dead-push']")
+            await expect(item.locator(".state")).to_have_text(re.compile(r"^(connecting|reconnecting|failing)$"), timeout=20_000)
+            await expect(item.locator(".state")).to_have_text("failing", timeout=20_000)
+            await expect(item.locator(".state")).to_have_class(re.compile(r"\bstate-failing\b"))
+            await expect(item.locator(".provider-detail")).to_have_text(re.compile(r"^websocket · retrying, next attempt .+ · no message yet · 0 published$"))
+            await expect(item.locator(".provider-error")).to_contain_text("cannot connect")
+            text = (await item.inner_text()).lower()
+            assert "poll" not in text and not re.search(r"\bok\b", text), text
+            await browser.close()
+    assert errors == [], errors
+
+
+async def test_dashboard_shows_push_provider_state_lag_and_headline_delays(chromium):
+    """With the built-in config, every push provider shows as connected (never in a poller's
+    words) with a lag figure where its items carry a time, and each timed headline shows how long
+    after its publication it arrived, matching the server's accept time minus `published`."""
+    errors: list[str] = []
+    with Server(None) as server:
+        async with async_playwright() as playwright, httpx.AsyncClient() as http:
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(server.url + "/")
+
+            providers = page.locator("#providers li")
+            await expect(providers).to_have_count(3, timeout=20_000)
+            for item in await providers.all():
+                await expect(item.locator(".state")).to_have_text("connected", timeout=20_000)
+                await expect(item.locator(".state")).to_have_class(re.compile(r"\bstate-connected\b"))
+                await expect(item.locator(".provider-detail")).to_have_text(re.compile(r"^(sse|websocket) · since \d\d:\d\d · \d+ published"))
+                assert "poll" not in (await item.inner_text()).lower()
+                assert "ok" not in (await item.locator(".state").inner_text()).lower()
+            newswire = page.locator("#providers li[data-name='demo-newswire']")
+            await expect(newswire.locator(".provider-lag")).to_have_text(
+                re.compile(rf"^latest item arrived {LAG} after publication$"), timeout=20_000
+            )
+            assert "publication time" in (await newswire.locator(".provider-lag").get_attribute("title") or "")
+
+            # Headlines that come live while the page is open arrive within seconds of publication.
+            await expect(page.locator("#headlines li .delay").first).to_have_text(re.compile(rf"^\+{LAG}$"), timeout=20_000)
+            live = page.locator("#headlines li.fresh .delay", has_text=re.compile(r"^\+(\d+ ms|\d\.\d s)$")).first
+            await expect(live).to_be_visible(timeout=20_000)
+            assert "after publication" in (await live.get_attribute("title") or "")
+
+            # Every shown delay is the hub's accept time minus the item's own time, in human units.
+            news = (await http.get(f"{server.url}/api/news?limit=20")).json()["headlines"]
+            checked = 0
+            for event in news:
+                delay = page.locator(f"#headlines li:has(a[href='{event['data']['url']}']) .delay")
+                if event["data"].get("published") is None or await delay.count() != 1:
+                    continue
+                expected = await page.evaluate(
+                    "async ([ts, published]) => '+' + (await import('/js/format.js')).durationText(Math.max(0, ts - Date.parse(published)) / 1000)",
+                    [event["ts"], event["data"]["published"]],
+                )
+                shown = await delay.inner_text()
+                assert shown == expected, (shown, expected, event)
+                lag = max(0.0, event["ts"] / 1000 - _time_of(event["data"]["published"]))
+                assert abs(_seconds(shown) - lag) <= 0.002 + 0.26 * lag, (shown, lag)
+                checked += 1
+            assert checked >= 3, checked
+            await browser.close()
+    assert errors == [], errors
 
 
 async def _has(page, selector: str) -> bool:

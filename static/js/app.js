@@ -1,16 +1,18 @@
 // The dashboard: quotes, headlines and provider health, kept live by one WebSocket.
 
 import { LiveStream } from "./connection.js";
-import { changeText, priceText, relativeTime, sparkline } from "./format.js";
+import { changeText, clockTime, durationText, priceText, relativeTime, sparkline } from "./format.js";
 
 const MAX_HEADLINES = 200;
 const SPARK_POINTS = 60;
+const LATE_SECONDS = 60; // an item this long after its publication is shown as late
 
 const $ = (id) => document.getElementById(id);
 const quotes = new Map(); // symbol -> {row, prices: number[], last: number}
 const headlines = []; // newest first: {key, event, item}
 const seen = new Set(); // headline keys already shown
 const providers = new Map(); // name -> li
+const providerStatus = new Map(); // name -> its latest status, to redraw relative times
 let filterText = "";
 let quotesAt = null; // when the last quote arrived (Date)
 
@@ -113,8 +115,23 @@ function headlineItem(event) {
   time.title = new Date(published).toLocaleString();
   time.textContent = relativeTime(published);
   meta.append(source, time);
+  const delay = arrivalDelay(event);
+  if (delay) meta.append(delay);
   item.append(link, meta);
   return item;
+}
+
+// How long after its publication a headline reached this server: the hub's accept time (ts)
+// minus the item's own `published` time. Nothing when the item has no time.
+function arrivalDelay(event) {
+  const published = Date.parse(event.data?.published || "");
+  if (!Number.isFinite(published) || !Number.isFinite(event.ts)) return null;
+  const seconds = Math.max(0, event.ts - published) / 1000;
+  const delay = document.createElement("span");
+  delay.className = seconds >= LATE_SECONDS ? "delay late" : "delay";
+  delay.textContent = `+${durationText(seconds)}`;
+  delay.title = `Arrived ${durationText(seconds)} after publication: when this server accepted it, minus the time its source published it`;
+  return delay;
 }
 
 function addHeadline(event, { fresh = true } = {}) {
@@ -166,12 +183,24 @@ function setFilter(text) {
 
 // -- providers ------------------------------------------------------------------------------
 
+// Push providers (SPEC §7a) hold a connection and report it; polled ones report their polls.
+const isPush = (status) => "connected_since" in status || status.kind === "sse" || status.kind === "websocket";
+const PUSH_STATE_WORDS = { backoff: "reconnecting" };
+const STATE_TITLES = {
+  ok: "The last poll succeeded",
+  connected: "Connected to its upstream, which pushes new items",
+  connecting: "Opening the connection to its upstream",
+  backoff: "The connection failed or dropped: waiting before the next attempt",
+  failing: "Several attempts in a row failed: still retrying, less often",
+  disabled: "Disabled in the configuration",
+};
+
 function showProvider(status) {
   if (!status || !status.name) return;
   let item = providers.get(status.name);
   if (!item) {
     item = document.createElement("li");
-    item.innerHTML = `<span class="state"></span><span class="provider-name"></span><span class="provider-detail"></span><span class="provider-error"></span>`;
+    item.innerHTML = `<span class="state"></span><span class="provider-name"></span><span class="provider-detail"></span><span class="provider-lag"></span><span class="provider-error"></span>`;
     providers.set(status.name, item);
     const list = $("providers");
     const after = [...list.children].find((other) => other.dataset.name > status.name);
@@ -179,19 +208,58 @@ function showProvider(status) {
     list.insertBefore(item, after || null);
     $("providers-empty").hidden = true;
   }
+  providerStatus.set(status.name, status);
+  renderProvider(item, status);
+}
+
+function renderProvider(item, status) {
+  const push = isPush(status);
   item.dataset.lastOk = status.last_ok || "";
+  item.dataset.state = status.state;
+  item.dataset.mode = push ? "push" : "poll";
   const state = item.querySelector(".state");
-  state.textContent = status.state;
+  state.textContent = (push && PUSH_STATE_WORDS[status.state]) || status.state;
   state.className = `state state-${status.state}`;
+  state.title = STATE_TITLES[status.state] || "";
   item.querySelector(".provider-name").textContent = status.name;
   item.querySelector(".provider-detail").textContent = providerDetail(status);
-  item.querySelector(".provider-error").textContent =
-    status.state === "ok" ? "" : status.last_error ? `${status.last_error} (${status.consecutive_failures} in a row)` : "";
+  const lag = item.querySelector(".provider-lag");
+  lag.textContent = lagText(status);
+  lag.title = lag.textContent
+    ? "Freshness: when this server accepted the provider's newest item, minus the item's own publication time"
+    : "";
+  lag.classList.toggle("late", typeof status.last_lag === "number" && status.last_lag >= LATE_SECONDS);
+  const settled = status.state === "ok" || status.state === "connected";
+  const failures = status.consecutive_failures ? ` (${status.consecutive_failures} in a row)` : "";
+  item.querySelector(".provider-error").textContent = !settled && status.last_error ? `${status.last_error}${failures}` : "";
 }
 
 function providerDetail(status) {
-  const last = status.last_ok ? `last poll ok ${relativeTime(status.last_ok)}` : "no successful poll yet";
-  return `${status.kind} · ${last} · ${status.items_published} published`;
+  const parts = [status.kind];
+  if (isPush(status)) parts.push(connectionText(status));
+  else if (!status.last_ok) parts.push("no successful poll yet");
+  else parts.push(`${status.state === "ok" ? "last poll ok" : "last successful poll"} ${relativeTime(status.last_ok)}`);
+  parts.push(`${status.items_published} published`);
+  if (isPush(status) && status.reconnects) parts.push(`${status.reconnects} reconnect${status.reconnects === 1 ? "" : "s"}`);
+  return parts.filter(Boolean).join(" · ");
+}
+
+// A push provider's connection, in the words of its state (never a poll's).
+function connectionText(status) {
+  if (status.state === "connected") return status.connected_since ? `since ${clockTime(status.connected_since)}` : "";
+  const lastMessage = status.last_message ? `last message ${relativeTime(status.last_message)}` : "no message yet";
+  if (status.state === "disabled") return "not connected";
+  if (status.state === "connecting") return lastMessage;
+  const next = Date.parse(status.next_poll || "");
+  const wait = Number.isFinite(next) ? (next - Date.now()) / 1000 : null;
+  const attempt = wait === null ? "" : wait > 0.5 ? `, next attempt in ${durationText(wait)}` : ", next attempt now";
+  return `${status.state === "backoff" ? "backoff" : "retrying"}${attempt} · ${lastMessage}`;
+}
+
+// How fresh a provider's items are: the lag of the newest one it published.
+function lagText(status) {
+  if (typeof status.last_lag === "number") return `latest item arrived ${durationText(status.last_lag)} after publication`;
+  return status.items_published ? "lag unknown: no item with a publication time" : "";
 }
 
 // -- state from HTTP (first load, and after a gap) -----------------------------------------
@@ -297,10 +365,7 @@ setInterval(() => {
     const time = entry.item.querySelector("time");
     time.textContent = relativeTime(time.dateTime);
   }
-  for (const item of providers.values()) {
-    const detail = item.querySelector(".provider-detail");
-    if (item.dataset.lastOk) detail.textContent = detail.textContent.replace(/last poll ok [^·]+/, `last poll ok ${relativeTime(item.dataset.lastOk)} `);
-  }
+  for (const [name, item] of providers) renderProvider(item, providerStatus.get(name));
 }, 10000);
 
 setInterval(refreshProviders, 15000);

@@ -25,6 +25,27 @@ export function relativeTime(iso) {
   return new Date(then).toLocaleDateString();
 }
 
+// A duration in seconds in human units: ms under 1 s, s under 2 min, then min, h and days.
+export function durationText(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "";
+  const s = Math.max(0, seconds);
+  if (s < 0.0005) return "<1 ms";
+  if (s < 0.9995) return `${Math.round(s * 1000)} ms`;
+  if (s < 9.95) return `${s.toFixed(1)} s`;
+  if (s < 120) return `${Math.round(s)} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} days`;
+}
+
+// A wall-clock time: "14:02" today, with the date on another day.
+export function clockTime(iso) {
+  const then = new Date(iso);
+  if (!Number.isFinite(then.getTime())) return "";
+  const time = then.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
+  return then.toDateString() === new Date().toDateString() ? time : `${then.toLocaleDateString()} ${time}`;
+}
+
 export function sparkline(values, rising) {
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("class", "spark");

@@ -184,6 +184,10 @@ class DemoMarket:
 
     # -- pushed (/demo/stream, /demo/ws) ----------------------------------------------------
 
+    def next_due(self) -> float:
+        """When the market next changes: its next headline, or its next quote step."""
+        return min(min(self.next_at.values()), self.quotes_at + 1)
+
     def numbers(self) -> dict[str, int]:
         """Per wire, the number of its latest headline: where a push stream stands."""
         return dict(self.counters)

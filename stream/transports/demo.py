@@ -24,7 +24,7 @@ from ..providers import DemoMarket
 
 __all__ = ["demo_feed", "router"]
 
-TICK = 0.1  # seconds between looks at the market: a headline is pushed within this of being written
+TICK = 0.1  # seconds: the longest wait between looks at the market
 HEARTBEAT = 5.0  # seconds of quiet before a heartbeat
 REPLAY = 10  # headlines per wire a new stream starts with
 
@@ -103,7 +103,9 @@ async def demo_feed(
         if time.monotonic() - quiet_since >= HEARTBEAT:
             quiet_since = time.monotonic()
             yield "heartbeat", None, _mark(market, after)
-        await asyncio.sleep(TICK)
+        # Wake when the market next changes (a headline is pushed the moment it is written), at
+        # least every TICK.
+        await asyncio.sleep(max(0.001, min(TICK, market.next_due() - time.time())))
 
 
 def _mark(market: DemoMarket, after: dict[str, int]) -> str:
