@@ -9,6 +9,7 @@
     .venv/bin/python bench/run.py --only redis    # two nodes on one Redis: cross-node vs same-node delivery
     .venv/bin/python bench/run.py --only sweep    # capacity: rising rates for every server, docs/capacity.png
     .venv/bin/python bench/run.py --only many     # 50,000 WebSocket subscribers on stream --workers 3, one event
+    .venv/bin/python bench/run.py --only push     # push providers (sse, websocket) vs polled json vs plain fan-out, ~2.5 minutes
 
 For each server it starts the server, opens the subscribers in separate client processes
 (bench/client.py), publishes at a fixed rate through POST /api/publish with the publish time in
@@ -23,6 +24,12 @@ twice the clean one and nothing is lost; the verdict and the attacker's report a
 written to the JSON (``hostile``). The ``attack`` and ``fdchurn`` scenarios are bench/defences.py's
 (its docstring has their verdicts); they print theirs and write them to the JSON (``attack``,
 ``fdchurn``). Like the hostile verdict, they are reported, not turned into the exit status.
+
+The ``push`` scenario is bench/push.py's (its docstring says how it measures): one headline every
+100 ms for ``--push-seconds`` to ``--subscribers`` WebSocket subscribers, through an ``sse``, a
+``websocket`` and a polled ``json`` provider and through POST /api/publish (the baseline), each on
+a fresh server; its table and verdict are printed and written to the JSON (``push``), reported,
+not enforced (lost deliveries are, as in every stream run).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from harness import (
     kill_children,
     publish,
 )
+from push import push, push_summary
 from results import Result, RssWatch, group_line, record, socket_metrics
 from scaleout import scaleout
 
@@ -314,8 +322,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
-    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many",
-                        help="scenarios: ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many,push",
+                        help="scenarios: ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many,push")
     parser.add_argument(
         "--hostile-rate",
         type=float,
@@ -328,13 +336,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--idle", type=int, default=10_000, help="connections in the idle scenario")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per server in the WS/SSE scenarios (median reported)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per server in the WS/SSE scenarios, per path in push (median reported)")
     parser.add_argument("--attack-scale", type=float, default=None,
                         help="size of the hostile scenario's attack, 1 = full size (500+500 slowloris, 20,000 topics "
                              "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
     parser.add_argument("--attack-seconds", type=float, default=None,
                         help="the attack scenario's measurement, quiet and attacked (default 60 s; --quick: 4 s)")
     parser.add_argument("--fdchurn-seconds", type=float, default=None, help="the fdchurn scenario's probing (default 30 s; --quick: 3 s)")
+    parser.add_argument("--push-seconds", type=float, default=None,
+                        help="the push scenario's pushing per path, one item every 100 ms (default 30 s; --quick: 3 s)")
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="the sweep's publish rates, msg/s")
     parser.add_argument("--sweep-seconds", type=float, default=6, help="seconds of publishing per sweep point")
     parser.add_argument("--write-delay", default=None, help="stream's write_delay in the sweep's coalescing runs (default: its default)")
@@ -358,6 +368,7 @@ def main() -> int:
     if args.attack_seconds is not None:
         defences = replace(defences, seconds=args.attack_seconds)
     churning = FdChurn(seconds=args.fdchurn_seconds or (3 if args.quick else 30))
+    push_seconds = args.push_seconds or (3 if args.quick else 30)
     only = set(args.only.split(","))
     results: list[Result] = []
     report: list[str] = []
@@ -555,11 +566,24 @@ def main() -> int:
             say(f"  every subscriber got it: {run.lost == 0 and run.delivered == run.subscribers}; "
                 f"RSS per connection {run.kb_per_idle_connection:.1f} KB (all workers)")
 
+    pushed: dict = {}
+    if "push" in only:
+        try:
+            runs = push(args.subscribers, push_seconds, repeat=args.repeat)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nPush providers: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            results += runs
+            pushed, lines = push_summary(runs)
+            for line in lines:
+                say(line)
+
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                               "results": [asdict(r) for r in results], "hostile": hostile, "attack": attack,
                                               "fdchurn": churned, "scaleout": scaled,
-                                              "capacity": capacity, "many": crowd, "report": report}, option=orjson.OPT_INDENT_2))
+                                              "capacity": capacity, "many": crowd, "push": pushed, "report": report}, option=orjson.OPT_INDENT_2))
     print(f"\nJSON: {args.json}")
     bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
     return 1 if bad or failed else 0  # the hostile, attack and fdchurn verdicts are reported, not enforced here
