@@ -55,7 +55,7 @@ class Intake:
         self.newest_published: float | None = None
         self.last_lag: float | None = None  # seconds: hub accept minus the newest published item's own time
         self._last_skip_report: tuple[str, ...] = ()
-        self._secrets = [value for _, value in provider.params + provider.headers if len(value) >= 6]
+        self._secrets = list(provider.secrets)
         self._values = provider.values
         self._topic_head = provider.topic.split("{", 1)[0]  # every topic it publishes starts so
 
@@ -117,9 +117,10 @@ class Intake:
             text = text.replace(secret, "***")
         return text[:300]
 
-    def _fresh(self, items: list[Item]) -> tuple[list[Item], dict[str, bytes | None]]:
+    def _fresh(self, items: list[Item], *, in_order: bool = False) -> tuple[list[Item], dict[str, bytes | None]]:
         """The items not published before (new ids, or changed values), and what to remember
-        about them once they are published."""
+        about them once they are published. Headlines go out oldest first: by their time, or
+        reversed (documents list newest first) unless ``in_order`` (a push batch, sent in order)."""
         seen, fresh = self.seen, []
         remember: dict[str, bytes | None] = {}
         missing = object()
@@ -132,7 +133,7 @@ class Intake:
                 continue  # published before (or twice in this document)
             remember[item.key] = value
             fresh.append(item)
-        if not self._values:
+        if not self._values and not in_order:
             if all(item.published is not None for item in fresh):
                 fresh.sort(key=lambda item: item.published)  # type: ignore[arg-type, return-value]
             else:

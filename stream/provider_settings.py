@@ -8,14 +8,14 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, PrivateAttr, ValidationError, ValidationInfo
 from pydantic.functional_validators import AfterValidator, field_validator, model_validator
 from pydantic_core import core_schema
 
 from .errors import BadTopic
 from .topics import validate_pattern, validate_topic
 
-__all__ = ["DEMO_PATHS", "DEMO_PUSH_PATHS", "HeadlineField", "Policy", "ProviderSettings", "Resume", "problem_lines"]
+__all__ = ["DEMO_PATHS", "DEMO_PUSH_PATHS", "HeadlineField", "Policy", "ProviderSettings", "Resume", "environment_values", "problem_lines"]
 
 Policy = Literal["disconnect", "drop", "conflate"]
 HeadlineField = Literal["id", "title", "url", "source", "published", "summary", "symbols"]
@@ -86,6 +86,15 @@ class Resume(Frozen):
     field: str = Field(min_length=1)
 
 
+def environment_values(table: Any, fields: tuple[str, ...], env: Mapping[str, str]) -> tuple[str, ...]:
+    """The values ``env`` gives the ``${VAR}`` named in ``fields`` of ``table``: the secrets that
+    filling puts in, which nothing may show (logs, errors, status)."""
+    if not isinstance(table, dict):
+        return ()
+    names = [name for field in fields if field in table for text in _strings(table[field]) for name in _ENV_VAR.findall(text)]
+    return tuple(dict.fromkeys(env[name] for name in names if env.get(name)))
+
+
 class ProviderSettings(Frozen):
     """One upstream source. ``url`` of a ``demo`` provider is a path on this server, and so may
     a push provider's be (``/demo/stream``, ``/demo/ws``: this server's demo push endpoints)."""
@@ -124,6 +133,15 @@ class ProviderSettings(Frozen):
     max_items_per_second: Annotated[float, Field(gt=0)] = 1000.0  # items accepted from the upstream; the excess is dropped
     # Template: {field} placeholders are filled from each item. Its default and checks read the fields above.
     topic: str = Field(default="", validate_default=True)
+    # What load_settings filled in from the environment (never a setting: a TOML key cannot reach it).
+    _filled: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values no message may show: every one filled in from the environment, and every header
+        and parameter value long enough to be a key (they may be written into the file itself)."""
+        written = [value for _, value in self.params + self.headers if len(value) >= 6]
+        return list(dict.fromkeys([*self._filled, *written]))
 
     @property
     def headlines(self) -> bool:

@@ -54,6 +54,7 @@ FAILING_AFTER = 5  # failed connection attempts in a row
 WATCH_EVERY = 0.25  # seconds between the supervisor's looks at the lease and the idle clock
 SAVE_EVERY = 1.0  # seconds: dedup memory, resume point and status are saved this often while connected (if changed)
 PING_INTERVAL = PING_TIMEOUT = 20.0  # websocket protocol pings (SPEC §7a)
+MAX_RETRY = 3600.0  # seconds: an SSE retry: hint is honoured up to this, like Retry-After
 YIELD_EVERY = 16  # messages read in a row before the reader lets other tasks run
 _SECRET_NAME = re.compile(r"key|secret|token|pass|auth|sig|cred", re.IGNORECASE)
 
@@ -120,7 +121,7 @@ class Pusher(Intake):
         self._had_data = False  # this connection delivered a data message
         self._saved_at = 0.0
         self._saved_messages = 0  # messages counted at the last save
-        self._secrets.extend(_secrets_in(provider.subscribe))
+        self._secrets.extend(secret for secret in _secrets_in(provider.subscribe) if secret not in self._secrets)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class Pusher(Intake):
             async with contextlib.AsyncExitStack() as stack:
                 async with asyncio.timeout(provider.timeout):
                     response = await stack.enter_async_context(
-                        self.client.stream("GET", self.url, params=dict(provider.params), headers=headers, timeout=timeout)
+                        self.client.stream("GET", self._sse_url(), headers=headers, timeout=timeout)
                     )
                 self._check_answer(response)
                 self._opened()
@@ -216,7 +217,7 @@ class Pusher(Intake):
                 source = EventSource(response)
                 async for event in source.aiter_sse():
                     if event.retry is not None:
-                        self.retry = event.retry / 1000
+                        self.retry = min(event.retry / 1000, MAX_RETRY)
                     raw = event.data if (event.event or "message") in provider.events else None
                     await self._take(raw)
                     if event.id:
@@ -229,6 +230,10 @@ class Pusher(Intake):
             raise UpstreamError("connect", f"cannot connect ({self._clean(str(exc)) or 'refused'})") from None
         except httpx.HTTPError as exc:
             raise UpstreamError("closed", f"{type(exc).__name__}: {self._clean(str(exc)) or 'the link dropped'}") from None
+
+    def _sse_url(self) -> httpx.URL:
+        # Merged by hand: httpx drops a URL's own query when a request is given params, even {}.
+        return httpx.URL(self.url).copy_merge_params(dict(self.provider.params))
 
     def _check_answer(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -341,7 +346,7 @@ class Pusher(Intake):
 
     async def _accept(self, items: list[Any]) -> None:
         self._note_times(items)
-        fresh, remember = self._fresh(items)
+        fresh, remember = self._fresh(items, in_order=True)
         if self._values and not self.provider.backfill:
             # A key with no value yet is primed without an event; later changes are published.
             new = [item for item in fresh if item.key not in self.seen]

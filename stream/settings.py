@@ -24,7 +24,17 @@ from pydantic import AliasPath, BeforeValidator, Field, ValidationError, field_v
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
-from .provider_settings import Frozen, Overflow, Pattern, Providers, ProviderSettings, Secret, fill_secrets, problem_lines
+from .provider_settings import (
+    Frozen,
+    Overflow,
+    Pattern,
+    Providers,
+    ProviderSettings,
+    Secret,
+    environment_values,
+    fill_secrets,
+    problem_lines,
+)
 
 __all__ = ["KeySettings", "ProviderSettings", "PublicKey", "ServerSettings", "Settings", "load_public_key", "load_settings"]
 
@@ -151,18 +161,24 @@ class Settings(BaseSettings):
         return (init_settings,)  # neither os.environ nor a file: load_settings passes those in
 
 
-def _config_file(file: Path | Traversable, env: Mapping[str, str]) -> dict[str, Any]:
+PROVIDER_SECRETS = ("headers", "params", "subscribe")  # where a provider's ${VAR} secrets may be
+
+
+def _config_file(file: Path | Traversable, env: Mapping[str, str]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
     """The TOML file, read once even when it is a pipe (``--config /dev/stdin``: pydantic-settings'
     TOML source skips what is not a regular file and so served the defaults), with the secrets
     it names filled from ``env``. A ``[[keys]]`` table without a name is named by its position
-    (key0, key1, …); ``key_env = "VAR"`` means ``key = "${VAR}"``."""
+    (key0, key1, …); ``key_env = "VAR"`` means ``key = "${VAR}"``. Also, per provider, the values
+    filled in (its secrets)."""
     with file.open("rb") as handle:
         document = tomllib.load(handle)
     if isinstance(keys := document.get("keys"), list):
         document["keys"] = fill_secrets([_named_key(index, table) for index, table in enumerate(keys)], ("key",), env)
+    tables = document.get("providers")
+    filled = [environment_values(table, PROVIDER_SECRETS, env) for table in tables] if isinstance(tables, list) else []
     if "providers" in document:
-        document["providers"] = fill_secrets(document["providers"], ("headers", "params", "subscribe"), env)
-    return document
+        document["providers"] = fill_secrets(document["providers"], PROVIDER_SECRETS, env)
+    return document, filled
 
 
 def _named_key(index: int, table: Any) -> Any:
@@ -189,7 +205,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     chosen = path or env.get("STREAM_CONFIG")
     source = str(chosen) if chosen else "built-in default config"
     try:
-        document = _config_file(Path(chosen) if chosen else resources.files("stream").joinpath("default.toml"), env)
+        document, filled = _config_file(Path(chosen) if chosen else resources.files("stream").joinpath("default.toml"), env)
     except OSError as exc:
         raise ConfigError([f"config: cannot read {source}: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
@@ -199,9 +215,12 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         redis, paas = ({"broker": env["REDIS_URL"]} if env.get("REDIS_URL") else {}), ({"port": env["PORT"]} if env.get("PORT") else {})
         document["server"] = redis | server | paas | _Environment(env)()
     try:
-        return Settings(**document | {"source": source})
+        settings = Settings(**document | {"source": source})
     except ValidationError as exc:
         raise ConfigError(problem_lines(exc)) from None
+    for provider, values in zip(settings.providers, filled, strict=False):
+        provider._filled = values  # what filling put in: the secrets no message may show
+    return settings
 
 
 def load_public_key(path: str) -> PublicKey:

@@ -308,21 +308,21 @@ async def test_a_hostile_upstream_neither_stalls_the_loop_nor_grows_memory():
 
 
 async def test_secrets_substituted_into_subscribe_appear_in_no_log_error_or_status():
-    """An upstream that echoes the key it was sent, in an error message and in a close reason:
-    the key and secret filled into `subscribe` from the environment appear in no log line, no
-    last_error, and nowhere in /api/providers or /metrics."""
-    env = {"PUSH_TEST_KEY": "key-4b1d9e", "PUSH_TEST_SECRET": "secret-77a0c3f9"}
+    """An upstream that echoes what it was sent, in an error message and in a close reason: the
+    values filled into `subscribe` from the environment (under any name) appear in no log line,
+    no last_error, and nowhere in /api/providers or /metrics."""
+    env = {"PUSH_TEST_KEY": "key-4b1d9e", "PUSH_TEST_SECRET": "secret-77a0c3f9", "PUSH_TEST_LOGIN": "login-e2e1"}
     block = push_block(
         "websocket",
         "UPSTREAM",
-        subscribe='[{ action = "auth", key = "${PUSH_TEST_KEY}", secret = "${PUSH_TEST_SECRET}" }]',
+        subscribe='[{ action = "auth", key = "${PUSH_TEST_KEY}", secret = "${PUSH_TEST_SECRET}", login = "${PUSH_TEST_LOGIN}" }]',
         error='{ T = "error" }',
         reconnect_min=0.1,
         reconnect_max=0.2,
     )
     echoes = [
         lambda text: [orjson.dumps([{"T": "error", "msg": f"auth failed for {text}"}]).decode()],
-        lambda text: Close(4001, f"bad key {orjson.loads(text)['key']} / {orjson.loads(text)['secret']}"),
+        lambda text: Close(4001, "bad key {key} / {secret} for {login}".format(**orjson.loads(text))),
     ]
     with PushUpstream() as upstream:
         upstream.on_ws_message = echoes[0]  # before the server starts: its first auth gets an answer
@@ -338,3 +338,11 @@ async def test_secrets_substituted_into_subscribe_appear_in_no_log_error_or_stat
     assert "auth failed for" in errors[0] and "bad key" in errors[1], errors
     for secret in env.values():
         assert not any(secret in text for text in [*errors, exposed, log]), secret
+
+
+async def test_an_sse_url_keeps_its_own_query_and_params_add_to_it():
+    """An sse provider's url may carry a query (Mastodon's ?tag=…): it reaches the upstream whole,
+    with `params` added to it."""
+    with PushUpstream() as upstream, Server(KEYS + push_block("sse", upstream.sse_url + "?tag=markets", params='{ limit = "5" }')):
+        await wait_for(lambda: upstream.open_sse == 1, 10)
+    assert upstream.sse_requests[0][":path"] == "/events?tag=markets&limit=5"
