@@ -149,7 +149,7 @@ async def test_a_websocket_that_answers_pings_but_sends_nothing_is_replaced_afte
         await wait_for(lambda: len(upstream.ws_requests) == 2, 5)
         took = time.monotonic() - first
         status = status_of(server)
-    assert 0.4 <= took <= 0.5 + 0.2 + 0.5, took  # idle_timeout + backoff ceiling + the supervisor's look (0.25 s) and slack
+    assert 0.4 <= took <= 0.5 + 0.2 + 0.25 + 1.0, took  # idle_timeout + backoff ceiling + the supervisor's look, and 1 s for a loaded machine
     assert status["reconnects"] >= 1 and "idle" in status["last_error"], status
     assert upstream.most_open_ws == 1
 
