@@ -111,7 +111,8 @@ class Pollers:
             if provider.enabled:
                 self.tasks.append(asyncio.get_running_loop().create_task(poller.run(), name=f"{'push' if provider.push else 'poll'} {provider.name}"))
         if self.pollers:
-            log.info("polling %d provider(s): %s", len(self.tasks), ", ".join(p.name for p in self.providers if p.enabled))
+            enabled = [p for p in self.providers if p.enabled]
+            log.info("starting %d provider(s): %s", len(enabled), ", ".join(f"{p.name} ({'push' if p.push else 'polled'}, {p.kind})" for p in enabled))
         self.leases.start([p.name for p in self.providers if p.enabled])
         known = {event.id for kept in self.headlines.values() for _, event in kept}
         for event in self.hub.store.history:  # what the hub held before this process polled
