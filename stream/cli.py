@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, unknown_variables
 
 __all__ = ["main"]
 
@@ -50,6 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
     print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
+    if not args.worker:  # the parent of --workers warned already
+        for line in unknown_variables():
+            logging.getLogger("stream").warning("%s", line)
     seat = None
     if args.worker:  # one of --workers' processes: its place among them
         from .siblings import Seat
@@ -83,6 +87,9 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     from .workers import run_workers
 
+    for line in unknown_variables():
+        print(f"stream serve: warning: {line}", file=sys.stderr)
+
     passed = ["--config", args.config] if args.config else []
     passed += ["--host", server.host, "--port", str(server.port)] + (["--log-json"] if server.log_json else [])
     print(f"stream {__version__}: {args.workers} workers on {server.host}:{server.port}, broker {server.broker.split('@')[-1]}", file=sys.stderr, flush=True)
@@ -99,6 +106,8 @@ def _check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem)
         return 1
+    for line in unknown_variables():
+        print(f"warning: {line}")
     server = settings.server
     enabled = [p.name for p in settings.providers if p.enabled]
     print(

@@ -12,6 +12,7 @@ Timings are in seconds unless the name says otherwise; ``None`` (``"off"``) swit
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from .provider_settings import (
     problem_lines,
 )
 
-__all__ = ["KeySettings", "ProviderSettings", "PublicKey", "ServerSettings", "Settings", "load_public_key", "load_settings"]
+__all__ = ["KeySettings", "ProviderSettings", "PublicKey", "ServerSettings", "Settings", "load_public_key", "load_settings", "unknown_variables"]
 
 # A setting that may be off, and a list, as the environment writes them: "off" (or "none", or nothing) and "a,b".
 Off = BeforeValidator(lambda value: None if isinstance(value, str) and value.strip().lower() in ("off", "none", "") else value)
@@ -197,6 +198,24 @@ class _Environment(EnvSettingsSource):
     def __call__(self) -> dict[str, Any]:
         found = {name: self.get_field_value(field, name)[0] for name, field in ServerSettings.model_fields.items()}
         return {name: value for name, value in found.items() if value is not None}
+
+
+# Read by the CLI rather than the config: never "unknown".
+CLI_VARIABLES = frozenset({"STREAM_CONFIG", "STREAM_URL", "STREAM_TOKEN", "STREAM_JWT_SECRET"})
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per ``STREAM_*`` variable that is neither a ``[server]`` setting nor one the CLI
+    reads, naming the closest setting: a typo (``STREAM_PROT=9``) is otherwise silently ignored."""
+    env = os.environ if env is None else env
+    known = {f"STREAM_{name.upper()}" for name in ServerSettings.model_fields} | CLI_VARIABLES
+    lines = []
+    for name in sorted(env):
+        if name.upper().startswith("STREAM_") and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            lines.append(f"environment variable {name} is not a setting of stream and is ignored{hint}")
+    return lines
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

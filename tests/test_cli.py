@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .support import Server
+
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "stream", *args], capture_output=True, text=True, timeout=60, env=env)
@@ -205,3 +207,17 @@ def test_check_reads_a_config_from_a_pipe():
     assert broken.returncode == 1 and broken.stdout.startswith("server.port: expected an integer"), broken
     good = subprocess.run(command, input="[server]\nport = 9001\n", capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and "listen 127.0.0.1:9001" in good.stdout, good
+
+
+def test_an_unknown_stream_variable_is_warned_about_naming_the_closest_setting():
+    """A typo in a STREAM_* variable (STREAM_PROT=9) is named, with the setting it is closest to,
+    by `stream check` and at `stream serve`'s start; the CLI's own variables are not unknown."""
+    env = {"PATH": "/usr/bin:/bin", "STREAM_PROT": "9", "STREAM_URL": "http://127.0.0.1:1", "STREAM_JWT_SECRET": "s" * 32}
+    result = run("check", env=env)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[0] == "warning: environment variable STREAM_PROT is not a setting of stream and is ignored; did you mean STREAM_PORT?"
+    assert "STREAM_URL" not in result.stdout and "STREAM_JWT_SECRET" not in result.stdout
+    server = Server(None, env={"STREAM_PROT": "9"})
+    with server:
+        pass
+    assert "STREAM_PROT is not a setting of stream and is ignored; did you mean STREAM_PORT?" in server.output()
