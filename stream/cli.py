@@ -154,12 +154,21 @@ async def _tail_loop(args: argparse.Namespace) -> int:
 
     from .client import Gap, SubscribeError, Subscriber
 
+    waited = False
+
     def note(state: str, detail: str) -> None:
-        if state == "reconnecting" or sub.reconnects:
+        nonlocal waited
+        if state == "waiting":
+            waited = True
+            print(f"stream tail: waiting for the server: {detail}; retrying", file=sys.stderr, flush=True)
+        elif state == "reconnecting" and waited and not sub.reconnects:
+            print(f"stream tail: still waiting ({detail})", file=sys.stderr, flush=True)
+        elif state == "reconnecting" or sub.reconnects or waited:
             print(f"stream tail: {state} ({detail})", file=sys.stderr, flush=True)
+            waited = False
 
     token = args.token or os.environ.get("STREAM_TOKEN")
-    sub = Subscriber(args.url, args.patterns, since=args.since, token=token, symbols=args.symbols, on_state=note)
+    sub = Subscriber(args.url, args.patterns, since=args.since, token=token, symbols=args.symbols, on_state=note, wait=True)
     try:
         async with sub:
             async for item in sub:

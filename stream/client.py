@@ -75,7 +75,9 @@ class Subscriber:
 
     ``since``: start after this id (or time, ``-60s``); default: from now. ``snapshot``: begin
     with each topic's retained value (only on the first connection). ``on_state`` is called with
-    ``"connected"``, ``"reconnecting"`` plus a detail string, for logs or UIs.
+    ``"connected"``, ``"waiting"`` or ``"reconnecting"`` plus a detail string, for logs or UIs.
+    ``wait``: a server that is not up yet (connection refused, timed out) is waited for, with
+    the reconnect backoff, instead of raising ``OSError`` from ``async with``.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Subscriber:
         min_delay: float = 0.25,
         max_delay: float = 30.0,
         on_state: Callable[[str, str], None] | None = None,
+        wait: bool = False,
     ) -> None:
         if isinstance(topics, str):
             topics = [topics]
@@ -102,6 +105,7 @@ class Subscriber:
         self.min_delay = min_delay
         self.max_delay = max_delay
         self.on_state = on_state
+        self.wait = wait
         self.reconnects = 0
         self._socket: ClientConnection | None = None
         self._closed = False
@@ -116,6 +120,11 @@ class Subscriber:
         except _Retry as exc:  # over capacity right now: iterating will keep trying
             if self.on_state is not None:
                 self.on_state("reconnecting", str(exc))
+        except (OSError, TimeoutError) as exc:
+            if not self.wait:
+                raise
+            if self.on_state is not None:  # not up yet: iterating will keep trying
+                self.on_state("waiting", f"{self.url} is not answering yet ({getattr(exc, 'strerror', None) or type(exc).__name__})")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
