@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError
+from .logs import announce
 from .settings import Settings, load_settings, unknown_variables
 
 __all__ = ["main"]
@@ -50,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import StreamServer, make_config
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
-    print(f"stream {__version__}: starting (config: {settings.source})", file=sys.stderr, flush=True)
+    announce(f"stream {__version__}: starting (config: {settings.source})")
     if not args.worker:  # the parent of --workers warned already
         for line in unknown_variables():
             logging.getLogger("stream").warning("%s", line)
@@ -85,14 +86,16 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     if server.port == 0:
         print("stream serve: --workers needs a fixed --port (workers share it)", file=sys.stderr)
         return 2
+    from .logs import configure_logging
     from .workers import run_workers
 
+    configure_logging(server.log_level, json=server.log_json)  # the parent's own lines, JSON too under --log-json
     for line in unknown_variables():
-        print(f"stream serve: warning: {line}", file=sys.stderr)
+        logging.getLogger("stream").warning("%s", line)
 
     passed = ["--config", args.config] if args.config else []
     passed += ["--host", server.host, "--port", str(server.port)] + (["--log-json"] if server.log_json else [])
-    print(f"stream {__version__}: {args.workers} workers on {server.host}:{server.port}, broker {server.broker.split('@')[-1]}", file=sys.stderr, flush=True)
+    announce(f"stream {__version__}: {args.workers} workers on {server.host}:{server.port}, broker {server.broker.split('@')[-1]}")
     return run_workers(args.workers, passed, server.shutdown_timeout)
 
 

@@ -6,13 +6,14 @@ import logging
 import re
 import sys
 import time
+from typing import IO
 from urllib.parse import unquote_plus
 
 import orjson
 
 from .uvicorn_seam import access_log_path
 
-__all__ = ["configure_logging", "redact"]
+__all__ = ["announce", "configure_logging", "redact"]
 
 # A query parameter: its name (any encoding) and its value.
 _QUERY_PAIR = re.compile(r"(?P<name>(?:^|(?<=[?&;\s]))[^=&;\s?\"]+)=(?P<value>[^&;\s\"]*)")
@@ -70,7 +71,24 @@ class _JSONFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+_as_json = False  # configure_logging(json=True) was called: every line of the process is JSON
+
+
+def announce(line: str, *, logger: str = "stream", out: IO[str] | None = None) -> None:
+    """A line every run shows whatever the log level (starting, serving on, workers coming and
+    going): plain on stderr, or under ``--log-json`` a JSON object like every log line."""
+    stream = out or sys.stderr
+    if _as_json:
+        record = logging.LogRecord(logger, logging.INFO, __file__, 0, line, None, None)
+        stream.write(_JSONFormatter().format(record) + "\n")
+    else:
+        stream.write(line + "\n")
+    stream.flush()
+
+
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
+    global _as_json
+    _as_json = json
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Redacting())
     if json:

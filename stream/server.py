@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 import logging
 import socket
-import sys
 from collections.abc import Callable
 from types import FrameType
 
 from . import __version__
 from .app import Service
+from .logs import announce
 from .runtime import Runtime
 from .transports.http_protocol import HttpProtocol
 from .transports.ws import WebSocketProtocol
@@ -82,11 +82,7 @@ class StreamServer(Server):
                 self.serving()  # first: whoever reads the line below may rely on it
             # Said only now that the socket listens: a busy port fails before this line.
             server = self.runtime.settings.server
-            print(
-                f"stream {__version__}: serving on {self.base_url()} (broker: {server.broker.split('@')[-1]})",
-                file=sys.stderr,
-                flush=True,
-            )
+            announce(f"stream {__version__}: serving on {self.base_url()} (broker: {server.broker.split('@')[-1]})")
             self.runtime.start_pollers(self.base_url())
             settle_heap()
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from .logs import announce
 from .siblings import create_table
 
 __all__ = ["Supervisor", "listening_socket", "run_workers"]
@@ -74,7 +75,7 @@ class _Slot:
 class Supervisor:
     """Starts ``count`` workers with ``spawn(index)`` and keeps them running until ``stop``."""
 
-    def __init__(self, count: int, spawn: Callable[[int], Any], serving: Callable[[int], bool], *, out: IO[str] = sys.stderr) -> None:
+    def __init__(self, count: int, spawn: Callable[[int], Any], serving: Callable[[int], bool], *, out: IO[str] | None = None) -> None:
         self.spawn = spawn
         self.serving = serving  # whether the worker of that index has served (listened) yet
         self.out = out
@@ -134,7 +135,7 @@ class Supervisor:
         self._say(f"worker {slot.proc.pid} exited (status {code}); starting another in {slot.delay:g} s")
 
     def _say(self, line: str) -> None:
-        print(f"stream: {line}", file=self.out, flush=True)
+        announce(f"stream: {line}", logger="stream.workers", out=self.out)
 
 
 def run_workers(count: int, worker_args: list[str], shutdown_timeout: float) -> int:

@@ -29,3 +29,21 @@ def test_other_parameters_are_left_alone():
     """Only secrets are hidden: topics, since and limits stay readable."""
     line = '127.0.0.1:5 - "GET /api/events?topics=news.>,a&since=-5m&limit=10 HTTP/1.1" 200'
     assert redact(line) == line
+
+
+def test_under_log_json_every_line_is_json_the_banners_too():
+    """`stream serve --log-json`: every line on stderr, the "starting" and "serving on" banners
+    included, is one JSON object with ts, level, logger and message."""
+    import orjson
+
+    from .support import Server, metric_now
+
+    server = Server(None, env={"STREAM_LOG_JSON": "true"})  # the log_json setting, as --log-json sets it
+    with server:
+        metric_now(server, "stream_")  # a request: an access-log line too
+    lines = server.output().splitlines()
+    banners = [line for line in lines if "starting (config" in line or "serving on" in line]
+    assert len(banners) == 2, lines
+    for line in lines:
+        entry = orjson.loads(line)
+        assert set(entry) >= {"ts", "level", "logger", "message"}, line

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 
@@ -216,3 +217,17 @@ def test_workers_with_the_memory_broker_are_one_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "--workers 2 needs the Redis broker" in done.stderr
+
+
+def test_under_log_json_every_line_is_json_the_parents_too(redis_server):
+    """log_json with --workers 2: every line the parent and the workers write, from the start
+    banner to the last shutdown line, is one JSON object."""
+    with Workers(cluster_config(redis_server.url, "log_json = true\n")) as server:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(20)
+        output = server.output()
+    lines = output.splitlines()
+    assert len(lines) > 10 and any("2 workers on" in line for line in lines), output[-2000:]
+    for line in lines:
+        assert isinstance(orjson.loads(line), dict), line
