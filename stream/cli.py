@@ -52,6 +52,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
     announce(f"stream {__version__}: starting (config: {settings.source})")
+    from .workers import listening_socket
+
+    try:
+        # Bound before the app starts: a busy port is one line, not a started-then-stopped app.
+        sock = listening_socket(server_settings.host, server_settings.port, shared=args.reuse_port)
+    except OSError as exc:
+        logging.getLogger("stream").error("cannot listen on %s:%s: %s", server_settings.host, server_settings.port, exc.strerror or exc)
+        return 1
     if not args.worker:  # the parent of --workers warned already
         for line in unknown_variables():
             logging.getLogger("stream").warning("%s", line)
@@ -62,12 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
         seat = Seat.parse(args.worker, args.worker_dir)
     service = build(settings, seat)
     server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime, seat.serving if seat else None)
-    if args.reuse_port:  # one of --workers' processes: the port is shared with the others
-        from .workers import listening_socket
-
-        server.run(sockets=[listening_socket(server_settings.host, server_settings.port)])
-    else:
-        server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
@@ -87,9 +90,14 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         print("stream serve: --workers needs a fixed --port (workers share it)", file=sys.stderr)
         return 2
     from .logs import configure_logging
-    from .workers import run_workers
+    from .workers import listening_socket, run_workers
 
     configure_logging(server.log_level, json=server.log_json)  # the parent's own lines, JSON too under --log-json
+    try:
+        listening_socket(server.host, server.port, shared=True).close()  # a busy port: one line, before any worker
+    except OSError as exc:
+        logging.getLogger("stream").error("cannot listen on %s:%s: %s", server.host, server.port, exc.strerror or exc)
+        return 1
     for line in unknown_variables():
         logging.getLogger("stream").warning("%s", line)
 

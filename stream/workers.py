@@ -41,13 +41,18 @@ RESTART_DELAY, RESTART_DELAY_MAX = 1.0, 30.0
 POLL = 0.2  # seconds between looks at the workers
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket that other workers may bind to the same port as well."""
+def listening_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A listening TCP socket; ``shared``: other workers may bind to the same port as well."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

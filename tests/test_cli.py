@@ -257,3 +257,27 @@ def test_an_unknown_stream_variable_is_warned_about_naming_the_closest_setting()
     with server:
         pass
     assert "STREAM_PROT is not a setting of stream and is ignored; did you mean STREAM_PORT?" in server.output()
+
+
+def test_a_busy_port_is_one_line_and_exit_1_with_or_without_workers(tmp_path):
+    """`stream serve` on a port another process holds says so in one line (after the start
+    banner), exits 1, and starts nothing: no "startup complete", no traceback, one line too
+    with --workers 2 (it printed one traceback per worker)."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    config = tmp_path / "redis.toml"
+    config.write_text('[server]\nbroker = "redis://127.0.0.1:1/0"\n')  # --workers needs a Redis broker; it is never reached
+    try:
+        alone = run("serve", "--port", str(port))
+        workers = run("serve", "--config", str(config), "--port", str(port), "--workers", "2")
+    finally:
+        holder.close()
+    for result in (alone, workers):
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1, result.stderr
+        assert lines[-1].endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use"), lines
+        assert len(lines) <= 2 and "Traceback" not in result.stderr and "startup complete" not in result.stderr, lines
