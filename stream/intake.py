@@ -103,8 +103,13 @@ class Intake:
             log.warning("provider %s: %s", self.provider.name, exc.message)
 
     async def _save(self) -> None:
-        await self.leases.save(self.provider.name, self._state(), self.fence)
-        self.dirty = False  # only once saved: a failed save is tried again next time
+        state = self._state()
+        self.dirty = False  # now: what changes while the save is in flight makes it dirty again
+        try:
+            await self.leases.save(self.provider.name, state, self.fence)
+        except BaseException:
+            self.dirty = True  # not saved: tried again next time
+            raise
 
     def status(self) -> dict[str, Any]:
         raise NotImplementedError

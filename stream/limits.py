@@ -36,6 +36,12 @@ class TokenBucket:
         self.stamp = now
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
+    def available(self, now: float) -> float:
+        """Tokens there are now (none spent)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens
+
     def wait_time(self, count: float = 1.0) -> float:
         """Seconds until ``count`` tokens are available."""
         return max(0.0, (min(count, self.burst) - self.tokens) / self.rate)

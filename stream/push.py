@@ -10,7 +10,7 @@ A supervisor beside the reading task closes the connection when no byte arrived 
 ``idle_timeout`` (a socket that answers pings and sends nothing is dead to us), or when the
 lease lapses here (within ⅔ of ``lease_ttl``, before another node can take it). States:
 
-    CONNECTING ──first message──▶ CONNECTED ──drop──▶ BACKOFF ──wait──▶ CONNECTING
+    CONNECTING ──2xx head / handshake──▶ CONNECTED ──drop──▶ BACKOFF ──wait──▶ CONNECTING
          └──refused, error, or ended before any data (5th in a row)──▶ FAILING
 
 Resume points (SSE ``Last-Event-ID``, a websocket ``resume`` field) advance only once the
@@ -56,6 +56,8 @@ SAVE_EVERY = 1.0  # seconds: dedup memory, resume point and status are saved thi
 PING_INTERVAL = PING_TIMEOUT = 20.0  # websocket protocol pings (SPEC §7a)
 MAX_RETRY = 3600.0  # seconds: an SSE retry: hint is honoured up to this, like Retry-After
 YIELD_EVERY = 16  # messages read in a row before the reader lets other tasks run
+SEND_BUFFER_CAP = 256 * 1024  # bytes unsent to the upstream (pongs to its pings) before the link is dropped
+CLOSE_TIMEOUT = 1.0  # seconds a closing handshake may take before the connection is aborted
 _SECRET_NAME = re.compile(r"key|secret|token|pass|auth|sig|cred", re.IGNORECASE)
 
 
@@ -119,6 +121,7 @@ class Pusher(Intake):
         self._step = 0  # backoff steps since the last connection that stayed up for idle_timeout
         self._last_byte = time.monotonic()
         self._had_data = False  # this connection delivered a data message
+        self._link: asyncio.WriteTransport | None = None  # the open websocket's, for its unsent bytes
         self._saved_at = 0.0
         self._saved_messages = 0  # messages counted at the last save
         self._secrets.extend(secret for secret in _secrets_in(provider.subscribe) if secret not in self._secrets)
@@ -142,10 +145,13 @@ class Pusher(Intake):
                 delay = await self.connect_once()
                 await self._persist()
             except asyncio.CancelledError:
+                await self._last_save()
                 raise
             except LeaseLost:
                 log.info("provider %s: the lease passed to another node; its connection is closed", name)
                 self.restored = None
+                self.connected_since = None
+                self._set(PushState.CONNECTING)  # a standby: it connects again if it gets the lease back
                 delay = WATCH_EVERY
             except BrokerUnavailable as exc:
                 log.warning("provider %s: %s", name, exc.message)
@@ -154,6 +160,14 @@ class Pusher(Intake):
                 log.exception("provider %s: unexpected error in its connection", name)
                 delay = self._failed(UpstreamError("internal", "unexpected error (see the log)"))
             await sleep(delay)
+
+    async def _last_save(self) -> None:
+        """Cancelled (shutdown): save what changed since the last save, briefly, while the lease
+        is still this node's; the next holder starts from it."""
+        if self.dirty and self.leases.holds(self.provider.name):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._persist()
 
     async def connect_once(self) -> float:
         """One connection, from connect to drop; returns the delay before the next attempt."""
@@ -171,7 +185,7 @@ class Pusher(Intake):
         except HubAway as exc:
             self.last_error = f"hub: {exc}"
             log.warning("provider %s: closed its upstream connection: %s", self.provider.name, self.last_error)
-            self._step += 1
+            self._ended("hub")
             return self._backoff(None)
         finally:
             self.connected_since = None
@@ -192,6 +206,9 @@ class Pusher(Intake):
             if time.monotonic() - self._last_byte > idle:
                 reader.cancel()
                 raise UpstreamError("idle", f"no message for {idle:g} s (idle_timeout); reconnecting")
+            if self._link is not None and self._link.get_write_buffer_size() > SEND_BUFFER_CAP:
+                reader.cancel()  # it pings faster than it reads our pongs: the answers would pile up here
+                raise UpstreamError("flood", f"over {SEND_BUFFER_CAP} bytes of answers to the upstream unread")
             if time.monotonic() - self._saved_at >= SAVE_EVERY and (self.dirty or self.messages != self._saved_messages):
                 # Dedup memory, resume point and status for the next holder and the other nodes.
                 self._saved_at, self._saved_messages = time.monotonic(), self.messages
@@ -201,7 +218,9 @@ class Pusher(Intake):
 
     async def _read_sse(self) -> None:
         provider = self.provider
-        headers = {**dict(provider.headers), "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        # identity: max_message_bytes is counted on the bytes as they arrive, which must be the
+        # bytes httpx-sse parses (a gzipped stream would decompress past any bound).
+        headers = {**dict(provider.headers), "Accept": "text/event-stream", "Cache-Control": "no-store", "Accept-Encoding": "identity"}
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         timeout = httpx.Timeout(provider.timeout, read=None)  # a quiet stream is the supervisor's to judge
@@ -212,16 +231,26 @@ class Pusher(Intake):
                         self.client.stream("GET", self._sse_url(), headers=headers, timeout=timeout)
                     )
                 self._check_answer(response)
-                self._opened()
+                if response.headers.get("content-encoding", "identity") != "identity":
+                    raise UpstreamError("bad_body", f"a {response.headers['content-encoding']}-encoded stream, though identity was asked for")
                 response.stream = _Watched(response.stream, self)  # raw bytes: liveness and size, before parsing
-                source = EventSource(response)
-                async for event in source.aiter_sse():
+                events = EventSource(response).aiter_sse()
+                first = await anext(events, None)  # httpx-sse checks the content type here
+                self._opened()
+                count = 0
+                event = first
+                while event is not None:
                     if event.retry is not None:
                         self.retry = min(event.retry / 1000, MAX_RETRY)
                     raw = event.data if (event.event or "message") in provider.events else None
                     await self._take(raw)
-                    if event.id:
+                    if event.id and event.id != self.last_event_id and _sendable(event.id):
                         self.last_event_id = event.id  # only now: its items are in the hub
+                        self.dirty = True
+                    count += 1
+                    if count % YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # a flood of tiny events does not hold the loop
+                    event = await anext(events, None)
         except TimeoutError:
             raise UpstreamError("timeout", f"no answer within {provider.timeout:g} s") from None
         except SSEError as exc:
@@ -244,7 +273,7 @@ class Pusher(Intake):
         if not 200 <= status < 300:
             raise UpstreamError("status", f"HTTP {status} {response.reason_phrase}".strip())
 
-    def heard(self, size: int, pending: int) -> None:
+    def heard(self, pending: int) -> None:
         """Raw bytes arrived (``_Watched``): the link is alive; ``pending`` bytes of a message so far."""
         self._last_byte = time.monotonic()
         if pending > self.provider.max_message_bytes:
@@ -257,7 +286,7 @@ class Pusher(Intake):
         provider = self.provider
         try:
             async with asyncio.timeout(provider.timeout):
-                socket = await connect(
+                socket = await _Connect(
                     self._websocket_url(),
                     additional_headers=dict(provider.headers),
                     user_agent_header=f"stream/{__version__}",
@@ -266,7 +295,8 @@ class Pusher(Intake):
                     ping_interval=PING_INTERVAL,
                     ping_timeout=PING_TIMEOUT,
                     open_timeout=None,  # the timeout above covers connect and handshake
-                    close_timeout=1,
+                    close_timeout=CLOSE_TIMEOUT,
+                    logger=_websockets_log,
                 )
         except TimeoutError:
             raise UpstreamError("timeout", f"no handshake within {provider.timeout:g} s") from None
@@ -279,6 +309,7 @@ class Pusher(Intake):
         except OSError as exc:
             raise UpstreamError("connect", f"cannot connect ({exc.strerror or type(exc).__name__})") from None
         self._opened()
+        self._link = socket.transport
         try:
             await self._subscribe(socket)
             count = 0
@@ -294,8 +325,8 @@ class Pusher(Intake):
                 raise UpstreamError("too_large", f"a message over {provider.max_message_bytes} bytes (max_message_bytes)") from None
             raise UpstreamError("closed", f"the upstream closed the connection ({_close_reason(exc)})") from None
         finally:
-            with contextlib.suppress(Exception):
-                await socket.close()
+            self._link = None
+            await _close(socket)
         raise UpstreamError("closed", f"the upstream closed the connection ({_close_reason(None, socket)})")
 
     async def _subscribe(self, socket: ClientConnection) -> None:
@@ -322,8 +353,15 @@ class Pusher(Intake):
         self.last_message = self.clock()
         if raw is None:
             return
-        message = read_message(raw, self.provider)
+        try:
+            message = read_message(raw, self.provider, budget=max(0, int(self.bucket.available(time.monotonic()))))
+        except Exception:  # a parser bug or an input it chokes on: this message only
+            log.exception("provider %s: could not read a message; skipped", self.provider.name)
+            self.items_skipped += 1
+            return
         self._report_skips(message.parsed)
+        if message.over:
+            self._dropped_items(message.over)
         if message.data:
             self._had_data = True
             self.last_ok = self.last_message
@@ -332,11 +370,8 @@ class Pusher(Intake):
                 self._changed()
         items = message.parsed.items
         if items:
-            now = time.monotonic()
-            kept = [item for item in items if self.bucket.take(now)]
-            if len(kept) < len(items):
-                self._dropped_items(len(items) - len(kept))
-            await self._accept(kept)
+            self.bucket.spend(time.monotonic(), len(items))  # read_message kept to the budget (a message may pass it a little)
+            await self._accept(items)
         if message.resume is not None and message.resume != self.cursor:
             self.cursor = message.resume  # only now: its items are in the hub
             self.dirty = True
@@ -347,13 +382,21 @@ class Pusher(Intake):
     async def _accept(self, items: list[Any]) -> None:
         self._note_times(items)
         fresh, remember = self._fresh(items, in_order=True)
+        if self._values:
+            # A value the hub already retains is not news, even if this provider's memory lacks
+            # it (a restart or takeover before the last save, a key forgotten past dedup_size).
+            retained = self.hub.store.retained
+            fresh = [item for item in fresh if (held := retained.get(item.topic)) is None or held.data != item.data]
         if self._values and not self.provider.backfill:
-            # A key with no value yet is primed without an event; later changes are published.
-            new = [item for item in fresh if item.key not in self.seen]
+            # A topic with no retained value yet is primed without an event; later changes are
+            # published (also for a key this provider's memory forgot past dedup_size).
+            retained = self.hub.store.retained
+            new = [item for item in fresh if item.topic not in retained]
             if new:
                 if await self._prime(new) is None:
                     raise HubAway("could not prime the new keys")
-                fresh = [item for item in fresh if item.key in self.seen]
+                primed = {id(item) for item in new}
+                fresh = [item for item in fresh if id(item) not in primed]
         if not await self._publish_items(fresh):
             raise HubAway("items could not be published; the connection resumes once the hub takes them")
         self._remember(remember, 0)
@@ -372,13 +415,16 @@ class Pusher(Intake):
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def _dropped(self, exc: UpstreamError, lasted: float) -> float:
-        """The link ended with ``exc``: a failed attempt unless it had delivered data."""
+    def _ended(self, outcome: str) -> None:
         if self.connected_since is not None:
             self.reconnects += 1  # an open connection ended (a refused attempt is no reconnect)
             self.connected_since = None
-        self.outcomes[exc.kind] = self.outcomes.get(exc.kind, 0) + 1
-        if lasted >= self.provider.idle_timeout and self._had_data:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _dropped(self, exc: UpstreamError, lasted: float) -> float:
+        """The link ended with ``exc``: a failed attempt unless it had delivered data."""
+        self._ended(exc.kind)
+        if lasted >= self.provider.idle_timeout:
             self._step = 0  # it stayed up: start the backoff again from the bottom
         if self._had_data:
             self.last_error = self._clean(f"{exc.kind}: {exc.message}")
@@ -467,7 +513,7 @@ class _Watched(httpx.AsyncByteStream):
             end = max(joined.rfind(b"\n\n"), joined.rfind(b"\r\n\r\n"), joined.rfind(b"\r\r"))
             self.pending = len(joined) - end - 2 if end >= 0 else self.pending + len(chunk)
             self.tail = chunk[-3:]
-            self.pusher.heard(len(chunk), self.pending)
+            self.pusher.heard(self.pending)
             yield chunk
 
     async def aclose(self) -> None:
@@ -507,3 +553,34 @@ def _secrets_in(messages: tuple[str | dict[str, Any], ...]) -> list[str]:
     for message in messages:
         walk(message, "")
     return found
+
+
+class _Connect(connect):
+    """websockets' connect, without following redirects: a redirect would carry the headers and
+    the subscribe messages (keys) to another host. A 3xx is a failed attempt like any status."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+# websockets logs every frame at DEBUG, the subscribe messages (keys) included: never.
+_websockets_log = logging.getLogger("stream.push.websocket")
+_websockets_log.setLevel(logging.WARNING)
+
+
+async def _close(socket: ClientConnection) -> None:
+    """Close the connection, or abort it if that takes longer than CLOSE_TIMEOUT (an upstream
+    that reads nothing never lets our close frame out)."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await socket.close()
+    except Exception:
+        socket.transport.abort()
+    except BaseException:  # cancelled while closing: do not leave it half open
+        socket.transport.abort()
+        raise
+
+
+def _sendable(ident: str) -> bool:
+    """Whether an SSE id can go back as a Last-Event-ID header (printable ASCII, bounded)."""
+    return len(ident) <= 1024 and ident.isascii() and ident.isprintable()

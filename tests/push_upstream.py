@@ -16,11 +16,13 @@ latency measurements; ``received`` keeps what WebSocket clients sent, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -49,6 +51,8 @@ class PushUpstream:
         self.on_ws_connect: Callable[[str], list[str]] = lambda path: []
         self.on_ws_message: Callable[[str], list[str] | Close] = lambda text: []
         self.sent_at: dict[str, float] = {}
+        self.redirect_to: str | None = None  # answer WebSocket upgrades with a 302 to this URL
+        self.sse_headers = ""  # more response header lines for SSE streams ("Content-Encoding: gzip\r\n")
         self.open_ws = 0  # WebSocket connections open now
         self.most_open_ws = 0  # the most ever open at once
         self._streams: set[asyncio.StreamWriter] = set()
@@ -79,7 +83,15 @@ class PushUpstream:
 
     async def _start(self) -> None:
         self._servers.append(await asyncio.start_server(self._serve_sse, "127.0.0.1", self.sse_port))
-        self._servers.append(await serve(self._serve_ws, "127.0.0.1", self.ws_port, max_size=None))
+        self._servers.append(await serve(self._serve_ws, "127.0.0.1", self.ws_port, max_size=None, process_request=self._redirect))
+
+    def _redirect(self, connection: ServerConnection, request: Any) -> Any:
+        if self.redirect_to is None:
+            return None
+        self.ws_requests.append(request.path)
+        response = connection.respond(HTTPStatus.FOUND, "moved\n")
+        response.headers["Location"] = self.redirect_to
+        return response
 
     def _call(self, make: Callable[[], Any], timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout)
@@ -126,6 +138,28 @@ class PushUpstream:
 
         return asyncio.run_coroutine_threadsafe(flood(), self.loop)
 
+    def ping_flood(self, seconds: float) -> Future[int]:
+        """Stop reading every open WebSocket and send it PINGs as fast as the link takes them,
+        for ``seconds`` (each asks for a pong the client cannot deliver)."""
+
+        async def flood() -> int:
+            sent = 0
+            deadline = time.monotonic() + seconds
+            for socket in list(self._sockets):
+                socket.transport.pause_reading()
+            while time.monotonic() < deadline and self._sockets:
+                for socket in list(self._sockets):
+                    with contextlib.suppress(Exception):
+                        for _ in range(200):  # the largest pings (125 bytes): each asks a pong as large
+                            socket.protocol.send_ping(b"%08d" % sent + b"p" * 117)
+                            sent += 1
+                        for data in socket.protocol.data_to_send():
+                            socket.transport.write(data)
+                await asyncio.sleep(0)
+            return sent
+
+        return asyncio.run_coroutine_threadsafe(flood(), self.loop)
+
     def drop(self) -> None:
         """End every SSE stream (a clean close of the connection)."""
 
@@ -159,7 +193,8 @@ class PushUpstream:
         headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)}
         headers[":path"] = lines[0].split(" ")[1]
         self.sse_requests.append(headers)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n")
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n{self.sse_headers}\r\n"
+        writer.write(head.encode())
         for frame in self.on_sse(headers):
             writer.write(frame)
         self._streams.add(writer)

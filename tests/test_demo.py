@@ -9,7 +9,7 @@ import httpx
 import orjson
 from httpx_sse import aconnect_sse
 
-from .support import Server, SSEReader
+from .support import Server, SSEReader, wait_until
 
 
 async def test_stream_serve_with_no_config_shows_quotes_and_headlines():
@@ -88,3 +88,27 @@ async def test_news_applies_read_rights_before_the_limit():
                 news = (await http.get(f"{server.url}/api/news?limit=5")).json()["headlines"]
                 await asyncio.sleep(0.2)
     assert len(news) == 5 and {event["topic"] for event in news} == {"news.markets"}
+
+
+def test_demo_push_streams_end_with_a_retry_hint_at_shutdown():
+    """A client on /demo/stream does not hold up a SIGTERM: its stream ends with a `retry:` hint
+    and the server exits promptly, without cancelling tasks past the graceful timeout."""
+    import threading
+
+    server = Server(None).start()
+    received: list[str] = []
+
+    def read() -> None:
+        with httpx.stream("GET", f"{server.url}/demo/stream", timeout=10) as response:
+            for line in response.iter_lines():
+                received.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(line.startswith("event: newswire") for line in received), 10)
+    finally:
+        took = server.stop()
+    reader.join(5)
+    assert "retry: 1000" in received and took < 5, (took, received[-3:])
+    assert "graceful shutdown exceeded" not in server.output()

@@ -9,6 +9,7 @@ import asyncio
 import re
 import resource
 import socket
+import struct
 import time
 import uuid
 from collections import Counter
@@ -517,6 +518,30 @@ async def test_a_ping_flood_is_closed_with_1008(server):
         ws = AttackWebSocket(server.port, source=ATTACKERS[3])
         try:
             code = await asyncio.to_thread(ws.flood_pings, 3.0)
+        finally:
+            ws.close()
+    assert code == 1008
+    canary.assert_healthy(rss_bound_mb=canary.baseline_rss_mb + 100)
+
+
+async def test_a_text_frame_flood_on_the_demo_feed_is_closed_with_1008(server):
+    """/demo/ws reads nothing a client sends, but a flood of text frames to it still costs ops:
+    closed with 1008 like any WebSocket's, and the canary does not notice."""
+
+    def flood(ws: AttackWebSocket, seconds: float) -> int | None:
+        frame = struct.pack("!BB", 0x81, 0x81) + b"\0\0\0\0" + b"x"  # a masked 1-byte text frame
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                ws.sock.sendall(frame * 200)
+        except OSError:
+            pass
+        return ws.close_code(timeout=3)
+
+    with Canary(server) as canary:
+        ws = AttackWebSocket(server.port, "/demo/ws", source=ATTACKERS[3])
+        try:
+            code = await asyncio.to_thread(flood, ws, 3.0)
         finally:
             ws.close()
     assert code == 1008

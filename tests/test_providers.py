@@ -309,3 +309,10 @@ def test_reconnect_delays_are_full_jitter_up_to_the_ceiling():
         delays = [reconnect_delay(1.0, 300.0, step, rng) for _ in range(200)]
         ceiling = min(300.0, 2.0**step)
         assert 0 <= min(delays) and max(delays) <= ceiling and max(delays) > ceiling * 0.8
+
+
+def test_a_time_that_overflows_on_conversion_to_utc_is_no_time():
+    """0001-01-01T00:00:00+05:00 parses but cannot be moved to UTC: no time, never an exception
+    (it escaped from the push path and dropped the connection on every message)."""
+    assert parse_time("0001-01-01T00:00:00+05:00") is None
+    assert parse_time("2026-12-07T10:00:00+01:00").isoformat() == "2026-12-07T09:00:00+00:00"

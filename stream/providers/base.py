@@ -109,11 +109,11 @@ def parse_time(value: Any) -> datetime | None:
             moment = datetime.fromisoformat(re.sub(r"[zZ]\Z", "+00:00", text))
         except ValueError:
             moment = parsedate_to_datetime(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)  # may overflow too: 0001-01-01T00:00:00+05:00
     except (TypeError, ValueError, OverflowError, OSError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -33,9 +33,13 @@ class Message:
     control: int = 0  # control and heartbeat elements
     error: str | None = None  # the upstream said something is wrong (the first error element)
     resume: Any = None  # the last value of ``resume.field`` in a data element
+    over: int = 0  # data elements past the budget: not read, dropped
 
 
-def read_message(raw: bytes | str, provider: ProviderSettings) -> Message:
+def read_message(raw: bytes | str, provider: ProviderSettings, budget: int | None = None) -> Message:
+    """``budget``: how many items may still be taken (the provider's rate); the data elements
+    past it are counted in ``over`` and not read, so a batch of 100,000 costs little more than
+    telling them apart."""
     message = Message()
     try:
         document = orjson.loads(raw)
@@ -47,6 +51,9 @@ def read_message(raw: bytes | str, provider: ProviderSettings) -> Message:
             message.error = message.error or _error_text(element)
         elif _matches(element, provider.where):
             message.data += 1
+            if budget is not None and len(message.parsed.items) >= budget:
+                message.over += 1
+                continue
             _read_data(element, provider, message)
         else:
             message.control += 1

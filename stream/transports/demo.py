@@ -24,7 +24,7 @@ from ..providers import DemoMarket
 
 __all__ = ["demo_feed", "router"]
 
-TICK = 0.1  # seconds: the longest wait between looks at the market
+TICK = 1.0  # seconds: the longest wait between looks at the market (it changes every second)
 HEARTBEAT = 5.0  # seconds of quiet before a heartbeat
 REPLAY = 10  # headlines per wire a new stream starts with
 
@@ -86,7 +86,6 @@ async def demo_feed(
     """What a push stream of the demo market sends: ``(kind, message, position)``, kind being
     ``headline``, ``quotes`` or ``heartbeat`` (message None). ``position`` (``run:n:n``, the
     last headline number of each wire) resumes a stream given back as ``resume``."""
-    now = time.time()
     after = _position(resume, market) or {wire: number - REPLAY for wire, number in market.numbers().items()}
     quoted = -1.0
     quiet_since = time.monotonic()
@@ -126,8 +125,13 @@ async def stream(request: Request) -> StreamingResponse:
     """The demo market pushed over SSE: ``event: newswire`` / ``markets`` (headlines, with an
     ``id:`` to resume from), ``event: quotes`` once a second, ``: heartbeat`` comments."""
 
+    runtime = request.state.stream
+
     async def frames() -> AsyncIterator[bytes]:
         async for kind, message, position in demo_feed(request.state.demo, _base(request), request.headers.get("last-event-id")):
+            if runtime.stopping:  # shutting down: end the stream with a hint, as /sse does
+                yield b"retry: 1000\n\n"
+                return
             if message is None:
                 yield b": heartbeat\n\n"
             elif kind == "headline":

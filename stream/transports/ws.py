@@ -84,6 +84,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_event_loop()
         self.runtime: Runtime | None = app_state.get("stream")
         self.market: DemoMarket | None = app_state.get("demo")
+        self.market_feed = False  # this socket is /demo/ws: it is sent the demo market, and reads nothing
         max_size = self.runtime.settings.server.max_frame_bytes if self.runtime else 64 * 1024
         self.conn = ServerProtocol(max_size=max_size, logger=_protocol_log)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -406,6 +407,9 @@ class WebSocketProtocol(asyncio.Protocol):
         """``/demo/ws``: the demo market pushed (transports/demo.py). What it is sent is ignored;
         its pings count against the op rate like any socket's."""
         assert self.runtime is not None and self.market is not None
+        self.client_host = self.runtime.proxies.client(self.client_host, request.headers.get_all("X-Forwarded-For"))
+        self.client_group = self.runtime.group(self.client_host)
+        self.market_feed = True
         self.conn.send_response(response)
         self._flush()
         self._log_access(request.path, 101)
@@ -468,6 +472,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _message(self, data: bytes) -> None:
         if self.sub is None or self.conn.state is not OPEN:
+            if self.market_feed:
+                self._control_allowed()  # /demo/ws reads nothing, but a flood of it is a flood
             return
         if self.fragments_binary:
             self.send_error(BadRequest("frame: binary frames are not accepted; send JSON text frames"), None)
