@@ -440,3 +440,48 @@ async def test_a_restarted_node_republishes_no_ticker_value_it_had_published(red
             await wait_for(lambda: status_of(second, "kraken")["items_published"] >= 1, 5)
             events = get(f"{second.url}/api/events", params={"topics": "ticker.*"}, headers=AUTH).json()["events"]
     assert [(event["topic"], event["data"]["last"]) for event in events] == [("ticker.BTC_USD", 101.0), ("ticker.ETH_USD", 201.0)]
+
+
+def test_a_change_made_while_a_save_is_in_flight_is_saved_next_time():
+    """The state is marked clean when its snapshot is taken, not when the save returns: an item
+    remembered while Redis answers the save keeps the state dirty (it was lost until the next
+    change), and a failed save leaves it dirty."""
+    from stream.hub import Hub
+    from stream.intake import Intake
+    from stream.leases import Leases
+    from stream.provider_settings import ProviderSettings
+
+    class SlowLeases(Leases):
+        def __init__(self) -> None:
+            super().__init__()
+            self.saved: list[list[str]] = []
+            self.release = asyncio.Event()
+            self.fail = False
+
+        async def save(self, name, state, fence) -> None:
+            await self.release.wait()
+            if self.fail:
+                from stream.errors import BrokerUnavailable
+
+                raise BrokerUnavailable("away")
+            self.saved.append([key for key, _ in state["seen"]])
+
+    async def scenario() -> tuple[list[list[str]], bool, bool]:
+        leases = SlowLeases()
+        intake = Intake(ProviderSettings(name="p", kind="sse", url="http://u/s"), Hub(), leases=leases)
+        intake._remember({"h1": None}, 0)
+        saving = asyncio.create_task(intake._save())
+        await asyncio.sleep(0)
+        intake._remember({"h2": None}, 0)  # while the save is in flight
+        leases.release.set()
+        await saving
+        dirty_after = intake.dirty
+        leases.fail = True
+        try:
+            await intake._save()
+        except Exception:
+            pass
+        return leases.saved, dirty_after, intake.dirty
+
+    saved, dirty_after, dirty_after_failure = asyncio.run(scenario())
+    assert saved == [["h1"]] and dirty_after and dirty_after_failure
