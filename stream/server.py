@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from . import __version__
@@ -25,6 +28,7 @@ log = logging.getLogger("stream")
 # server holds its connections and events. A tenth as often, after start-up's own objects
 # are frozen out of it, see docs/architecture.md ("Garbage collection").
 FULL_COLLECTION_EVERY = 100
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _loop() -> str:
@@ -74,6 +78,7 @@ class StreamServer(Server):
         super().__init__(config)
         self.runtime = runtime
         self.serving = serving  # called once the socket listens (a worker tells its parent)
+        self.stopped_by: int | None = None  # the signal that started the shutdown
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -98,7 +103,30 @@ class StreamServer(Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only flip the flag, so /readyz answers 503 at once.
         self.runtime.stopping = True
+        if self.stopped_by is None:
+            self.stopped_by = sig
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT start the graceful shutdown; once it is done, one closing line, and
+        the process ends by the signal it got, as a supervisor expects. uvicorn's own version
+        re-raises SIGINT into asyncio's handler, which turns it into a KeyboardInterrupt and a
+        traceback on every Ctrl-C."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.stopped_by is not None:
+            name = signal.Signals(self.stopped_by).name
+            announce(f"stream {__version__}: stopped by {name} after a graceful shutdown")
+            signal.signal(self.stopped_by, signal.SIG_DFL)
+            signal.raise_signal(self.stopped_by)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.runtime.drain()

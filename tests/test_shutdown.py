@@ -104,3 +104,29 @@ async def test_sigterm_with_stalled_clients_still_exits_promptly_and_cleanly():
         sock.close()
     for raw in stalled_ws:
         raw.close()
+
+
+def test_ctrl_c_is_a_graceful_stop_with_one_closing_line_and_no_traceback():
+    """SIGINT (Ctrl-C) drains like SIGTERM and ends with one closing line (JSON under
+    --log-json), no KeyboardInterrupt traceback, and the process dies by SIGINT as
+    docs/operations.md says (a shell shows 130)."""
+    import signal
+
+    import orjson
+
+    from .support import Server
+
+    for env in ({}, {"STREAM_LOG_JSON": "true"}):
+        server = Server(None, env=env).start()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGINT)
+        code = server.proc.wait(15)
+        server.stop()
+        output = server.output()
+        last = output.splitlines()[-1]
+        assert code == -signal.SIGINT, (code, output[-2000:])
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+        if env:
+            assert orjson.loads(last)["message"] == "stream 0.1.0: stopped by SIGINT after a graceful shutdown"
+        else:
+            assert last == "stream 0.1.0: stopped by SIGINT after a graceful shutdown", last
