@@ -233,12 +233,14 @@ class Pusher(Intake):
                 self._check_answer(response)
                 if response.headers.get("content-encoding", "identity") != "identity":
                     raise UpstreamError("bad_body", f"a {response.headers['content-encoding']}-encoded stream, though identity was asked for")
+                media = response.headers.get("content-type", "").partition(";")[0].strip()
+                if media != "text/event-stream":
+                    raise UpstreamError("bad_body", f"expected text/event-stream, got {media or 'no content type'!r}")
+                self._opened()
                 response.stream = _Watched(response.stream, self)  # raw bytes: liveness and size, before parsing
                 events = EventSource(response).aiter_sse()
-                first = await anext(events, None)  # httpx-sse checks the content type here
-                self._opened()
                 count = 0
-                event = first
+                event = await anext(events, None)
                 while event is not None:
                     if event.retry is not None:
                         self.retry = min(event.retry / 1000, MAX_RETRY)
