@@ -1,68 +1,100 @@
 // The dashboard: quotes, headlines and provider health, kept live by one WebSocket.
 
 import { LiveStream } from "./connection.js";
-import { changeText, clockTime, durationText, priceText, relativeTime, sparkline } from "./format.js";
+import { changeText, clockTime, durationText, priceText, relativeTime, sparkline, wallTime } from "./format.js";
 
 const MAX_HEADLINES = 200;
 const SPARK_POINTS = 60;
 const LATE_SECONDS = 60; // an item this long after its publication is shown as late
+const FLASH_MS = 700; // a price cell's flash: the last tick's direction, gone within a second
 
 const $ = (id) => document.getElementById(id);
-const quotes = new Map(); // symbol -> {row, prices: number[], last: number}
+const quotes = new Map(); // symbol -> {row, prices: number[], last: number, changedAt: number, flash: timer}
 const headlines = []; // newest first: {key, event, item}
 const seen = new Set(); // headline keys already shown
 const providers = new Map(); // name -> li
 const providerStatus = new Map(); // name -> its latest status, to redraw relative times
 let filterText = "";
 let quotesAt = null; // when the last quote arrived (Date)
+let providersAt = null; // when the last provider status arrived (Date)
+let down = false; // the page's own socket dropped or was refused: what it shows is not current
 
 // -- quotes ---------------------------------------------------------------------------------
 
 function quoteRow(symbol) {
   const row = document.createElement("tr");
   row.dataset.symbol = symbol;
-  row.innerHTML = `<th scope="row" class="symbol"></th><td class="num price"></td><td class="num change"></td><td class="spark-col"></td>`;
-  row.querySelector(".symbol").textContent = symbol;
+  row.innerHTML =
+    `<th scope="row" class="symbol"><button type="button" class="pick"></button><span class="name"></span></th>` +
+    `<td class="num price"><span class="value"></span><time class="changed"></time></td><td class="num change"></td><td class="spark-col"></td>`;
+  const pick = row.querySelector(".pick");
+  pick.textContent = symbol;
+  pick.title = `Show only headlines about ${symbol} (again: show all)`;
+  pick.setAttribute("aria-pressed", "false");
+  // The whole row picks the symbol; the button is its keyboard and screen-reader handle.
+  row.addEventListener("click", (click) => {
+    if (click.target.closest("a")) return;
+    setFilter(filterText.toLowerCase() === symbol.toLowerCase() ? "" : symbol, { focus: false });
+  });
   const body = $("quotes").tBodies[0];
   const after = [...body.rows].find((other) => other.dataset.symbol > symbol);
   body.insertBefore(row, after || null);
   $("quotes-empty").hidden = true;
-  return { row, prices: [], last: null };
+  return { row, prices: [], last: null, changedAt: null, flash: null };
 }
 
-function showQuote(topic, data) {
+function showQuote(event) {
+  const data = event.data;
   if (!data || typeof data !== "object") return;
-  const symbol = data.symbol || topic.split(".").slice(1).join(".");
+  const symbol = data.symbol || event.topic.split(".").slice(1).join(".");
   const price = Number(data.price);
   if (!symbol || !Number.isFinite(price)) return;
+  const isNew = !quotes.has(symbol);
   const quote = quotes.get(symbol) || quoteRow(symbol);
   quotes.set(symbol, quote);
   const { row } = quote;
-  const head = row.querySelector(".symbol");
-  head.textContent = symbol;
-  if (data.name) {
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = data.name;
-    head.append(name);
-  }
+  row.querySelector(".name").textContent = data.name || "";
+  if (isNew) applyFilter();
   const priceCell = row.querySelector(".price");
-  priceCell.textContent = priceText(price);
-  if (quote.last !== null && price !== quote.last) {
-    const direction = price > quote.last ? "flash-up" : "flash-down";
-    priceCell.classList.remove("flash-up", "flash-down");
-    void priceCell.offsetWidth; // restart the animation
-    priceCell.classList.add(direction);
+  priceCell.querySelector(".value").textContent = priceText(price);
+  // One colour rule. The flash: this tick's direction, gone within a second.
+  if (quote.last !== null && price !== quote.last) flash(quote, priceCell, price > quote.last ? "up" : "down");
+  if (quote.last === null || price !== quote.last) {
+    // When it last changed: the server's accept time of the event that changed it.
+    quote.changedAt = Number.isFinite(event.ts) ? event.ts : Date.now();
+    showChanged(quote);
   }
   quote.last = price;
   quotesAt = new Date();
+  // The change column: the day's change.
   const change = Number(data.change_pct ?? data.change ?? 0);
   const changeCell = row.querySelector(".change");
   changeCell.textContent = changeText(data);
   changeCell.className = `num change ${change > 0 ? "up" : change < 0 ? "down" : ""}`;
+  // The sparkline: its own first-to-last direction (sparkline() decides).
   quote.prices.push(price);
   if (quote.prices.length > SPARK_POINTS) quote.prices.shift();
-  row.querySelector(".spark-col").replaceChildren(sparkline(quote.prices, change >= 0));
+  row.querySelector(".spark-col").replaceChildren(sparkline(quote.prices));
+}
+
+function flash(quote, cell, direction) {
+  clearTimeout(quote.flash);
+  cell.classList.remove("flash-up", "flash-down");
+  void cell.offsetWidth; // restart the animation
+  cell.classList.add(`flash-${direction}`);
+  cell.dataset.tick = direction;
+  quote.flash = setTimeout(() => cell.classList.remove("flash-up", "flash-down"), FLASH_MS);
+}
+
+function showChanged(quote) {
+  const time = quote.row.querySelector(".changed");
+  if (quote.changedAt === null) return;
+  const iso = new Date(quote.changedAt).toISOString();
+  if (time.dateTime !== iso) {
+    time.dateTime = iso;
+    time.title = `Last changed at ${wallTime(iso)}`;
+  }
+  time.textContent = relativeTime(iso);
 }
 
 // -- headlines ------------------------------------------------------------------------------
@@ -152,6 +184,7 @@ function addHeadline(event, { fresh = true } = {}) {
     old.item.remove();
   }
   updateCounts();
+  if ($("demo").hidden && isDemo(event.data?.provider)) updateDemo();
 }
 
 function forgetHeadlines() {
@@ -170,15 +203,19 @@ function updateCounts() {
 
 function applyFilter() {
   for (const entry of headlines) entry.item.hidden = !matches(entry.event.data || {});
-  for (const [symbol, quote] of quotes) quote.row.classList.toggle("picked", filterText.toLowerCase() === symbol.toLowerCase());
+  for (const [symbol, quote] of quotes) {
+    const picked = filterText.toLowerCase() === symbol.toLowerCase();
+    quote.row.classList.toggle("picked", picked);
+    quote.row.querySelector(".pick").setAttribute("aria-pressed", String(picked));
+  }
   updateCounts();
 }
 
-function setFilter(text) {
+function setFilter(text, { focus = true } = {}) {
   $("filter").value = text;
   filterText = text.trim();
   applyFilter();
-  $("filter").focus();
+  if (focus) $("filter").focus();
 }
 
 // -- providers ------------------------------------------------------------------------------
@@ -207,9 +244,73 @@ function showProvider(status) {
     item.dataset.name = status.name;
     list.insertBefore(item, after || null);
     $("providers-empty").hidden = true;
+    $("providers-toggle").hidden = false;
   }
   providerStatus.set(status.name, status);
+  providersAt = new Date();
   renderProvider(item, status);
+  renderSummary();
+  updateDemo();
+}
+
+// While the page's own socket is down, nothing it shows about the providers is current: the
+// last known state is dimmed and said to be stale, never "connected" or "ok".
+const isStale = () => down && providersAt !== null;
+
+function staleTitle(status) {
+  const asof = providersAt ? ` as of ${providersAt.toLocaleTimeString([], { hour12: false })}` : "";
+  return `Stale: this page is not connected to the server, so provider states are not updated. Last known${asof}: ${status.state}`;
+}
+
+// The one-line summary (shown on a phone): a badge per provider, which opens the full list.
+function renderSummary() {
+  const badges = [];
+  const stale = isStale();
+  const prefix = sharedPrefix([...providerStatus.keys()]);
+  for (const [name, status] of providerStatus) {
+    const badge = document.createElement("span");
+    const settled = status.state === "ok" || status.state === "connected";
+    const short = name.slice(prefix.length);
+    badge.className = `pbadge state-${stale ? "stale" : status.state}`;
+    badge.dataset.name = name;
+    badge.textContent = stale || settled ? short : `${short} ${(isPush(status) && PUSH_STATE_WORDS[status.state]) || status.state}`;
+    badge.title = stale ? `${name}: ${staleTitle(status)}` : `${name}: ${status.state}. ${STATE_TITLES[status.state] || ""}`;
+    badges.push(badge);
+  }
+  badges.sort((a, b) => (a.dataset.name < b.dataset.name ? -1 : 1));
+  if (prefix) {
+    const shared = document.createElement("span");
+    shared.className = "prefix";
+    shared.textContent = prefix;
+    badges.unshift(shared);
+  }
+  $("provider-badges").replaceChildren(...badges);
+  const bad = [...providerStatus.values()].filter((s) => !["ok", "connected", "disabled"].includes(s.state)).length;
+  const word = stale ? "stale" : bad ? `${bad} not ok` : "all ok";
+  $("providers-toggle").setAttribute("aria-label", `Providers: ${providerStatus.size}, ${word}. Show the details`);
+}
+
+// "demo-" for demo-quotes, demo-newswire, demo-markets: said once, so a phone's line fits.
+function sharedPrefix(names) {
+  if (names.length < 2) return "";
+  let prefix = names.reduce((a, b) => {
+    let i = 0;
+    while (i < a.length && a[i] === b[i]) i += 1;
+    return a.slice(0, i);
+  });
+  prefix = prefix.slice(0, Math.max(...["-", "_", ".", ":"].map((sep) => prefix.lastIndexOf(sep))) + 1);
+  return names.every((name) => name.length > prefix.length) ? prefix : "";
+}
+
+function markProvidersStale() {
+  const stale = isStale();
+  document.querySelector(".providers").classList.toggle("stale", stale);
+  const asof = $("providers-asof");
+  asof.hidden = !stale;
+  if (stale && !asof.textContent) asof.textContent = `stale · as of ${providersAt.toLocaleTimeString([], { hour12: false })}`;
+  if (!stale) asof.textContent = "";
+  for (const [name, item] of providers) renderProvider(item, providerStatus.get(name));
+  renderSummary();
 }
 
 function renderProvider(item, status) {
@@ -217,10 +318,12 @@ function renderProvider(item, status) {
   item.dataset.lastOk = status.last_ok || "";
   item.dataset.state = status.state;
   item.dataset.mode = push ? "push" : "poll";
+  const stale = isStale();
+  item.classList.toggle("stale", stale);
   const state = item.querySelector(".state");
-  state.textContent = (push && PUSH_STATE_WORDS[status.state]) || status.state;
-  state.className = `state state-${status.state}`;
-  state.title = STATE_TITLES[status.state] || "";
+  state.textContent = stale ? "stale" : (push && PUSH_STATE_WORDS[status.state]) || status.state;
+  state.className = `state state-${stale ? "stale" : status.state}`;
+  state.title = stale ? staleTitle(status) : STATE_TITLES[status.state] || "";
   item.querySelector(".provider-name").textContent = status.name;
   item.querySelector(".provider-detail").textContent = providerDetail(status);
   const lag = item.querySelector(".provider-lag");
@@ -262,6 +365,19 @@ function lagText(status) {
   return status.items_published ? "lag unknown: no item with a publication time" : "";
 }
 
+// -- demo ---------------------------------------------------------------------------------
+
+// The built-in demo market's providers are named demo-…, and so are its headlines' `provider`.
+const isDemo = (name) => typeof name === "string" && name.startsWith("demo-");
+
+function updateDemo() {
+  const demo =
+    [...providerStatus.values()].some((status) => isDemo(status.name) && status.state !== "disabled") ||
+    headlines.some((entry) => isDemo(entry.event.data?.provider));
+  $("demo").hidden = !demo;
+  $("demo-note").hidden = !demo;
+}
+
 // -- state from HTTP (first load, and after a gap) -----------------------------------------
 
 // For a server with `public = []`: open the page as /#token=<key or JWT>. The fragment never
@@ -287,7 +403,7 @@ async function refetch() {
     for (const status of statuses) showProvider(status);
     const quoteTopics = topics.filter((t) => t.topic.startsWith("quotes."));
     const latest = await Promise.all(quoteTopics.map((t) => getJSON(`/api/topics/${encodeURIComponent(t.topic)}`)));
-    for (const event of latest) showQuote(event.topic, event.data);
+    for (const event of latest) showQuote(event);
   } catch (error) {
     console.warn("stream: could not refresh the page state", error);
   }
@@ -297,7 +413,7 @@ async function refetch() {
 
 function route(event) {
   if (event.topic === "_system.providers") showProvider(event.data);
-  else if (event.topic.startsWith("quotes.")) showQuote(event.topic, event.data);
+  else if (event.topic.startsWith("quotes.")) showQuote(event);
   else if (event.topic.startsWith("news.")) addHeadline(event, { fresh: !event.snapshot });
   if (!event.snapshot && !event.topic.startsWith("_")) refreshProvidersSoon();
 }
@@ -315,6 +431,12 @@ function showConnection(state, detail) {
   asof.hidden = !stale;
   if (stale && !asof.textContent) asof.textContent = `as of ${quotesAt.toLocaleTimeString([], { hour12: false })}`;
   if (!stale) asof.textContent = "";
+  // The providers panel likewise; and back live, ask for their current state at once.
+  // (While first connecting, what came over HTTP is current: not stale.)
+  const wasDown = down;
+  down = state === "reconnecting" || state === "offline" || state === "refused";
+  markProvidersStale();
+  if (state === "live" && wasDown && providersAt !== null) refreshProviders();
 }
 
 // Provider status events come only when a state changes, so the page asks again when new data
@@ -340,7 +462,7 @@ async function refreshProviders() {
   }
 }
 
-const live = new LiveStream({
+const socket = new LiveStream({
   topics: ["quotes.>", "news.>", "_system.providers"],
   onEvent: route,
   onGap: (gap) => {
@@ -359,6 +481,12 @@ $("filter").addEventListener("input", (input) => {
   applyFilter();
 });
 $("clear-filter").addEventListener("click", () => setFilter(""));
+$("providers-toggle").addEventListener("click", () => {
+  const open = $("providers-toggle").getAttribute("aria-expanded") !== "true";
+  $("providers-toggle").setAttribute("aria-expanded", String(open));
+  document.querySelector(".providers").classList.toggle("expanded", open);
+  $("providers-toggle").querySelector(".toggle-word").textContent = open ? "hide" : "details";
+});
 
 setInterval(() => {
   for (const entry of headlines) {
@@ -368,13 +496,18 @@ setInterval(() => {
   for (const [name, item] of providers) renderProvider(item, providerStatus.get(name));
 }, 10000);
 
+// "just now", "7 s ago": each quote row's last change, kept current between ticks.
+setInterval(() => {
+  for (const quote of quotes.values()) showChanged(quote);
+}, 1000);
+
 setInterval(refreshProviders, 15000);
 
 // Subscribe first, then load what came before: whatever is published in between arrives live
 // and the two overlap harmlessly (headlines are de-duplicated by provider and id).
-live.start();
+socket.start();
 refetch();
-window.addEventListener("pagehide", () => live.stop());
+window.addEventListener("pagehide", () => socket.stop());
 window.addEventListener("pageshow", (event) => {
-  if (event.persisted) live.start(); // back from the back/forward cache: resume from lastId
+  if (event.persisted) socket.start(); // back from the back/forward cache: resume from lastId
 });

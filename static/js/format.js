@@ -46,9 +46,24 @@ export function clockTime(iso) {
   return then.toDateString() === new Date().toDateString() ? time : `${then.toLocaleDateString()} ${time}`;
 }
 
-export function sparkline(values, rising) {
+// "14:02:07": a wall-clock time to the second, 24-hour.
+export function wallTime(iso) {
+  const then = new Date(iso);
+  return Number.isFinite(then.getTime()) ? then.toLocaleTimeString([], { hour12: false }) : "";
+}
+
+// A line's direction from its first point to its last: "up", "down" or "flat".
+export function direction(values) {
+  if (values.length < 2) return "flat";
+  const delta = values[values.length - 1] - values[0];
+  return delta > 0 ? "up" : delta < 0 ? "down" : "flat";
+}
+
+// A sparkline coloured by its own direction (CSS: svg.spark.up / .down / .flat), so a line
+// that goes up is never red, whatever the day's change says.
+export function sparkline(values) {
   const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("class", "spark");
+  svg.setAttribute("class", `spark ${direction(values)}`);
   svg.setAttribute("viewBox", "0 0 84 22");
   svg.setAttribute("aria-hidden", "true");
   if (values.length < 2) return svg;
@@ -59,7 +74,6 @@ export function sparkline(values, rising) {
   const points = values.map((v, i) => `${(i * step).toFixed(1)},${(20 - ((v - low) / span) * 18).toFixed(1)}`);
   const line = document.createElementNS(SVG, "polyline");
   line.setAttribute("points", points.join(" "));
-  line.setAttribute("stroke", rising ? "var(--up)" : "var(--down)");
   svg.append(line);
   return svg;
 }
