@@ -61,6 +61,16 @@ class Intake:
 
     # -- state shared with the next lease holder ------------------------------------------
 
+    async def _catch_up(self) -> None:
+        """Before work under the lease ``self.fence``: a new taking of it (first, or regained
+        after another node held it) takes the state over from Redis, since whoever held it
+        meanwhile changed it; after a publish whose answer was lost, look in history first."""
+        token = self.fence.token if self.fence is not None else ""
+        if self.restored != token:
+            await self._restore(token)
+        elif self.unsure:
+            await self._recall()
+
     async def _restore(self, token: str) -> None:
         """Take over what the previous holder of the lease saved, and every headline of this
         provider the hub already holds (it may have published some and died before saving)."""

@@ -105,15 +105,9 @@ class Poller(Intake):
                 continue
             # Every write of this poll carries the lease it began under: if another node takes
             # the lease meanwhile, Redis refuses them (LeaseLost), and the poll is discarded.
-            self.fence = fence = self.leases.fence(name)
+            self.fence = self.leases.fence(name)
             try:
-                token = fence.token if fence is not None else ""
-                if self.restored != token:
-                    # A new taking of the lease (first, or regained after another node held it):
-                    # whoever held it meanwhile changed the state, so take it from Redis again.
-                    await self._restore(token)
-                elif self.unsure:
-                    await self._recall()
+                await self._catch_up()
                 delay = await self.poll_once()
                 await self._persist()
             except asyncio.CancelledError:

@@ -135,13 +135,9 @@ class Pusher(Intake):
             if not self.leases.holds(name):
                 await sleep(WATCH_EVERY)
                 continue
-            self.fence = fence = self.leases.fence(name)
+            self.fence = self.leases.fence(name)  # every write of this connection carries it
             try:
-                token = fence.token if fence is not None else ""
-                if self.restored != token:
-                    await self._restore(token)
-                elif self.unsure:
-                    await self._recall()
+                await self._catch_up()
                 delay = await self.connect_once()
                 await self._persist()
             except asyncio.CancelledError:
