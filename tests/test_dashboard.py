@@ -454,9 +454,12 @@ async def test_dashboard_on_a_phone_shows_provider_health_above_the_fold(chromiu
         panel = await page.locator("section.providers").bounding_box()
         assert panel["y"] + panel["height"] <= 844, panel
         # One line: every badge on the same row, the button no taller than two badges.
-        tops = {round((await badge.bounding_box())["y"]) for badge in await badges.all()}
+        # Measured in one evaluation: a status update re-renders the badges, which detaches
+        # element handles taken one by one between two reads.
+        rects = await badges.evaluate_all("els => els.map(e => e.getBoundingClientRect()).map(r => [r.top, r.height])")
+        tops = {round(top) for top, _ in rects}
         assert len(tops) == 1, tops
-        assert box["height"] < 2 * (await badges.first.bounding_box())["height"] + 12, box
+        assert box["height"] < 2 * rects[0][1] + 12, box
         for name in ("demo-quotes", "demo-newswire", "demo-markets"):
             await expect(page.locator(f".pbadge[data-name='{name}']")).to_have_attribute("title", re.compile(f"^{name}: connected"))
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
