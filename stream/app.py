@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -111,9 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return build(settings or load_settings()).app
 
 
-def build(settings: Settings, seat: Seat | None = None) -> Service:
+def build(settings: Settings, seat: Seat | None = None, tls: ssl.SSLContext | None = None) -> Service:
     """Every part of one process; ``seat``: its place among the workers of a host (--workers),
-    whose metrics and per-address counts it then shares."""
+    whose metrics and per-address counts it then shares; ``tls``: serve TLS itself (tls.py)."""
     server = settings.server
     metrics = Metrics()
     store = Store(server.history_size, server.history_ttl, server.history_bytes, server.max_topics)
@@ -151,6 +152,7 @@ def build(settings: Settings, seat: Seat | None = None) -> Service:
         ),
         proxies=TrustedProxies(list(server.forwarded_allow_ips)),
         workers=seat.count if seat is not None else 1,
+        tls=tls,
     )
     metrics.watch(runtime)
     if seat is not None:

@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 from . import __version__
 from .errors import ConfigError
 from .logs import announce
-from .settings import Settings, load_settings, unknown_variables
+from .settings import ServerSettings, Settings, load_settings, unknown_variables
 
 __all__ = ["main"]
 
@@ -39,6 +40,10 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     if args.log_json:
         overrides["log_json"] = True
+    if args.ssl_certfile is not None:
+        overrides["ssl_certfile"] = args.ssl_certfile
+    if args.ssl_keyfile is not None:
+        overrides["ssl_keyfile"] = args.ssl_keyfile
     if overrides:
         server_settings = server_settings.model_copy(update=overrides)
         settings = settings.model_copy(update={"server": server_settings})
@@ -51,6 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import StreamServer, make_config
 
     configure_logging(server_settings.log_level, json=server_settings.log_json)
+    tls = _own_tls(server_settings)
+    if tls is False:
+        return 1
     announce(f"stream {__version__}: starting (config: {settings.source})")
     from .workers import listening_socket
 
@@ -68,10 +76,23 @@ def _serve(args: argparse.Namespace) -> int:
         from .siblings import Seat
 
         seat = Seat.parse(args.worker, args.worker_dir)
-    service = build(settings, seat)
+    service = build(settings, seat, tls)
     server = StreamServer(make_config(service, server_settings.host, server_settings.port), service.runtime, seat.serving if seat else None)
     server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def _own_tls(server: ServerSettings) -> ssl.SSLContext | Literal[False] | None:
+    """The TLS context of ``ssl_certfile``, None without one; False (said in one line) when the
+    files cannot serve: checked before anything listens."""
+    from .tls import server_context
+
+    try:
+        return server_context(server)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            logging.getLogger("stream").error("config error: %s", problem)
+        return False
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,6 +114,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     from .workers import listening_socket, run_workers
 
     configure_logging(server.log_level, json=server.log_json)  # the parent's own lines, JSON too under --log-json
+    if _own_tls(server) is False:
+        return 1
     try:
         listening_socket(server.host, server.port, shared=True).close()  # a busy port: one line, before any worker
     except OSError as exc:
@@ -103,6 +126,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
 
     passed = ["--config", args.config] if args.config else []
     passed += ["--host", server.host, "--port", str(server.port)] + (["--log-json"] if server.log_json else [])
+    for flag, path in (("--ssl-certfile", server.ssl_certfile), ("--ssl-keyfile", server.ssl_keyfile)):
+        passed += [flag, path] if path else []
     announce(f"stream {__version__}: {args.workers} workers on {server.host}:{server.port}, broker {server.broker.split('@')[-1]}")
     return run_workers(args.workers, passed, server.shutdown_timeout)
 
@@ -111,8 +136,11 @@ def _check(args: argparse.Namespace) -> int:
     if args.config and args.file and args.config != args.file:
         print("stream check: give the config file once (FILE or --config FILE)", file=sys.stderr)
         return 2
+    from .tls import server_context
+
     try:
         settings = load_settings(args.config or args.file)
+        server_context(settings.server)  # the certificate files, as serve will read them
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
@@ -283,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port and $PORT)")
     serve.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    serve.add_argument("--ssl-certfile", help="PEM certificate chain: serve https:// and wss:// (overrides [server] ssl_certfile)")
+    serve.add_argument("--ssl-keyfile", help="its PEM private key (overrides [server] ssl_keyfile)")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port, each a node of the hub (needs the Redis broker)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by --workers for its workers
     serve.add_argument("--worker", help=argparse.SUPPRESS)  # "<index>/<count>", set by --workers

@@ -187,6 +187,18 @@ class SocketLimits:
         entry = self.open.get(key)
         return None if entry is None else entry[1]
 
+    def moved(self, key: object, new: object) -> None:
+        """The socket known as ``key`` is ``new`` from now on (its TLS transport, once the
+        handshake is done). Among the sockets yet to send a head it goes last, as if just
+        opened: it has shown it talks, and a place kept in order would cost a walk of them all."""
+        entry = self.open.pop(key, None)
+        if entry is None:
+            return
+        self.open[new] = entry
+        group = self.fresh.pop(key, None)
+        if group is not None:
+            self.fresh[new] = group
+
     def closed(self, key: object) -> None:
         """Forget a socket; idempotent."""
         entry = self.open.pop(key, None)

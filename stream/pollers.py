@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class Pollers:
         self.pollers: list[Poller | Pusher] = []  # every provider's, polled or pushed, in config order
         self.tasks: list[asyncio.Task[None]] = []
         self.client: httpx.AsyncClient | None = None
+        self.own_client: httpx.AsyncClient | None = None  # to this process's own /demo/… over its TLS
         self.started = False
         # Per provider, so a chatty source cannot push the others out of /api/news.
         self.headlines: dict[str, deque[tuple[float, Event]]] = {}
@@ -78,27 +80,35 @@ class Pollers:
         server keeps descriptors for them."""
         return sum(1 for provider in self.providers if provider.enabled) + 4
 
-    def start(self, base_url: str) -> None:
-        """Create the client and one task per enabled provider (call once the server listens)."""
+    def start(self, base_url: str, own_tls: ssl.SSLContext | None = None) -> None:
+        """Create the client and one task per enabled provider (call once the server listens).
+        ``own_tls``: what a ``/demo/…`` url trusts when this process serves TLS itself."""
         if self.started:
             return
         self.started = True
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
-            timeout=httpx.Timeout(30.0),
-            follow_redirects=False,  # Poller._get follows them, keeping keys on their origin
-            headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
-        )
+        self.client = self._client(True)
+        if own_tls is not None:
+            self.own_client = self._client(own_tls)
         for provider in self.providers:
             poller: Poller | Pusher
+            own = provider.url.startswith("/") and own_tls is not None
+            client = self.own_client if own and self.own_client is not None else self.client
             if provider.push:
                 poller = Pusher(
-                    provider, self.client, self.hub, base_url=base_url, clock=self.clock, on_change=self._announce, on_lag=self.on_lag, leases=self.leases
+                    provider,
+                    client,
+                    self.hub,
+                    base_url=base_url,
+                    tls=own_tls if own else None,
+                    clock=self.clock,
+                    on_change=self._announce,
+                    on_lag=self.on_lag,
+                    leases=self.leases,
                 )
             else:
                 poller = Poller(
                     provider,
-                    self.client,
+                    client,
                     self.hub,
                     base_url=base_url,
                     clock=self.clock,
@@ -130,9 +140,19 @@ class Pollers:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.leases.stop()  # only now: no poll of this node runs once another may take over
-        client, self.client = self.client, None
-        if client is not None:
-            await client.aclose()
+        clients, self.client, self.own_client = (self.client, self.own_client), None, None
+        for client in clients:
+            if client is not None:
+                await client.aclose()
+
+    def _client(self, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
+            timeout=httpx.Timeout(30.0),
+            follow_redirects=False,  # Poller._get follows them, keeping keys on their origin
+            headers={"User-Agent": f"stream/{__version__} (+https://github.com/stream/stream)"},
+            verify=verify,
+        )
 
     def _announce(self, poller: Intake) -> None:
         """Publish a provider's status on _system.providers when its state changes."""

@@ -26,6 +26,7 @@ import enum
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -89,6 +90,7 @@ class Pusher(Intake):
         hub: Hub,
         *,
         base_url: str = "",
+        tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_change: Callable[[Pusher], None] | None = None,
@@ -98,6 +100,7 @@ class Pusher(Intake):
         super().__init__(provider, hub, clock=clock, leases=leases, on_lag=on_lag)
         self.client = client
         self.url = _resolve(provider, base_url)
+        self.tls = tls  # what wss:// trusts, when not the system's certificates (this process's own)
         self.rng = rng or random.Random()
         self.on_change = on_change
         self.state = PushState.CONNECTING if provider.enabled else PushState.DISABLED
@@ -282,6 +285,7 @@ class Pusher(Intake):
 
     async def _read_websocket(self) -> None:
         provider = self.provider
+        own_tls: dict[str, Any] = {"ssl": self.tls} if self.tls is not None else {}  # wss:// to this process
         try:
             async with asyncio.timeout(provider.timeout):
                 socket = await _Connect(
@@ -295,6 +299,7 @@ class Pusher(Intake):
                     open_timeout=None,  # the timeout above covers connect and handshake
                     close_timeout=CLOSE_TIMEOUT,
                     logger=_websockets_log,
+                    **own_tls,
                 )
         except TimeoutError:
             raise UpstreamError("timeout", f"no handshake within {provider.timeout:g} s") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from typing import Protocol
@@ -21,6 +22,7 @@ from .hub import Charge, Hub
 from .limits import SocketLimits, TokenBucket, TrustedProxies, address_group
 from .pollers import Pollers
 from .settings import Settings
+from .tls import own_certificate
 
 __all__ = ["Connection", "Runtime"]
 
@@ -59,8 +61,10 @@ class Runtime:
         sockets: SocketLimits,
         proxies: TrustedProxies,
         workers: int = 1,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        self.tls = tls  # stream's own TLS: sockets are accepted plain and shaken hands with (HttpProtocol)
         # With --workers the kernel spreads an address's connections over the workers, so each
         # keeps its share of the per-address op rate: together they hold the host to it.
         self.ops_rate = settings.server.ws_ops_rate_per_client / workers
@@ -122,8 +126,10 @@ class Runtime:
             log.warning("%d connections did not close in time", len(self.connections))
 
     def start_pollers(self, base_url: str) -> None:
-        """Start polling; the server calls this once it listens, since demo providers poll it."""
-        self.pollers.start(base_url)
+        """Start polling; the server calls this once it listens, since demo providers poll it
+        (over TLS they trust the certificate it serves)."""
+        certfile = self.settings.server.ssl_certfile
+        self.pollers.start(base_url, own_certificate(certfile) if self.tls is not None and certfile else None)
 
     async def stop(self) -> None:
         self.stopping = True

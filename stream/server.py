@@ -31,7 +31,12 @@ FULL_COLLECTION_EVERY = 100
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _loop() -> str:
+def _loop(tls: bool = False) -> str:
+    if tls:
+        # uvloop starts reading an accepted socket after connection_made, whatever the protocol
+        # asked there, so the ClientHello could reach the HTTP parser before start_tls takes the
+        # socket over (HttpProtocol). asyncio's own loop honours the pause.
+        return "asyncio"
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -47,7 +52,7 @@ def make_config(service: Service, host: str, port: int) -> Config:
         port=port,
         http=HttpProtocol,
         ws=WebSocketProtocol,
-        loop=_loop(),
+        loop=_loop(tls=service.runtime.tls is not None),
         lifespan="on",
         log_config=None,
         # Our own drain (Runtime.drain) already waited for clients; what is left after it is
@@ -92,13 +97,14 @@ class StreamServer(Server):
             settle_heap()
 
     def base_url(self) -> str:
-        """How this process reaches itself (demo providers poll /demo/… over HTTP)."""
+        """How this process reaches itself (demo providers connect to /demo/…), https:// over its own TLS."""
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
         elif host == "::":
             host = "::1"
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self.runtime.tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only flip the flag, so /readyz answers 503 at once.

@@ -72,6 +72,9 @@ class ServerSettings(Frozen):
     write_stall_timeout: Timer = 30.0  # seconds a socket may accept no bytes of waiting output before it is closed
     max_topics: AtLeast1 = 100_000  # topics with a retained value; a publish creating one more gets 507
     history_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024  # memory history may hold, every copy of an event counted
+    ssl_certfile: TextOrOff = None  # PEM certificate chain: serve https:// and wss:// without a proxy in front
+    ssl_keyfile: TextOrOff = None  # its private key (PEM), unless ssl_certfile holds it too
+    ssl_handshake_timeout: Positive = 10.0  # seconds a TLS handshake may take from accept
     forwarded_allow_ips: Annotated[tuple[str, ...], Commas] = ()  # proxies whose X-Forwarded-For is believed; none by default
     metrics_public: bool = True  # false: /metrics needs a valid key or token
     providers_public: bool = True  # false: /api/providers needs a valid key or token

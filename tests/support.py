@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import ctypes
+import datetime
+import ipaddress
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -48,15 +51,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Certificate:
+    """A self-signed certificate for 127.0.0.1 and localhost, with its key, made in ``directory``."""
+
+    def __init__(self, directory: Path, name: str = "localhost") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        self.cert = directory / f"{name}.crt"
+        self.key = directory / f"{name}.key"
+        self.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        self.key.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+
+    def trust(self) -> ssl.SSLContext:
+        """A client context that trusts this certificate (and checks the name on it)."""
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
 class Server:
     """``stream serve`` in a subprocess, with a config written from ``toml``."""
 
-    def __init__(self, toml: str | None = KEYS, *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        toml: str | None = KEYS,
+        *,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        tls: Certificate | None = None,
+    ) -> None:
         """``toml=None`` runs the built-in config, as `stream serve` with no --config does;
-        ``port`` reuses a port (a restart)."""
+        ``port`` reuses a port (a restart); ``args`` are more options of `stream serve`;
+        ``tls``: it serves TLS itself with that certificate (https://, wss://)."""
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        self.tls = tls
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.ws_url = f"{'wss' if tls is not None else 'ws'}://127.0.0.1:{self.port}/ws"
+        self.args = [*args, *(("--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)) if tls is not None else ())]
         self.config: Path | None = None
         if toml is not None:
             handle, path = tempfile.mkstemp(suffix=".toml", prefix="stream-test-")
@@ -78,7 +129,7 @@ class Server:
         self._log_file = open(self.log, "wb")
         config = ["--config", str(self.config)] if self.config is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "serve", *config, "--port", str(self.port)],
+            [sys.executable, "-m", "stream", "serve", *config, "--port", str(self.port), *self.args],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -99,12 +150,17 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stream serve exited early:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/readyz", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"stream serve did not become ready:\n{self.output()}")
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What a client of this server trusts (``verify=`` of httpx, ``ssl=`` of websockets)."""
+        return self.tls.trust() if self.tls is not None else True
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

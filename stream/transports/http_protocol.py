@@ -71,14 +71,27 @@ class HttpProtocol(HttpToolsProtocol):
     body_timer: asyncio.TimerHandle | None = None
     body_seen = 0.0
     stall: StallWatch | None = None
+    handshake: asyncio.Task[None] | None = None  # stream's own TLS: the handshake under way
+    early: list[bytes] | None = None  # decrypted bytes that arrived before the handshake's end was seen
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        runtime = self.runtime = self.app_state.get("stream")
-        if runtime is None:
+        runtime = self.app_state.get("stream")
+        if runtime is not None and runtime.tls is not None:
+            # Counted from accept, served once the handshake is done (in its time).
+            if self._admit(runtime, transport):
+                transport.pause_reading()  # the ClientHello is for start_tls, not the parser
+                self.early = []
+                self.handshake = self.loop.create_task(self._handshake(runtime, transport))
             return
+        super().connection_made(transport)
+        self.runtime = runtime
+        if runtime is not None and self._admit(runtime, transport):
+            self._guard(runtime, transport)
+
+    def _admit(self, runtime: Any, transport: asyncio.Transport) -> bool:
+        """Count the new socket against the limits; False: it was refused (and aborted)."""
         peer = transport.get_extra_info("peername")
         host = peer[0] if peer else ""
         # A trusted proxy's socket is not limited by its address: the clients behind it are, per
@@ -90,16 +103,53 @@ class HttpProtocol(HttpToolsProtocol):
             drop(evicted)
         if self.admission is Admission.REFUSE:
             transport.abort()
+            return False
+        return True
+
+    async def _handshake(self, runtime: Any, raw: asyncio.Transport) -> None:
+        server = runtime.settings.server
+        try:
+            transport = await self.loop.start_tls(raw, self, runtime.tls, server_side=True, ssl_handshake_timeout=server.ssl_handshake_timeout)
+        except OSError as exc:  # ssl.SSLError, a reset, and the timeout (ConnectionAbortedError) are
+            runtime.sockets.closed(raw)
+            drop(raw)
+            runtime.closed["tls_handshake"] += 1
+            log.debug("TLS handshake from %s failed: %s", (raw.get_extra_info("peername") or ("?",))[0], exc)
             return
+        except asyncio.CancelledError:  # shutting down
+            runtime.sockets.closed(raw)
+            drop(raw)
+            raise
+        finally:
+            self.handshake = None
+        if transport is None or transport.is_closing():
+            runtime.sockets.closed(raw)
+            return
+        runtime.sockets.moved(raw, transport)
+        raw.set_write_buffer_limits(high=0)  # what waits below TLS pauses it, and so the app (_guard)
+        super().connection_made(transport)
+        self.runtime = runtime
+        self._guard(runtime, transport)
+        early, self.early = self.early, None
+        for data in early or ():
+            if transport.is_closing() or transport.get_protocol() is not self:
+                break
+            self.data_received(data)
+
+    def _guard(self, runtime: Any, transport: asyncio.Transport) -> None:
+        """Arm the bounds on what this socket may make us hold (see the module's docstring)."""
         server = runtime.settings.server
         self.stall = StallWatch(self.loop, transport, server.write_stall_timeout, self._stalled)
         # Any output that waits pauses writing, so the stall watch runs: a close waits for it.
-        transport.set_write_buffer_limits(high=0)
+        # (A TLS transport pauses at size >= high, a plain one at size > high.)
+        transport.set_write_buffer_limits(high=1 if runtime.tls is not None else 0)
         limit_unsent_time(transport, server.write_stall_timeout)
         self.head_bytes = 0
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return  # gone during its TLS handshake, which cleans up after itself
         self._cancel_timers()
         if self.stall is not None:
             self.stall.cancel()
@@ -111,6 +161,10 @@ class HttpProtocol(HttpToolsProtocol):
             self.cycle = None  # type: ignore[assignment]  # it too calls back (on_response)
 
     def data_received(self, data: bytes) -> None:
+        if self.early is not None:
+            # What came with the end of the handshake, before _handshake resumed.
+            self.early.append(data)
+            return
         if self.admission is Admission.REFUSE:
             return
         super().data_received(data)
