@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -42,20 +38,9 @@ async def client():
 def chromium() -> str:
     """Debian's chromium for browser tests, installed with apt-get when missing (CI runs as root).
     Under CI=true a missing browser fails the run instead of skipping the test."""
-    path = shutil.which("chromium")
-    if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        # sys.__stderr__: pytest captures sys.stderr, and a minute of apt-get needs saying.
-        print("\ninstalling chromium with apt-get (once per machine)…", file=sys.__stderr__, flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env, check=False)
-        path = shutil.which("chromium")
-    if path is None:
-        message = "chromium is not installed and could not be installed (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    from .redis_server import debian_binary
+
+    return debian_binary("chromium", "chromium")
 
 
 @pytest.fixture(scope="session")

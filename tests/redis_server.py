@@ -18,6 +18,8 @@ import redis
 
 from .support import die_with_parent, free_port
 
+_APT_UPDATED: list[bool] = []  # apt-get update ran in this session
+
 
 def debian_binary(binary: str, package: str) -> str:
     """The path of ``binary``, installing Debian's ``package`` with apt-get when missing (CI runs
@@ -27,9 +29,11 @@ def debian_binary(binary: str, package: str) -> str:
         # sys.__stderr__: pytest captures sys.stderr, and a minute of apt-get needs saying.
         print(f"\ninstalling {package} with apt-get (once per machine)…", file=sys.__stderr__, flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        if not _APT_UPDATED:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+            _APT_UPDATED.append(True)  # once per session, however many packages follow
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], env=env, check=False)
-        path = shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
+        path = shutil.which(binary) or next((f"{d}/{binary}" for d in ("/usr/sbin", "/usr/bin") if os.path.exists(f"{d}/{binary}")), None)
     if path is None:
         message = f"{binary} is not installed and could not be installed (apt-get install {package})"
         if os.environ.get("CI") == "true":

@@ -52,39 +52,46 @@ def free_port() -> int:
 
 
 class Certificate:
-    """A self-signed certificate for 127.0.0.1 and localhost, with its key, made in ``directory``."""
+    """A self-signed certificate for ``names`` and 127.0.0.1, made in ``directory``: its PEM file
+    (``cert``), its key (``key``) and both in one file (``bundle``, HAProxy's ``crt``)."""
 
-    def __init__(self, directory: Path, name: str = "localhost") -> None:
+    def __init__(self, directory: Path, names: tuple[str, ...] = ("localhost",)) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         now = datetime.datetime.now(datetime.UTC)
+        alternatives = [*(x509.DNSName(name) for name in names), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         certificate = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        self.cert = directory / f"{name}.crt"
-        self.key = directory / f"{name}.key"
-        self.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        self.key.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
+        cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        self.cert, self.key, self.bundle = (directory / f"{names[0]}{suffix}" for suffix in (".pem", ".key", "-bundle.pem"))
+        self.cert.write_bytes(cert_pem)
+        self.key.write_bytes(key_pem)
+        self.bundle.write_bytes(cert_pem + key_pem)
+        for path in (self.key, self.bundle):
+            path.chmod(0o600)
 
     def trust(self) -> ssl.SSLContext:
-        """A client context that trusts this certificate (and checks the name on it)."""
-        return ssl.create_default_context(cafile=str(self.cert))
+        """A client context that trusts this certificate and nothing else (and checks the name)."""
+        context = ssl.create_default_context(cafile=str(self.cert))
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
 
 class Server:

@@ -112,7 +112,7 @@ def test_workers_all_serve_tls(certificate, redis_server):
 @pytest.mark.parametrize("problem", ["missing", "not_pem", "wrong_key"])
 def test_certificate_files_that_cannot_serve_are_one_line_before_listening(certificate, tmp_path, problem):
     """serve exits 1 with one line naming the setting, and `stream check` says the same."""
-    other = Certificate(tmp_path, "other")
+    other = Certificate(tmp_path, ("other",))
     cert, key = {
         "missing": (tmp_path / "nope.crt", certificate.key),
         "not_pem": (tmp_path / "garbage.crt", certificate.key),
