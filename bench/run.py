@@ -10,6 +10,8 @@
     .venv/bin/python bench/run.py --only sweep    # capacity: rising rates for every server, docs/capacity.png
     .venv/bin/python bench/run.py --only many     # 50,000 WebSocket subscribers on stream --workers 3, one event
     .venv/bin/python bench/run.py --only push     # push providers (sse, websocket) vs polled json vs plain fan-out, ~2.5 minutes
+    .venv/bin/python bench/run.py --only fast     # capacity with fast (picows) clients: stream vs Node's ws, ~2.5 minutes
+    .venv/bin/python bench/run.py --only proxies  # SSE latency through nginx, Caddy and HAProxy (deploy/) vs direct, ~30 s
 
 For each server it starts the server, opens the subscribers in separate client processes
 (bench/client.py), publishes at a fixed rate through POST /api/publish with the publish time in
@@ -30,6 +32,14 @@ The ``push`` scenario is bench/push.py's (its docstring says how it measures): o
 ``websocket`` and a polled ``json`` provider and through POST /api/publish (the baseline), each on
 a fresh server; its table and verdict are printed and written to the JSON (``push``), reported,
 not enforced (lost deliveries are, as in every stream run).
+
+The ``fast`` scenario is bench/fast.py's (its docstring has the rule): the capacity of stream and
+Node's ``ws`` with picows subscribers and a publisher that waits for each answer, rates rising
+until each server stops keeping up; its table goes to the JSON (``fast``).
+
+The ``proxies`` scenario is bench/proxies.py's: one stream, each proxy run from its deploy/ recipe
+with TLS, and one SSE subscriber per path (direct and through each proxy) timing every event from
+publish to receipt; medians and tails as multiples of direct's go to the JSON (``proxies``).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import importlib.util
 import os
 import platform
 import shutil
@@ -51,6 +62,8 @@ import httpx
 import orjson
 from capacity import PLOT, RATES, capacity_table, many, plot, sweep, variants  # bench/ is this script's directory: on sys.path
 from defences import DEFENCES, QUICK_DEFENCES, FdChurn, attack_summary, defended, fd_churn
+from fast import RATES as FAST_RATES
+from fast import Rule, fast, fast_lines
 from harness import (
     BENCH,
     CONNECTION_MANAGER,
@@ -322,8 +335,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small and short: a correctness smoke test")
-    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many,push",
-                        help="scenarios: ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,many,push")
+    parser.add_argument("--only", default="ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,fast,many,push,proxies",
+                        help="scenarios: ws,sse,burst,idle,slow,hostile,attack,fdchurn,redis,sweep,fast,many,push,proxies")
     parser.add_argument(
         "--hostile-rate",
         type=float,
@@ -336,7 +349,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--idle", type=int, default=10_000, help="connections in the idle scenario")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per server in the WS/SSE scenarios, per path in push (median reported)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per server in the WS/SSE scenarios, per path in push, rounds of fast (median reported)")
     parser.add_argument("--attack-scale", type=float, default=None,
                         help="size of the hostile scenario's attack, 1 = full size (500+500 slowloris, 20,000 topics "
                              "and 20 snapshot clients, 300 churn clients); --quick: 0.1")
@@ -549,6 +563,24 @@ def main() -> int:
         say("  plot: " + plot(runs, capacity, Path(args.plot), f"{args.subscribers} WebSocket subscribers, ~250-byte events, "
                               f"{os.cpu_count()} CPUs; x = failed (lost, behind schedule or p99 > 100 ms)"))
 
+    fast_capacity: dict = {}
+    if "fast" in only and importlib.util.find_spec("picows") is None:
+        say("\nFast-client capacity: skipped, picows is not installed (pip install -e '.[bench]')")
+    elif "fast" in only:
+        servers = [STREAM] + ([] if args.no_baselines or args.quick or not ensure_node_ws() else [NODE_WS])
+        rule = Rule(subscribers=args.subscribers)
+        try:
+            points = fast(servers, FAST_RATES, rule, args.repeat)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nFast-client capacity: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            fast_capacity, lines = fast_lines(points, rule)
+            fast_capacity["points"] = [asdict(p) for p in points]
+            failed = failed or any(p.out_of_order or p.duplicates for p in points if p.server == STREAM.name)
+            for line in lines:
+                say(line)
+
     crowd: dict = {}
     if "many" in only:
         print(f"… {args.many:,} WebSocket subscribers on stream --workers {args.many_workers}", flush=True)
@@ -579,11 +611,26 @@ def main() -> int:
             for line in lines:
                 say(line)
 
+    proxied: dict = {}
+    if "proxies" in only:
+        from proxies import run as through_proxies
+        from proxies import table as proxies_table
+
+        try:
+            proxied = through_proxies(events=50 if args.quick else 500)
+        except (RuntimeError, OSError, httpx.HTTPError, subprocess.SubprocessError) as exc:
+            say(f"\nSSE through a reverse proxy: the scenario failed: {exc!r}")
+            failed = True
+        else:
+            failed = failed or any(path["received"] != proxied["events"] for path in proxied["paths"].values())
+            for line in proxies_table(proxied):
+                say(line)
+
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(orjson.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                               "results": [asdict(r) for r in results], "hostile": hostile, "attack": attack,
                                               "fdchurn": churned, "scaleout": scaled,
-                                              "capacity": capacity, "many": crowd, "push": pushed, "report": report}, option=orjson.OPT_INDENT_2))
+                                              "capacity": capacity, "fast": fast_capacity, "many": crowd, "push": pushed, "proxies": proxied, "report": report}, option=orjson.OPT_INDENT_2))
     print(f"\nJSON: {args.json}")
     bad = [r for r in results if r.scenario not in ("slow",) and (r.lost or r.duplicates or r.out_of_order) and r.server == "stream"]
     return 1 if bad or failed else 0  # the hostile, attack and fdchurn verdicts are reported, not enforced here
