@@ -4,6 +4,7 @@ and ``flushall()`` loses it (a new Redis)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -24,22 +25,33 @@ _APT_UPDATED: list[bool] = []  # apt-get update ran in this session
 def debian_binary(binary: str, package: str) -> str:
     """The path of ``binary``, installing Debian's ``package`` with apt-get when missing (CI runs
     as root). Under CI=true a missing binary fails the test instead of skipping it."""
-    path = shutil.which(binary)
+    path = _installed(binary)
     if path is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        # sys.__stderr__: pytest captures sys.stderr, and a minute of apt-get needs saying.
-        print(f"\ninstalling {package} with apt-get (once per machine)…", file=sys.__stderr__, flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if not _APT_UPDATED:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-            _APT_UPDATED.append(True)  # once per session, however many packages follow
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], env=env, check=False)
-        path = shutil.which(binary) or next((f"{d}/{binary}" for d in ("/usr/sbin", "/usr/bin") if os.path.exists(f"{d}/{binary}")), None)
+        # One apt-get at a time: the suite runs in several processes (pytest-xdist), and dpkg
+        # refuses a second install while one holds its lock.
+        with open(os.path.join(tempfile.gettempdir(), "stream-tests-apt.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = _installed(binary)  # another process may have installed it meanwhile
+            if path is None:
+                # sys.__stderr__: pytest captures sys.stderr, and a minute of apt-get needs saying.
+                print(f"\ninstalling {package} with apt-get (once per machine)…", file=sys.__stderr__, flush=True)
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                wait = ["-o", "DPkg::Lock::Timeout=300"]  # and whatever else holds dpkg's lock
+                if not _APT_UPDATED:
+                    subprocess.run(["apt-get", *wait, "update", "-qq"], env=env, check=False)
+                    _APT_UPDATED.append(True)  # once per process, however many packages follow
+                subprocess.run(["apt-get", *wait, "install", "-y", "-qq", "--no-install-recommends", package], env=env, check=False)
+                path = _installed(binary)
     if path is None:
         message = f"{binary} is not installed and could not be installed (apt-get install {package})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def _installed(binary: str) -> str | None:
+    return shutil.which(binary) or next((f"{d}/{binary}" for d in ("/usr/sbin", "/usr/bin") if os.path.exists(f"{d}/{binary}")), None)
 
 
 class RedisServer:

@@ -273,7 +273,7 @@ def test_resume_and_overflow_suites_pass_with_a_window_after_every_fan_out():
     (Not the 15-second latency comparison with 50 readers: a window there measures the window.)"""
     env = {**os.environ, "STREAM_WRITE_DELAY": "0.05", "STREAM_WRITE_LOAD": "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_resume.py", "tests/test_slow_consumer.py",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_resume.py", "tests/test_slow_consumer.py",
          "-k", "not does_not_delay_50_others"],
         cwd=Path(__file__).parent.parent,
         env=env,
