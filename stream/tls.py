@@ -12,6 +12,7 @@ certificate it serves (``own_certificate``), whatever names it was issued for.
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from .errors import ConfigError
 from .settings import ServerSettings
@@ -32,9 +33,15 @@ def server_context(server: ServerSettings) -> ssl.SSLContext | None:
                 open(path, "rb").close()  # load_cert_chain's own error names no file
         except OSError as exc:
             raise ConfigError([f"server.{name}: cannot read {path}: {exc.strerror or exc}"]) from None
+    if server.ssl_keyfile is None and b"PRIVATE KEY-----" not in Path(server.ssl_certfile).read_bytes():
+        raise ConfigError(["server.ssl_certfile: holds no private key; name the key's file in server.ssl_keyfile"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile)
+        # An encrypted key would make OpenSSL ask for its pass phrase on the terminal.
+        context.load_cert_chain(server.ssl_certfile, server.ssl_keyfile, password=_no_pass_phrase)
+    except _Encrypted:
+        raise ConfigError([f"server.ssl_keyfile: the private key is encrypted; stream reads unencrypted keys only "
+                           f"(openssl pkey -in {server.ssl_keyfile or server.ssl_certfile} -out key.pem)"]) from None
     except OSError as exc:  # ssl.SSLError is one: not PEM, or a key that is not the certificate's
         names = "server.ssl_certfile" + (" / server.ssl_keyfile" if server.ssl_keyfile else "")
         raise ConfigError([f"{names}: expected a PEM certificate chain and its private key: {_reason(exc)}"]) from None
@@ -49,6 +56,14 @@ def own_certificate(certfile: str) -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the served certificate itself is the anchor
     return context
+
+
+class _Encrypted(Exception):
+    """OpenSSL asked for a pass phrase."""
+
+
+def _no_pass_phrase() -> str:
+    raise _Encrypted
 
 
 def _reason(exc: OSError) -> str:

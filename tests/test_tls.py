@@ -8,6 +8,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import orjson
@@ -73,6 +74,37 @@ async def test_a_handshake_counts_from_accept_and_ends_within_ssl_handshake_time
     assert after - before == 5
 
 
+async def test_a_refused_upgrade_over_tls_is_gone_within_close_timeout(certificate):
+    """A WebSocket upgrade refused over TLS (403, a foreign Origin) whose client reads the answer
+    but never says close_notify back: the server's side goes (its TLS shutdown waits
+    close_timeout, 1 s here, not asyncio's 30 s) with no traceback on the way. The refusal used
+    to close the TLS transport twice, which makes it forget its protocol: the upgrade's
+    set_protocol, the abort timer and the stall watch then failed in callbacks."""
+    toml = KEYS + '\n[server]\nclose_timeout = 1\nallowed_origins = ["https://ok.example"]\n'
+    with Server(toml, tls=certificate) as server:
+        async with httpx.AsyncClient(verify=server.verify, timeout=10) as client:
+            raw = socket.create_connection(("127.0.0.1", server.port))
+            sock = server.verify.wrap_socket(raw, server_hostname="127.0.0.1")
+            try:
+                sock.sendall(
+                    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Origin: https://evil.example\r\n\r\n"
+                )
+                sock.settimeout(10)
+                answer = b""
+                while chunk := sock.recv(4096):  # b"" at the server's close_notify; ours never goes
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+                started = asyncio.get_running_loop().time()
+                while await metric(client, server, "stream_sockets ") > 1:  # 1: this client's own
+                    assert asyncio.get_running_loop().time() - started < 10, "the refused socket is still open"
+                    await asyncio.sleep(0.05)
+            finally:
+                raw.close()
+        assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
 async def test_the_built_in_demo_connects_to_itself_over_its_own_tls(certificate):
     """With no config and --ssl-*, the demo's push providers reach /demo/… over wss:// and
     https:// (trusting the certificate served) and headlines arrive."""
@@ -109,7 +141,7 @@ def test_workers_all_serve_tls(certificate, redis_server):
                 assert client.get(f"{server.url}/readyz").status_code == 200
 
 
-@pytest.mark.parametrize("problem", ["missing", "not_pem", "wrong_key"])
+@pytest.mark.parametrize("problem", ["missing", "not_pem", "wrong_key", "encrypted_key", "no_key"])
 def test_certificate_files_that_cannot_serve_are_one_line_before_listening(certificate, tmp_path, problem):
     """serve exits 1 with one line naming the setting, and `stream check` says the same."""
     other = Certificate(tmp_path, ("other",))
@@ -117,15 +149,31 @@ def test_certificate_files_that_cannot_serve_are_one_line_before_listening(certi
         "missing": (tmp_path / "nope.crt", certificate.key),
         "not_pem": (tmp_path / "garbage.crt", certificate.key),
         "wrong_key": (certificate.cert, other.key),
+        "encrypted_key": (certificate.cert, _encrypted(certificate.key, tmp_path / "encrypted.key")),
+        "no_key": (certificate.cert, None),
     }[problem]
     (tmp_path / "garbage.crt").write_text("not a certificate\n")
     config = tmp_path / "stream.toml"
-    config.write_text(f'[server]\nport = 0\nssl_certfile = "{cert}"\nssl_keyfile = "{key}"\n')
+    config.write_text(f'[server]\nport = 0\nssl_certfile = "{cert}"\n' + ("" if key is None else f'ssl_keyfile = "{key}"\n'))
     served = subprocess.run([sys.executable, "-m", "stream", "serve", "--config", str(config)], capture_output=True, text=True, timeout=30)
     checked = subprocess.run([sys.executable, "-m", "stream", "check", str(config)], capture_output=True, text=True, timeout=30)
     lines = (served.stdout + served.stderr).strip().splitlines()
     assert served.returncode == 1 and checked.returncode == 1
     assert len(lines) == 1 and "server.ssl_" in lines[0], lines
-    expected = {"missing": f"cannot read {cert}", "not_pem": "expected a PEM certificate chain", "wrong_key": "expected a PEM certificate chain"}[problem]
+    expected = {
+        "missing": f"cannot read {cert}",
+        "not_pem": "expected a PEM certificate chain",
+        "wrong_key": "expected a PEM certificate chain",
+        "encrypted_key": "the private key is encrypted",  # not a pass phrase prompt on the terminal
+        "no_key": "holds no private key",
+    }[problem]
     assert expected in lines[0] and expected in checked.stdout
     assert "serving on" not in served.stdout + served.stderr
+
+
+def _encrypted(key: Path, path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    path.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")))
+    return path

@@ -34,7 +34,7 @@ import orjson
 from ..errors import HeadTimeout, HeadTooLarge, StreamError
 from ..limits import Admission
 from ..uvicorn_seam import HttpToolsProtocol
-from .stall import StallWatch, drop, drop_stalled, limit_unsent_time
+from .stall import STREAM_HIGH_WATER, StallWatch, beneath, drop, drop_stalled, limit_unsent_time
 
 __all__ = ["HttpProtocol", "StreamSink", "StreamingProtocol"]
 
@@ -109,23 +109,34 @@ class HttpProtocol(HttpToolsProtocol):
     async def _handshake(self, runtime: Any, raw: asyncio.Transport) -> None:
         server = runtime.settings.server
         try:
-            transport = await self.loop.start_tls(raw, self, runtime.tls, server_side=True, ssl_handshake_timeout=server.ssl_handshake_timeout)
+            transport = await self.loop.start_tls(
+                raw,
+                self,
+                runtime.tls,
+                server_side=True,
+                ssl_handshake_timeout=server.ssl_handshake_timeout,
+                # A close waits this long for the peer's close_notify (asyncio's default: 30 s).
+                ssl_shutdown_timeout=server.close_timeout,
+            )
         except OSError as exc:  # ssl.SSLError, a reset, and the timeout (ConnectionAbortedError) are
             runtime.sockets.closed(raw)
             drop(raw)
             runtime.closed["tls_handshake"] += 1
             log.debug("TLS handshake from %s failed: %s", (raw.get_extra_info("peername") or ("?",))[0], exc)
             return
-        except asyncio.CancelledError:  # shutting down
+        except BaseException:  # shutting down (cancelled), or anything else: never left counted
             runtime.sockets.closed(raw)
             drop(raw)
             raise
         finally:
             self.handshake = None
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or runtime.stopping:
+            # Gone meanwhile, or done after uvicorn told every connection to go: it would not be told.
             runtime.sockets.closed(raw)
+            drop(raw)
             return
         runtime.sockets.moved(raw, transport)
+        beneath(transport, raw)
         raw.set_write_buffer_limits(high=0)  # what waits below TLS pauses it, and so the app (_guard)
         super().connection_made(transport)
         self.runtime = runtime
@@ -269,7 +280,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._cancel_timers()
         if self.stall is not None:
             self.stall.cancel()  # the streaming protocol watches its own stalls
-        self.transport.set_write_buffer_limits()  # events wait in the subscriber past the default mark
+        self.transport.set_write_buffer_limits(high=STREAM_HIGH_WATER)  # events wait in the subscriber past it
         # uvicorn closes the socket of an app that returns before its response is complete;
         # this one is the streaming protocol's to complete now.
         self.cycle.response_complete = True
@@ -403,7 +414,8 @@ class StreamingProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """uvicorn's server shutdown, after ``Runtime.drain`` has ended every stream it could."""
-        self.transport.close()
+        if not self.transport.is_closing():  # a TLS transport closed twice forgets its socket
+            self.transport.close()
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 

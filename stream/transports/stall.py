@@ -9,30 +9,66 @@ reads slowly keeps its connection: any progress restarts the clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["StallWatch", "drop", "drop_stalled", "limit_unsent_time", "peer_gone"]
+__all__ = ["STREAM_HIGH_WATER", "StallWatch", "beneath", "drop", "drop_stalled", "limit_unsent_time", "over_tls", "peer_gone", "waiting"]
 
 log = logging.getLogger("stream")
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
-def drop(transport: asyncio.Transport) -> None:
+# stream's own TLS: each TLS transport's plain one beneath it (HttpProtocol._handshake). asyncio's
+# TLS transport forgets its socket on a second close (abort then does nothing, get_extra_info
+# raises), and what waits in the plain transport is not in its write buffer size.
+_BENEATH: weakref.WeakKeyDictionary[asyncio.BaseTransport, asyncio.Transport] = weakref.WeakKeyDictionary()
+
+# The write buffer's high-water mark of a streaming socket (SSE, WebSocket): asyncio's default for
+# a plain socket, given explicitly because a TLS transport's default is eight times as much.
+STREAM_HIGH_WATER = 64 * 1024
+
+
+def over_tls(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport`` is stream's own TLS over a plain one (see ``beneath``)."""
+    return transport in _BENEATH
+
+
+def beneath(tls: asyncio.BaseTransport, raw: asyncio.Transport) -> None:
+    """``tls`` runs over ``raw``: dropping it drops ``raw``, and what waits there counts as waiting."""
+    _BENEATH[tls] = raw
+
+
+def drop(transport: asyncio.BaseTransport) -> None:
     """Close at once and let the kernel forget the unsent output too: with SO_LINGER 0 the close
     is a reset. A plain abort only closes our descriptor; the kernel would keep the socket and
     its full send buffer in FIN-WAIT-1, probing the stalled peer for minutes."""
-    sock = transport.get_extra_info("socket")
+    plain = _BENEATH.get(transport, transport)
+    sock = plain.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError:
             pass
-    transport.abort()
+    plain.abort()  # type: ignore[attr-defined]
+    if plain is not transport:
+        with contextlib.suppress(AttributeError):  # a TLS transport closed twice has no protocol left
+            transport.abort()  # type: ignore[attr-defined]
+
+
+def waiting(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to ``transport`` that its peer has not taken yet, TLS's plain transport included."""
+    plain = _BENEATH.get(transport)
+    try:
+        size = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    except AttributeError:  # a TLS transport closed twice: only the plain one knows
+        size = 0
+    return size + (plain.get_write_buffer_size() if plain is not None else 0)
 
 
 _TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8  # tcpi_state values (linux/tcp_states.h)
@@ -94,7 +130,7 @@ class StallWatch:
         """Output is waiting: start the clock (once)."""
         if self.timeout is None or self.timer is not None:
             return
-        self.mark = self.transport.get_write_buffer_size()
+        self.mark = waiting(self.transport)
         self.timer = self.loop.call_later(self.timeout, self._check)
 
     def resumed(self) -> None:
@@ -107,9 +143,9 @@ class StallWatch:
 
     def _check(self) -> None:
         self.timer = None
-        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
+        size = waiting(self.transport)
+        if self.transport.is_closing() and size == 0:
             return
-        size = self.transport.get_write_buffer_size()
         if size < self.mark:  # the client took some bytes: it is slow, not stalled
             self.mark = size
             assert self.timeout is not None

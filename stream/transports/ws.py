@@ -44,7 +44,7 @@ from ..runtime import Runtime
 from . import ws_ops
 from .demo import demo_feed
 from .params import check_origin
-from .stall import StallWatch, drop, drop_stalled, peer_gone
+from .stall import STREAM_HIGH_WATER, StallWatch, drop, drop_stalled, over_tls, peer_gone
 
 __all__ = ["WebSocketProtocol"]
 
@@ -128,10 +128,12 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.runtime is not None:
             timeout = self.runtime.settings.server.write_stall_timeout
             self.stall = StallWatch(self.loop, self.transport, timeout, self._stalled)
-        self.transport.set_write_buffer_limits()  # the HTTP protocol's are for requests (see http_protocol)
-        if self.transport.get_write_buffer_size():
-            # Answers to requests sent before the upgrade still wait: the transport is paused and
-            # tells no new protocol so until it resumes. This connection starts paused, as it is.
+        self.transport.set_write_buffer_limits(high=STREAM_HIGH_WATER)  # the HTTP protocol's are for requests (see http_protocol)
+        # Answers to requests sent before the upgrade may still wait: the transport is paused and
+        # tells no new protocol so until it resumes. This connection starts paused, as it is. A
+        # TLS transport, though, re-weighs its pause against the new limits at once (telling the
+        # HTTP protocol, still in place): below the low-water mark (a quarter) it is resumed.
+        if self.transport.get_write_buffer_size() > (STREAM_HIGH_WATER // 4 if over_tls(self.transport) else 0):
             self.pause_writing()
 
     def data_received(self, data: bytes) -> None:
@@ -295,7 +297,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.conn.state is OPEN:
             self.close(GOING_AWAY, "server shutting down", self._shutdown_timeout())
-        elif self.conn.state is State.CONNECTING:
+        elif self.conn.state is State.CONNECTING and not self.transport.is_closing():
             self.transport.close()
 
     def tick(self, now: float) -> None:
@@ -421,7 +423,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.bucket = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self.tolerance = TokenBucket(server.ws_ops_rate, server.ws_ops_burst, self.loop.time())
         self._schedule_ping()
-        task = self.loop.create_task(self._push_demo(self.market, f"http://{request.headers.get('Host', '127.0.0.1')}"))
+        scheme = "https" if over_tls(self.transport) else "http"
+        task = self.loop.create_task(self._push_demo(self.market, f"{scheme}://{request.headers.get('Host', '127.0.0.1')}"))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -457,7 +460,8 @@ class WebSocketProtocol(asyncio.Protocol):
     def _respond(self, response: Response) -> None:
         self.conn.send_response(response)
         self._flush()
-        self.transport.close()
+        if not self.transport.is_closing():  # _flush closes it when websockets asks for the end
+            self.transport.close()
         self._arm_abort(self._close_timeout())  # the refusal may wait behind output nobody reads
 
     def _log_access(self, target: str, status: int) -> None:
