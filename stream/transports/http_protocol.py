@@ -143,9 +143,10 @@ class HttpProtocol(HttpToolsProtocol):
         self._guard(runtime, transport)
         early, self.early = self.early, None
         for data in early or ():
-            if transport.is_closing() or transport.get_protocol() is not self:
+            if transport.is_closing():
                 break
-            self.data_received(data)
+            protocol: Any = transport.get_protocol()  # a WebSocket's, once a chunk upgraded it
+            protocol.data_received(data)
 
     def _guard(self, runtime: Any, transport: asyncio.Transport) -> None:
         """Arm the bounds on what this socket may make us hold (see the module's docstring)."""
